@@ -1,0 +1,46 @@
+"""The ``rmod-distill`` command: one subcommand per stage.
+
+    rmod-distill generate --config recipes/default/generate.yaml
+    rmod-distill <stage> --help     # every recipe key of that stage
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line description); each module has main(argv).
+STAGES = {
+    "generate": ("rmod_distill.generate", "RMOD and baseline decoding over a prompt set into a dataset"),
+}
+
+
+def usage() -> str:
+    """The top-level help text."""
+    lines = ["usage: rmod-distill <stage> --config recipes/<recipe>/<stage>.yaml [--key value ...]", "", "stages:"]
+    lines += [f"  {name:<10} {desc}" for name, (_, desc) in STAGES.items()]
+    lines += ["", "Run `rmod-distill <stage> --help` for the keys of a stage's recipe."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch to a stage's ``main``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        raise SystemExit(0 if argv else 2)
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"rmod-distill: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    from rmod_distill.config import ConfigError
+
+    try:
+        importlib.import_module(STAGES[stage][0]).main(rest)
+    except (ConfigError, FileExistsError, FileNotFoundError) as exc:
+        print(f"rmod-distill {stage}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

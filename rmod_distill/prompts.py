@@ -1,0 +1,143 @@
+"""Prompt sets: the shipped JSONL files, any JSONL/JSON/Parquet file, or a hub dataset.
+
+Every source becomes a list of :class:`Prompt` (an id, a conversation ending with the
+user's turn, a category and a split). Column names are mapped by :class:`PromptsConfig`;
+empty prompts, missing columns and duplicate ids are errors that name the source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PROMPTS = "data/prompts/default.jsonl"
+
+
+@dataclass
+class PromptsConfig:
+    """Where prompts come from and how their columns map."""
+
+    path: str = field(
+        default=DEFAULT_PROMPTS,
+        metadata={"help": "A .jsonl/.json/.parquet file, or a hub dataset name (loaded with `datasets`)."},
+    )
+    split: str | None = field(
+        default="train", metadata={"help": "Keep rows whose split column equals this (null: all rows)."}
+    )
+    split_column: str = field(default="split", metadata={"help": "Column holding the train/eval split."})
+    dataset_split: str = field(default="train", metadata={"help": "Hub datasets: the split to load."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub datasets: the config name."})
+    id_column: str | None = field(
+        default="id", metadata={"help": "Column of unique ids (null: ids from row numbers)."}
+    )
+    text_column: str = field(default="prompt", metadata={"help": "Column with the prompt text."})
+    messages_column: str = field(
+        default="messages", metadata={"help": "Column with a list of {role, content} turns (used when present)."}
+    )
+    category_column: str = field(default="category", metadata={"help": "Optional column with a category."})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "Path to a text file used as the system message of every prompt."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Keep only the first N prompts after filtering."})
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"prompts.limit must be a positive integer or null, got {self.limit}")
+
+
+@dataclass
+class Prompt:
+    """One prompt: a conversation that ends with the user's turn."""
+
+    id: str
+    messages: list[dict]
+    category: str = ""
+    split: str = ""
+
+    @property
+    def text(self) -> str:
+        """The last user turn."""
+        return self.messages[-1]["content"]
+
+
+def _read_rows(cfg: PromptsConfig) -> tuple[list[dict], str]:
+    path = Path(cfg.path)
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {path} does not exist")
+        import datasets
+
+        kind = "parquet" if path.suffix == ".parquet" else "json"
+        try:
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as exc:  # datasets wraps parse errors in several exception types
+            raise ValueError(f"{path}: could not be read as {kind}: {exc}") from exc
+        return list(ds), str(path)
+    import datasets
+
+    ds = datasets.load_dataset(cfg.path, cfg.dataset_config, split=cfg.dataset_split)
+    return list(ds), f"hub dataset {cfg.path} ({cfg.dataset_split})"
+
+
+def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
+    """Load, validate and filter the prompts a config names."""
+    rows, source = _read_rows(cfg)
+    if not rows:
+        raise ValueError(f"{source}: no prompts")
+    columns = set(rows[0])
+    use_messages = cfg.messages_column in columns
+    if not use_messages and cfg.text_column not in columns:
+        raise ValueError(
+            f"{source}: no column {cfg.text_column!r} or {cfg.messages_column!r} for the prompt "
+            f"(columns: {sorted(columns)}); set prompts.text_column or prompts.messages_column"
+        )
+    if cfg.id_column is not None and cfg.id_column not in columns:
+        raise ValueError(
+            f"{source}: no id column {cfg.id_column!r} (columns: {sorted(columns)}); set prompts.id_column "
+            "(null numbers the rows)"
+        )
+    if cfg.split is not None and cfg.split_column not in columns:
+        raise ValueError(
+            f"{source}: no split column {cfg.split_column!r} to select split {cfg.split!r}; "
+            "set prompts.split to null to use every row"
+        )
+    system = None
+    if cfg.system_prompt:
+        system_path = Path(cfg.system_prompt)
+        if not system_path.is_file():
+            raise FileNotFoundError(f"prompts.system_prompt: file {system_path} does not exist")
+        system = system_path.read_text().strip()
+
+    prompts, seen = [], {}
+    for i, row in enumerate(rows):
+        pid = str(row[cfg.id_column]) if cfg.id_column is not None else f"row-{i:06d}"
+        where = f"{source}: row {i + 1} (id {pid!r})"
+        if pid in seen:
+            raise ValueError(f"{where}: duplicate id, first seen at row {seen[pid] + 1}")
+        seen[pid] = i
+        messages = row.get(cfg.messages_column) if use_messages else None
+        if messages:
+            if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and "content" in m
+                for m in messages
+            ):
+                raise ValueError(f"{where}: {cfg.messages_column!r} must be a list of {{role, content}} messages")
+            messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+            if messages[-1]["role"] != "user":
+                raise ValueError(f"{where}: the conversation must end with a user turn")
+        else:
+            text = row.get(cfg.text_column)
+            if text is None and use_messages and cfg.text_column not in row:
+                raise ValueError(f"{where}: neither {cfg.messages_column!r} nor {cfg.text_column!r} is set")
+            messages = [{"role": "user", "content": text if isinstance(text, str) else ""}]
+        if any(not (m["content"] or "").strip() for m in messages if m["role"] == "user"):
+            raise ValueError(f"{where}: empty prompt")
+        if system is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}] + messages
+        split = str(row.get(cfg.split_column, "")) if cfg.split_column in row else ""
+        if cfg.split is not None and split != cfg.split:
+            continue
+        prompts.append(Prompt(pid, messages, str(row.get(cfg.category_column) or ""), split))
+    if not prompts:
+        raise ValueError(f"{source}: no prompts with {cfg.split_column} == {cfg.split!r}")
+    return prompts[: cfg.limit] if cfg.limit else prompts
