@@ -78,10 +78,14 @@ class GenerateConfig:
 
 
 def _state():
-    """accelerate's process state (one process when not launched through accelerate)."""
+    """accelerate's process state (one process when not launched through accelerate).
+
+    Without CUDA, processes started by ``accelerate launch --multi_gpu`` (torchrun) join
+    one gloo group on the CPU; accelerate only does that when asked for ``cpu=True``.
+    """
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _conversation_rows(prompts: list[Prompt], results, objectives: ObjectiveSet, method: str, seeds, seconds) -> list[dict]:
@@ -149,7 +153,9 @@ def correlations(names: list[str], raw: np.ndarray, groups: list[str]) -> dict:
 
 def measure_normalization(cfg: GenerateConfig, decoder, objectives: ObjectiveSet, prompts: list[Prompt], out: Path):
     """Sample reference responses, fit per-objective mean/std, save both; returns the normaliser."""
-    calib_prompts = prompts[: cfg.normalization_prompts]
+    # Evenly spaced over the prompt set, so every category is represented.
+    step = max(1, len(prompts) // cfg.normalization_prompts)
+    calib_prompts = prompts[::step][: cfg.normalization_prompts]
     expanded = [
         Prompt(f"{p.id}#calibration-{j}", p.messages, p.category, p.split)
         for j in range(cfg.normalization_samples)

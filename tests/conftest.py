@@ -1,0 +1,106 @@
+"""Shared fixtures: a tiny Llama policy and tokenizer built in-process, tiny prompt files.
+
+Skip markers and environment for tests live here, in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = (
+    "i the a and to of in is it you that for on with as are be this have not your but can do if or "
+    "help good bad kind great calm sorry happy love hate stupid idiot damn thanks please yes no "
+    "how what why when tell me my roommate boss raise plan money sleep work home food cat dog tree "
+    "sun rain cold warm fix try think feel best worst maybe always never more less simple clear . , ! ?"
+).split()
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tiny_tokenizer():
+    """A word-level tokenizer with a ChatML template, built without any download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + ["user", "assistant", "system", "\n"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+        bos_token=None, additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0):
+    """A 2-layer Llama with hidden size 32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=0, eos_token_id=3, bos_token_id=None, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    # Larger output weights give peaked, varied next-token distributions instead of uniform noise.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory) -> Path:
+    """A saved tiny policy folder (model + tokenizer + chat template)."""
+    path = tmp_path_factory.mktemp("tiny-policy")
+    tok = build_tiny_tokenizer()
+    build_tiny_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_policy_dir):
+    """``(model, tokenizer)`` of the tiny policy, loaded through the project's loader."""
+    from rmod_distill.policy import load_policy
+
+    return load_policy(str(tiny_policy_dir), device="cpu")
+
+
+def write_prompts(path: Path, n_train: int = 6, n_eval: int = 3) -> Path:
+    """A small prompt file in the shipped format."""
+    texts = [
+        "how do i tell my roommate to fix the plan ?", "what is a good way to ask my boss for a raise ?",
+        "tell me why my cat is always cold", "my work is stupid , help", "how can i sleep more ?",
+        "what do you think about money and love ?", "tell me a kind thing", "why is the sun warm ?",
+        "help me fix my home", "what is the best food for a dog ?", "tell me a calm plan",
+        "how do i say sorry to my boss ?",
+    ]
+    rows = []
+    for i in range(n_train + n_eval):
+        rows.append({"id": f"p{i:02d}", "prompt": texts[i % len(texts)], "category": "test",
+                     "split": "train" if i < n_train else "eval"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def prompt_file(tmp_path) -> Path:
+    """Six train and three eval prompts."""
+    return write_prompts(tmp_path / "prompts.jsonl")

@@ -1,0 +1,22 @@
+"""User-defined objectives (``kind: python``) used by the tests."""
+
+
+def kindness(prompts, responses):
+    """Count of kind words minus unkind ones."""
+    good, bad = {"kind", "good", "great", "calm", "love", "happy", "thanks"}, {"bad", "hate", "stupid", "idiot", "damn"}
+    return [sum((w in good) - (w in bad) for w in r.split()) for r in responses]
+
+
+def brevity(prompts, responses):
+    """Minus the number of words."""
+    return [-len(r.split()) for r in responses]
+
+
+def broken_nan(prompts, responses):
+    """Returns NaN for every response."""
+    return [float("nan")] * len(responses)
+
+
+def broken_shape(prompts, responses):
+    """Returns one value too few."""
+    return [0.0] * (len(responses) - 1)

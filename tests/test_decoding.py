@@ -1,0 +1,139 @@
+"""The blockwise engine on a tiny in-process Llama."""
+
+import numpy as np
+import pytest
+import torch
+
+from rmod_distill.decoding import BlockwiseDecoder, DecodingConfig, parse_method, prompt_seed
+
+CONVS = [
+    [{"role": "user", "content": "how do i fix my plan ?"}],
+    [{"role": "user", "content": "tell me why my cat is always cold and what to do about it now"}],
+    [{"role": "user", "content": "help"}],
+    [{"role": "user", "content": "what is the best food for a dog ?"}],
+]
+NAMES = ["kind", "short"]
+GOOD = {"kind", "good", "great", "calm", "love", "happy", "thanks"}
+
+
+def values(prompts, responses):
+    """Two conflicting toy objectives: kind words, and brevity."""
+    kind = [sum(w in GOOD for w in r.split()) for r in responses]
+    short = [-len(r.split()) / 8 for r in responses]
+    return np.stack([kind, short], axis=1).astype(float)
+
+
+def decoder(tiny_policy, value_fn=values, **kw):
+    model, tok = tiny_policy
+    cfg = DecodingConfig(**{"num_candidates": 3, "block_size": 4, "max_new_tokens": 12, **kw})
+    return BlockwiseDecoder(model, tok, cfg, value_fn, NAMES)
+
+
+def run(dec, method, convs=CONVS, ids=None, seed=0):
+    ids = ids or [f"id{i}" for i in range(len(convs))]
+    seeds = [prompt_seed(seed, i, method) for i in ids]
+    return dec.decode(convs, seeds, parse_method(method, NAMES, dec.cfg))
+
+
+def test_greedy_reference_equals_generate(tiny_policy):
+    """Cache reuse, positions and left padding give exactly what `generate` gives."""
+    model, tok = tiny_policy
+    dec = decoder(tiny_policy, temperature=0.0, max_new_tokens=10)
+    ours = run(dec, "reference")
+    texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in CONVS]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**enc, do_sample=False, max_new_tokens=10, pad_token_id=tok.pad_token_id, eos_token_id=[])
+    for i, r in enumerate(ours):
+        assert r.token_ids == out[i, enc["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("method", ["reference", "cd", "rmod", "best-of-n"])
+def test_output_does_not_depend_on_batch(tiny_policy, method):
+    dec = decoder(tiny_policy, temperature=1.0)
+    together = run(dec, method)
+    alone = [run(dec, method, [c], [f"id{i}"])[0] for i, c in enumerate(CONVS)]
+    reordered = run(dec, method, CONVS[::-1], [f"id{i}" for i in range(4)][::-1])[::-1]
+    for a, b, c in zip(together, alone, reordered):
+        assert a.token_ids == b.token_ids == c.token_ids
+        assert a.block_weights == b.block_weights
+
+
+def test_seeds_change_outputs(tiny_policy):
+    dec = decoder(tiny_policy, temperature=1.0)
+    assert [r.token_ids for r in run(dec, "rmod", seed=0)] != [r.token_ids for r in run(dec, "rmod", seed=1)]
+
+
+def test_rmod_records_simplex_weights_per_block(tiny_policy):
+    dec = decoder(tiny_policy, temperature=1.0)
+    for r in run(dec, "rmod"):
+        assert len(r.block_weights) == r.blocks == 3
+        for w in r.block_weights:
+            assert len(w) == 2 and min(w) >= 0 and sum(w) == pytest.approx(1, abs=1e-5)
+        assert r.tokens_sampled == 3 * 12  # K x max_new_tokens when nothing stops early
+
+
+def test_cd_objective_uses_one_hot_weights(tiny_policy):
+    dec = decoder(tiny_policy, temperature=1.0)
+    for r in run(dec, "cd-short"):
+        assert all(w == [0.0, 1.0] for w in r.block_weights)
+    for r in run(dec, "cd"):
+        assert all(w == [0.5, 0.5] for w in r.block_weights)
+
+
+def test_selection_keeps_the_best_candidate(tiny_policy):
+    """With one block (best-of-n), the kept response is the best of the K scored ones."""
+    seen = []
+
+    def recording(prompts, responses):
+        v = values(prompts, responses)
+        seen.append((list(responses), v))
+        return v
+
+    dec = decoder(tiny_policy, recording, temperature=1.0, num_candidates=5)
+    for method, rule in [("best-of-n", lambda v: v.mean(1)), ("best-of-n-maxmin", lambda v: v.min(1))]:
+        seen.clear()
+        results = run(dec, method)
+        responses, v = seen[0]
+        for j, r in enumerate(results):
+            block = slice(j * 5, (j + 1) * 5)
+            assert r.text == responses[block][int(np.argmax(rule(v[block])))]
+
+
+def test_finished_rows_stop_and_leave_the_batch(tiny_policy):
+    model, tok = tiny_policy
+    # Use a frequent token as the stop token so sequences do finish.
+    probe = run(decoder(tiny_policy, temperature=1.0), "reference")
+    common = max(set(sum((r.token_ids for r in probe), [])), key=sum((r.token_ids for r in probe), []).count)
+    cfg = DecodingConfig(num_candidates=3, block_size=4, max_new_tokens=24, temperature=1.0)
+    dec = BlockwiseDecoder(model, tok, cfg, values, NAMES, stop_ids=[common])
+    results = run(dec, "rmod")
+    assert any(r.finished for r in results)
+    for r in results:
+        if r.finished:
+            assert r.token_ids[-1] == common and common not in r.token_ids[:-1]
+            assert len(r.token_ids) < 24
+            assert r.tokens_sampled < 3 * 24
+        else:
+            assert len(r.token_ids) == 24
+
+
+def test_sample_selection_is_reproducible(tiny_policy):
+    dec = decoder(tiny_policy, temperature=1.0, selection="sample")
+    a, b = run(dec, "rmod"), run(dec, "rmod")
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def test_top_k_one_is_greedy(tiny_policy):
+    greedy = run(decoder(tiny_policy, temperature=0.0), "reference")
+    topk = run(decoder(tiny_policy, temperature=1.0, top_k=1), "reference")
+    assert [r.token_ids for r in greedy] == [r.token_ids for r in topk]
+
+
+def test_unknown_method_and_objective():
+    cfg = DecodingConfig()
+    with pytest.raises(ValueError, match="unknown objective 'tone'"):
+        parse_method("cd-tone", NAMES, cfg)
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method("beam", NAMES, cfg)
+    with pytest.raises(ValueError, match="unknown objective 'x'"):
+        parse_method("cd", NAMES, DecodingConfig(cd_weights={"x": 1.0}))
