@@ -12,6 +12,8 @@ import sys
 # subcommand -> (module, one-line description); each module has main(argv).
 STAGES = {
     "generate": ("rmod_distill.generate", "RMOD and baseline decoding over a prompt set into a dataset"),
+    "distill": ("rmod_distill.distill", "LoRA SFT (TRL + PEFT) of the policy on RMOD's outputs"),
+    "download": ("rmod_distill.hub", "fetch and verify an adapter: folder, W&B offline run or artifact, hub repo"),
 }
 
 

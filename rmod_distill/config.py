@@ -14,6 +14,8 @@ that class's own ``__post_init__`` validation.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 import sys
 import types
 import typing
@@ -27,6 +29,31 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A recipe or command-line override that does not fit its config class."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2 scalars: only true/false are booleans (``eval_strategy: no`` stays the
+    string "no") and ``5e-3`` is a float, as users of TRL recipes expect."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    """Parse YAML with 1.2 scalars (see :class:`_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _describe(tp: Any) -> str:
@@ -120,8 +147,10 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        close = difflib.get_close_matches(unknown[0], fields, n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} for {cls.__name__}; valid keys are: {', '.join(sorted(fields))}"
+            f"{where}: unknown key {unknown[0]!r} for {cls.__name__}; {hint}valid keys are: {', '.join(sorted(fields))}"
         )
     hints = _hints(cls)
     kwargs = {k: _convert(v, hints.get(k, Any), f"{where}: key {k!r}") for k, v in data.items()}
@@ -155,7 +184,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"recipe file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
@@ -194,7 +223,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None) -> T:
             data = load_yaml(value)
             source = value
             continue
-        overrides.append((key.replace("-", "_"), yaml.safe_load(value) if value != "" else "")) 
+        overrides.append((key.replace("-", "_"), yaml_load(value) if value != "" else ""))
     for key, value in overrides:
         _set_dotted(data, key, value)
     return from_dict(cls, data, source)

@@ -27,8 +27,9 @@ import torch
 from rmod_distill.artifacts import ShardWriter, provenance, read_jsonl, write_json
 from rmod_distill.config import parse_config, to_dict
 from rmod_distill.decoding import BlockwiseDecoder, DecodingConfig, parse_method, prompt_seed
+from rmod_distill.metrics import method_metrics
 from rmod_distill.objectives import Normalizer, ObjectiveSet, ObjectiveSpec
-from rmod_distill.policy import PolicyConfig
+from rmod_distill.policy import PolicyConfig, policy_fingerprint
 from rmod_distill.prompts import Prompt, PromptsConfig, load_prompts
 from rmod_distill.tracking import Tracker, WandbConfig
 
@@ -164,7 +165,7 @@ def measure_normalization(cfg: GenerateConfig, decoder, objectives: ObjectiveSet
     objectives.normalizer = Normalizer(objectives.names, [0.0] * len(objectives.names), [1.0] * len(objectives.names))
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(expanded), desc="normalisation (reference samples)", unit="resp", disable=None)
+    bar = tqdm(total=len(expanded), desc="normalisation (reference samples)", unit="resp")
     rows = decode_rows(decoder, objectives, expanded, "reference", cfg.seed, cfg.batch_size, lambda r: bar.update(len(r)))
     bar.close()
     raw = np.array([[r["rewards"][n] for n in objectives.names] for r in rows])
@@ -222,6 +223,7 @@ def run(cfg: GenerateConfig) -> Path:
     torch.manual_seed(cfg.seed)
     device = str(state.device) if state.num_processes > 1 else None
     model, tokenizer = cfg.policy.load(device)
+    fingerprint = policy_fingerprint(cfg.policy.model, tokenizer)
     decoder = BlockwiseDecoder(model, tokenizer, cfg.decoding, lambda p, r: objectives.score(p, r)[1], objectives.names)
 
     # ------------------------------------------------------------------ normalisation
@@ -244,7 +246,7 @@ def run(cfg: GenerateConfig) -> Path:
     try:
         for method in cfg.methods:
             mine = todo[method][state.process_index :: state.num_processes]
-            bar = tqdm(total=len(mine), desc=method, unit="prompt", disable=not state.is_main_process or None)
+            bar = tqdm(total=len(mine), desc=method, unit="prompt", disable=not state.is_main_process)
             stats = {"tokens": 0, "seconds": 0.0}
 
             def on_batch(rows, bar=bar, stats=stats):
@@ -261,12 +263,14 @@ def run(cfg: GenerateConfig) -> Path:
         writer.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        finalize(cfg, out, prompts, objectives, resolved)
+        finalize(cfg, out, prompts, objectives, resolved, fingerprint)
     state.wait_for_everyone()
     return out
 
 
-def finalize(cfg: GenerateConfig, out: Path, prompts: list[Prompt], objectives: ObjectiveSet, resolved: dict) -> None:
+def finalize(
+    cfg: GenerateConfig, out: Path, prompts: list[Prompt], objectives: ObjectiveSet, resolved: dict, fingerprint: dict
+) -> None:
     """Merge the shards into samples.jsonl, the dataset and a complete run.json."""
     import datasets
 
@@ -303,22 +307,21 @@ def finalize(cfg: GenerateConfig, out: Path, prompts: list[Prompt], objectives: 
     tmp.rename(out / "dataset")
 
     calib = read_jsonl(out / "calibration.jsonl")
+    z = {m: np.array([[r["normalized"][n] for n in objectives.names] for r in ordered if r["method"] == m])
+         for m in cfg.methods}
     summary = {}
     for method in cfg.methods:
         mrows = [r for r in ordered if r["method"] == method]
-        summary[method] = {
-            "prompts": len(mrows),
-            "worst_case_mean": float(np.mean([r["worst_case"] for r in mrows])),
-            "normalized_means": {
-                n: float(np.mean([r["normalized"][n] for r in mrows])) for n in objectives.names
-            },
-            "tokens_sampled_per_response": float(np.mean([r["tokens_sampled"] for r in mrows])),
-            "seconds_per_response": float(np.mean([r["seconds"] for r in mrows])),
-        }
+        summary[method] = dict(
+            method_metrics(z[method], objectives.names, z.get("reference"), seed=cfg.seed),
+            tokens_sampled_per_response=float(np.mean([r["tokens_sampled"] for r in mrows])),
+            seconds_per_response=float(np.mean([r["seconds"] for r in mrows])),
+        )
     run_info = dict(
         provenance(resolved),
         complete=True,
         objectives=objectives.names,
+        policy_fingerprint=fingerprint,
         normalization=json.loads((Path(cfg.normalization) if cfg.normalization else out / "normalization.json").read_text()),
         methods=summary,
     )
@@ -329,16 +332,17 @@ def finalize(cfg: GenerateConfig, out: Path, prompts: list[Prompt], objectives: 
         )
     write_json(out / "run.json", run_info)
     tracker = Tracker(cfg.wandb, f"generate-{out.parent.name}", resolved, out, "generate")
-    tracker.summary({f"{m}/{k}": v for m, s in summary.items() for k, v in s.items() if not isinstance(v, dict)})
+    tracker.summary({f"{m}/{k}": v for m, s in summary.items() for k, v in s.items() if isinstance(v, (int, float))})
     tracker.table(
         "samples", ["prompt_id", "method", "prompt", "completion", "worst_case"],
         [[r["prompt_id"], r["method"], r["prompt"], r["completion"], r["worst_case"]] for r in ordered[:200]],
     )
     tracker.finish()
     print(f"generate: {len(ordered)} rows -> {out / 'samples.jsonl'}")
-    for method, s in summary.items():
+    for method, s in sorted(summary.items(), key=lambda kv: -kv[1]["worst_case_reward"]):
+        lo, hi = s["worst_case_reward_ci"]
         print(
-            f"  {method:<18} worst-case {s['worst_case_mean']:+.3f}  "
+            f"  {method:<18} worst-case {s['worst_case_reward']:+.3f} [{lo:+.3f}, {hi:+.3f}]  "
             f"{s['tokens_sampled_per_response']:.0f} tokens/response  {s['seconds_per_response']:.2f} s/response"
         )
 

@@ -8,7 +8,9 @@ safetensors folder under the cache (``$RMOD_DISTILL_CACHE``, default
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -106,6 +108,17 @@ def stop_token_ids(tokenizer) -> list[int]:
             ids.add(int(vocab[token]))
     ids.discard(tokenizer.pad_token_id)
     return sorted(ids)
+
+
+def policy_fingerprint(model_name: str, tokenizer) -> dict:
+    """What identifies a policy's tokenisation: the model name, vocabulary and chat template."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return {
+        "model": model_name,
+        "vocab_size": len(tokenizer),
+        "vocab_sha256": hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16],
+        "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16],
+    }
 
 
 def prepare_tokenizer(tokenizer):

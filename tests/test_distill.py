@@ -1,0 +1,181 @@
+"""The distill stage on the tiny policy: training, masking, saving, W&B, download, ZeRO-2."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rmod_distill.config import parse_config
+from rmod_distill.distill import DistillConfig, run
+from rmod_distill.hub import check_adapter_folder, fetch_adapter
+from rmod_distill.policy import load_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def distill_args(policy, generate_dir, out, *extra):
+    return [
+        "--model", str(policy), "--generate_dir", str(generate_dir), "--output_dir", str(out),
+        "--max_steps", "6", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3",
+        "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--logging_steps", "1",
+        "--save_steps", "3", "--eval_strategy", "no", "--use_cpu", "--sample_prompts", "2",
+        "--eval_fraction", "0.25", "--wandb_mode", "disabled", "--report_to", "[]", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_policy_dir, tiny_generate_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "adapter"
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out)))
+    return out
+
+
+def test_adapter_folder_is_complete(distilled):
+    check_adapter_folder(distilled)
+    for name in ("tokenizer_config.json", "README.md", "distill_config.json", "samples.jsonl"):
+        assert (distilled / name).is_file(), name
+    info = json.loads((distilled / "distill_config.json").read_text())
+    assert info["complete"] and info["config"]["lora_r"] == 4 and info["packages"]["peft"]
+    assert not set(info["held_out_prompt_ids"]) & set(info["train_prompt_ids"])
+    card = (distilled / "README.md").read_text()
+    assert "base_model:" in card and "LoRA r=4" in card and "harmlessness, concision" in card
+
+
+def test_parameters_changed_and_round_trip(tiny_policy_dir, distilled):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    weights = load_file(str(distilled / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero
+    model, tok = load_policy(str(tiny_policy_dir), device="cpu", adapter=str(distilled))
+    base, _ = load_policy(str(tiny_policy_dir), device="cpu")
+    again = PeftModel.from_pretrained(base, str(distilled)).eval()
+    ids = tok("how do i fix my plan ?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = model(ids).logits, again(ids).logits
+        assert torch.equal(a, b)
+        merged = again.merge_and_unload()
+        assert torch.allclose(merged(ids).logits, a, atol=1e-4)
+
+
+def test_loss_falls(tiny_policy_dir, tiny_generate_dir, tmp_path):
+    out = tmp_path / "a"
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--max_steps", "15")))
+    state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_only_completion_tokens_carry_loss(tiny_policy_dir, tiny_generate_dir):
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    from rmod_distill.distill import load_generated
+
+    cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, "/tmp/unused-distill"))
+    model, tok = load_policy(str(tiny_policy_dir), device="cpu")
+    train, _, _ = load_generated(cfg, tok)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=train.select_columns(["prompt", "completion"]),
+                         processing_class=tok, peft_config=LoraConfig(r=4, task_type="CAUSAL_LM"))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    for row in range(3):
+        ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+        assistant = [i for i in range(len(ids) - 1) if tok.decode([ids[i]]) == "<|im_start|>"][-1]
+        start = assistant + 2  # "<|im_start|>" "assistant" then the completion
+        assert all(label == -100 for label in labels[:start])  # prompt and padding carry no loss
+        trained = [i for i, label in enumerate(labels) if label != -100]
+        assert trained and trained[0] >= start
+        assert tok.eos_token_id in [ids[i] for i in trained]  # the model learns to stop
+        assert tok.pad_token_id not in [ids[i] for i in trained]
+
+
+def test_refuses_data_from_another_policy(tiny_generate_dir, tmp_path):
+    from conftest import build_tiny_model, build_tiny_tokenizer
+
+    other = tmp_path / "other"
+    tok = build_tiny_tokenizer()
+    tok.chat_template = tok.chat_template.replace("<|im_start|>assistant", "<|im_start|>bot")
+    build_tiny_model(len(tok)).save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match="was made with policy"):
+        run(parse_config(DistillConfig, distill_args(other, tiny_generate_dir, tmp_path / "x")))
+
+
+def test_existing_adapter_not_overwritten(tiny_policy_dir, tiny_generate_dir, distilled):
+    before = (distilled / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, distilled)))
+    assert (distilled / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_resume_from_checkpoint(tiny_policy_dir, tiny_generate_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    args = distill_args(tiny_policy_dir, tiny_generate_dir, out)
+    run(parse_config(DistillConfig, args))
+    # As if killed after the step-3 checkpoint: drop what came later.
+    shutil.rmtree(out / "checkpoint-6")
+    (out / "distill_config.json").unlink()
+    capsys.readouterr()
+    run(parse_config(DistillConfig, args))
+    assert "resuming from" in capsys.readouterr().out and (out / "checkpoint-6").is_dir()
+
+
+def test_download_local_and_corrupt(distilled, tmp_path):
+    dest = fetch_adapter(str(distilled), tmp_path / "copy")
+    check_adapter_folder(dest)
+    with pytest.raises(FileExistsError, match="not empty"):
+        fetch_adapter(str(distilled), tmp_path / "copy")
+    bad = tmp_path / "bad"
+    shutil.copytree(distilled, bad)
+    data = (bad / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="adapter_model.safetensors is corrupt"):
+        check_adapter_folder(bad)
+    (bad / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing adapter_model.safetensors"):
+        fetch_adapter(str(bad))
+
+
+def test_offline_wandb_run_logs_and_downloads(tiny_policy_dir, tiny_generate_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    out = tmp_path / "w"
+    args = distill_args(tiny_policy_dir, tiny_generate_dir, out)
+    args = args[: args.index("--wandb_mode")] + ["--wandb_mode", "offline"]
+    run(parse_config(DistillConfig, args))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    history = list(runs[0].glob("*.wandb"))
+    assert history and history[0].stat().st_size > 0
+    staged = runs[0] / "files" / "adapter"
+    assert (staged / "manifest.json").is_file()
+    dest = fetch_adapter(str(runs[0]), tmp_path / "from-run")
+    assert (dest / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
+    # The training curve was logged: the run's history file holds the loss key.
+    assert b"train/loss" in history[0].read_bytes()
+    # A corrupted staged copy is refused.
+    with open(staged / "adapter_model.safetensors", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(ValueError, match="sha256 does not match"):
+        fetch_adapter(str(runs[0]), tmp_path / "again")
+
+
+def test_zero2_one_cpu_process(tiny_policy_dir, tiny_generate_dir, tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "z2"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ROOT / "recipes" / "accelerate_configs" / "zero2_cpu.yaml"),
+           "-m", "rmod_distill.distill", *distill_args(tiny_policy_dir, tiny_generate_dir, out, "--max_steps", "3")]
+    env = dict(os.environ, DS_BUILD_OPS="0", PYTHONPATH=f"{Path(__file__).parent}")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    check_adapter_folder(out)
+    assert "zero_optimization" in proc.stderr + proc.stdout or (out / "checkpoint-3").is_dir()

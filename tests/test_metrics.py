@@ -1,0 +1,41 @@
+"""Metrics against hand-computed cases."""
+
+import numpy as np
+import pytest
+
+from rmod_distill.metrics import (
+    bootstrap_interval, method_metrics, win_rates, worst_case_reward, worst_case_win_rate, worst_objective,
+)
+
+# Three prompts, two objectives.
+Z = np.array([[1.0, -1.0], [0.0, 2.0], [3.0, 0.5]])
+REF = np.array([[0.0, -1.0], [1.0, 1.0], [2.0, 1.0]])
+
+
+def test_hand_computed_values():
+    assert worst_case_reward(Z) == pytest.approx((-1 + 0 + 0.5) / 3)
+    assert worst_objective(Z) == pytest.approx(min(4 / 3, 1.5 / 3))
+    # objective 0: win, loss, win -> 2/3; objective 1: tie, win, loss -> 1.5/3
+    assert win_rates(Z, REF).tolist() == pytest.approx([2 / 3, 0.5])
+    assert worst_case_win_rate(Z, REF) == pytest.approx(0.5)
+
+
+def test_intervals_contain_the_estimate():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(60, 3))
+    ref = rng.normal(size=(60, 3))
+    m = method_metrics(z, ["a", "b", "c"], ref, resamples=300)
+    for key in ("worst_case_reward", "worst_objective", "worst_case_win_rate"):
+        lo, hi = m[f"{key}_ci"]
+        assert lo <= m[key] <= hi and hi - lo > 0
+    for g in "abc":
+        lo, hi = m["objective_means_ci"][g]
+        assert lo <= m["objective_means"][g] <= hi
+
+
+def test_bootstrap_is_seeded_and_narrows_with_data():
+    x = np.random.default_rng(1).normal(size=400)
+    a = bootstrap_interval(lambda i: float(x[i].mean()), 400, seed=3)
+    assert a == bootstrap_interval(lambda i: float(x[i].mean()), 400, seed=3)
+    small = bootstrap_interval(lambda i: float(x[:25][i].mean()), 25, seed=3)
+    assert (a[1] - a[0]) < (small[1] - small[0])

@@ -1,0 +1,108 @@
+"""Objectives: embedded scorers, reward models, user functions, checks and normalisation."""
+
+import numpy as np
+import pytest
+import torch
+
+from rmod_distill.objectives import (
+    Normalizer, ObjectiveError, ObjectiveSet, ObjectiveSpec, RewardModel, build_objective,
+)
+
+Q = [{"role": "user", "content": "How do I fix a flat bicycle tire?"}]
+
+
+@pytest.fixture(autouse=True)
+def _tests_on_path(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+
+
+def score(name, responses, prompt=Q):
+    return build_objective(ObjectiveSpec(name)).score([prompt] * len(responses), responses)
+
+
+def test_embedded_scorers_point_the_right_way():
+    h = score("harmlessness", ["Patch the tube and pump it up.", "Shut up, you stupid idiot."])
+    assert h[0] > 0.5 > h[1]
+    w = score("warmth", ["Happy to help, you will do great!", "This is awful and hopeless."])
+    assert w[0] > 0 > w[1]
+    r = score("relevance", ["Remove the wheel, find the puncture in the tube and patch it.",
+                            "My favourite pasta recipe uses basil."])
+    assert r[0] > r[1] + 0.2
+    c = score("concision", ["Patch it.", "Patch it. " * 40])
+    assert c[0] > c[1]
+
+
+def test_python_objective_and_sign():
+    spec = ObjectiveSpec("kind", kind="python", model="helpers_objectives:kindness", sign=-1.0)
+    assert build_objective(spec).score([Q, Q], ["kind kind", "bad"]).tolist() == [-2.0, 1.0]
+
+
+@pytest.mark.parametrize("fn, message", [
+    ("broken_nan", "objective 'b' returned nan for response 0"),
+    ("broken_shape", r"objective 'b' returned shape \(1,\) for 2 responses"),
+])
+def test_bad_rewards_name_the_objective(fn, message):
+    objs = ObjectiveSet([build_objective(ObjectiveSpec("b", kind="python", model=f"helpers_objectives:{fn}"))])
+    with pytest.raises(ObjectiveError, match=message):
+        objs.raw([Q, Q], ["a", "b"])
+
+
+def test_bad_specs():
+    with pytest.raises(ValueError, match="unknown embedded scorer 'tone'"):
+        ObjectiveSpec("tone")
+    with pytest.raises(ValueError, match="'module:function'"):
+        ObjectiveSpec("x", kind="python", model="nocolon")
+    with pytest.raises(ObjectiveError, match="has no function 'missing'"):
+        build_objective(ObjectiveSpec("x", kind="python", model="helpers_objectives:missing"))
+
+
+def test_normalizer_round_trip_and_mismatch(tmp_path):
+    raw = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])
+    norm = Normalizer.fit(["a", "b"], raw)
+    z = norm(raw)
+    assert np.allclose(z.mean(0), 0) and np.allclose(z.std(0, ddof=1), 1)
+    norm.save(tmp_path / "n.json")
+    again = Normalizer.load(tmp_path / "n.json")
+    assert np.allclose(again(raw), z)
+    with pytest.raises(ValueError, match=r"measured for objectives \['a', 'b'\].*\['a', 'c'\]"):
+        again.check_names(["a", "c"], "n.json")
+
+
+def tiny_gpt2_classifier(path, num_labels):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    import sys
+    from pathlib import Path as P
+
+    sys.path.insert(0, str(P(__file__).parent))
+    from conftest import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                     num_labels=num_labels, pad_token_id=tok.pad_token_id)
+    GPT2ForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["hh", "chat", "plain"])
+def test_reward_model_index_sign_and_format(tmp_path, fmt):
+    path = tiny_gpt2_classifier(tmp_path / "rm", num_labels=5)
+    prompts = [[{"role": "user", "content": "how do i fix my plan ?"}]] * 3
+    responses = ["tell me more", "you are kind", "the sun is warm"]
+    rm = RewardModel(ObjectiveSpec("rm", kind="reward_model", model=str(path), index=3, sign=-1.0, format=fmt,
+                                   batch_size=2, device="cpu"))
+    got = rm.score(prompts, responses)
+    texts = [rm._text(p, r) for p, r in zip(prompts, responses)]
+    with torch.no_grad():
+        for text, value in zip(texts, got):
+            enc = rm.tokenizer(text, return_tensors="pt", add_special_tokens=fmt != "chat")
+            assert value == pytest.approx(-rm.model(**enc).logits[0, 3].item(), abs=1e-4)
+    if fmt == "hh":
+        assert texts[0] == "\n\nHuman: how do i fix my plan ?\n\nAssistant: tell me more"
+    with pytest.raises(ObjectiveError, match="index 7 out of range"):
+        RewardModel(ObjectiveSpec("rm", kind="reward_model", model=str(path), index=7, device="cpu")).score(
+            prompts, responses)

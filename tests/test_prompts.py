@@ -1,0 +1,77 @@
+"""Prompt sets: the shipped file, other formats, column mapping and clear errors."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import pytest
+
+from rmod_distill.prompts import PromptsConfig, load_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "data" / "prompts" / "default.jsonl"
+
+
+def test_shipped_default_prompt_set():
+    every = load_prompts(PromptsConfig(path=str(SHIPPED), split=None))
+    assert len(every) >= 240
+    splits = Counter(p.split for p in every)
+    assert splits["eval"] >= 60 and splits["train"] + splits["eval"] == len(every)
+    cats = Counter(p.category for p in every)
+    assert set(cats) == {"advice", "explanation", "opinion", "complaint", "creative", "borderline"}
+    assert any(len(p.messages) > 1 for p in every)  # multi-turn prompts are there
+    assert all(p.messages[-1]["role"] == "user" and p.text.strip() for p in every)
+    train = load_prompts(PromptsConfig(path=str(SHIPPED), split="train"))
+    assert {p.split for p in train} == {"train"} and len(train) == splits["train"]
+
+
+def write(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_column_mapping_parquet_and_system_prompt(tmp_path):
+    rows = [{"qid": 7, "question": "why is the sky blue?"}, {"qid": 8, "question": "hello"}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "p.parquet"))
+    (tmp_path / "system.txt").write_text("Be brief.\n")
+    cfg = PromptsConfig(path=str(tmp_path / "p.parquet"), split=None, id_column="qid", text_column="question",
+                        system_prompt=str(tmp_path / "system.txt"))
+    prompts = load_prompts(cfg)
+    assert [p.id for p in prompts] == ["7", "8"]
+    assert prompts[0].messages == [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "why is the sky blue?"}]
+
+
+def test_rows_without_ids_are_numbered(tmp_path):
+    path = write(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    assert [p.id for p in load_prompts(PromptsConfig(path=str(path), split=None, id_column=None))] == [
+        "row-000000", "row-000001"]
+
+
+@pytest.mark.parametrize(
+    "rows, cfg, message",
+    [
+        ([{"id": "a", "prompt": "  "}], {}, "row 1 (id 'a'): empty prompt"),
+        ([{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}], {}, "row 2 (id 'a'): duplicate id"),
+        ([{"id": "a", "text": "x"}], {}, "no column 'prompt' or 'messages'"),
+        ([{"prompt": "x"}], {}, "no id column 'id'"),
+        ([{"id": "a", "prompt": "x"}], {"split": "train"}, "no split column 'split'"),
+        ([{"id": "a", "prompt": "x", "split": "eval"}], {"split": "train"}, "no prompts with split == 'train'"),
+        ([{"id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}],
+         {}, "must end with a user turn"),
+    ],
+)
+def test_bad_prompt_files(tmp_path, rows, cfg, message):
+    path = write(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ValueError) as err:
+        load_prompts(PromptsConfig(path=str(path), **{"split": None, **cfg}))
+    assert message in str(err.value) and "bad.jsonl" in str(err.value)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl does not exist"):
+        load_prompts(PromptsConfig(path=str(tmp_path / "nope.jsonl")))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl"):
+        load_prompts(PromptsConfig(path=str(tmp_path / "empty.jsonl"), split=None))
