@@ -6,13 +6,17 @@ RECIPE ?= default
 ARGS   ?=
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-slow test-all generate demo clean-runs help
+ACCELERATE_CONFIG ?=
+
+.PHONY: install test test-slow test-all generate distill eval demo help
 
 help:
 	@echo "make demo                 run the pipeline on the embedded default (RECIPE=default)"
 	@echo "make test                 install into .venv and run the fast tests"
 	@echo "make test-slow            tests that load the real embedded default"
 	@echo "make generate RECIPE=...  stage 1: RMOD and baseline decoding (ARGS='--key value' overrides)"
+	@echo "make distill RECIPE=...   stage 2: LoRA distillation (ACCELERATE_CONFIG=recipes/accelerate_configs/zero2.yaml)"
+	@echo "make eval RECIPE=...      stage 3: the adapter against RMOD and the baselines"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,4 +40,18 @@ test-all: $(STAMP)
 generate: $(STAMP)
 	$(BIN)/rmod-distill generate --config recipes/$(RECIPE)/generate.yaml $(ARGS)
 
-demo: generate
+distill: $(STAMP)
+ifeq ($(ACCELERATE_CONFIG),)
+	$(BIN)/rmod-distill distill --config recipes/$(RECIPE)/distill.yaml $(ARGS)
+else
+	$(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) -m rmod_distill.distill --config recipes/$(RECIPE)/distill.yaml $(ARGS)
+endif
+
+eval: $(STAMP)
+	$(BIN)/rmod-distill eval --config recipes/$(RECIPE)/eval.yaml $(ARGS)
+
+# The main job: every stage on the embedded default, then the report's table.
+demo: $(STAMP)
+	$(MAKE) --no-print-directory generate RECIPE=$(RECIPE)
+	$(MAKE) --no-print-directory distill RECIPE=$(RECIPE)
+	$(MAKE) --no-print-directory eval RECIPE=$(RECIPE)

@@ -25,7 +25,7 @@ import torch
 
 from rmod_distill.weights import SOLVERS, worst_case_weights
 
-METHOD_KINDS = ("reference", "cd", "best-of-n", "best-of-n-maxmin", "rmod")
+METHOD_KINDS = ("reference", "distilled", "cd", "best-of-n", "best-of-n-maxmin", "rmod")
 
 
 @dataclass
@@ -79,8 +79,11 @@ class Method:
 
 
 def parse_method(name: str, objectives: list[str], cfg: DecodingConfig) -> Method:
-    """Resolve ``reference | cd | cd-<objective> | best-of-n | best-of-n-maxmin | rmod``."""
-    if name in ("reference", "best-of-n", "best-of-n-maxmin", "rmod"):
+    """Resolve ``reference | distilled | cd | cd-<objective> | best-of-n | best-of-n-maxmin | rmod``.
+
+    ``distilled`` samples plainly like ``reference``; the caller runs it with the adapter on.
+    """
+    if name in METHOD_KINDS and name != "cd":
         return Method(name, name)
     if name == "cd":
         if cfg.cd_weights is None:
@@ -213,7 +216,7 @@ class BlockwiseDecoder:
         """Decode one batch; ``seeds[i]`` drives all randomness of prompt ``i``."""
         cfg = self.cfg
         n = len(conversations)
-        if method.kind == "reference":
+        if method.kind in ("reference", "distilled"):
             K, B = 1, cfg.max_new_tokens
         elif method.kind in ("best-of-n", "best-of-n-maxmin"):
             K, B = cfg.num_candidates, cfg.max_new_tokens
@@ -302,7 +305,7 @@ class BlockwiseDecoder:
     def _select(self, conversations, live, seeds, block, K, cand, lens, done, method, results) -> list[int]:
         """Pick one candidate per live prompt; record the block's weights."""
         n = len(live)
-        if method.kind == "reference" or K == 1:
+        if method.kind in ("reference", "distilled") or K == 1:
             return [0] * n
         texts, convs = [], []
         for j, i in enumerate(live):

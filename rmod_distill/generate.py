@@ -14,6 +14,7 @@ Killed at any point, the same command finishes only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -72,6 +73,8 @@ class GenerateConfig:
         names = [o.name for o in self.objectives]
         for method in self.methods:
             parse_method(method, names, self.decoding)
+        if "distilled" in self.methods and not self.policy.adapter:
+            raise ValueError("method 'distilled' needs policy.adapter (the distilled LoRA adapter)")
         if self.batch_size < 1 or self.normalization_prompts < 1 or self.normalization_samples < 1:
             raise ValueError("batch_size, normalization_prompts and normalization_samples must be >= 1")
         if self.normalization_prompts * self.normalization_samples < 2:
@@ -87,6 +90,20 @@ def _state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+@contextlib.contextmanager
+def adapter_enabled(model, enabled: bool):
+    """Run the base policy with its LoRA adapter switched off unless ``enabled``.
+
+    Only ``distilled`` samples with the adapter; every other method decodes with the
+    frozen reference policy, so one loaded model serves all of them.
+    """
+    if enabled or not hasattr(model, "disable_adapter"):
+        yield
+        return
+    with model.disable_adapter():
+        yield
 
 
 def _conversation_rows(prompts: list[Prompt], results, objectives: ObjectiveSet, method: str, seeds, seconds) -> list[dict]:
@@ -231,7 +248,8 @@ def run(cfg: GenerateConfig) -> Path:
     if state.is_main_process and not norm_path.exists():
         if cfg.normalization:
             raise FileNotFoundError(f"normalization: {norm_path} does not exist")
-        measure_normalization(cfg, decoder, objectives, prompts, out)
+        with adapter_enabled(model, False):
+            measure_normalization(cfg, decoder, objectives, prompts, out)
     state.wait_for_everyone()
     objectives.set_normalizer(Normalizer.load(norm_path), str(norm_path))
 
@@ -256,7 +274,8 @@ def run(cfg: GenerateConfig) -> Path:
                 bar.update(len(rows))
                 bar.set_postfix(tok_s=f"{stats['tokens'] / max(stats['seconds'], 1e-9):.0f}")
 
-            decode_rows(decoder, objectives, mine, method, cfg.seed, cfg.batch_size, on_batch)
+            with adapter_enabled(model, method == "distilled"):
+                decode_rows(decoder, objectives, mine, method, cfg.seed, cfg.batch_size, on_batch)
             bar.close()
             timings[method] = stats
     finally:

@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 
 from rmod_distill.config import ConfigError, parse_config
+from rmod_distill.distill import DistillConfig
+from rmod_distill.evaluate import EvalConfig
 from rmod_distill.generate import GenerateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_CONFIGS = {"generate": GenerateConfig}
+STAGE_CONFIGS = {"generate": GenerateConfig, "distill": DistillConfig, "eval": EvalConfig}
 
 
 @dataclass
@@ -37,7 +39,7 @@ def test_yaml_then_command_line(tmp_path):
 @pytest.mark.parametrize(
     "yaml_text, message",
     [
-        ("inner: {kk: 8}\n", "unknown key 'kk' for Inner; valid keys are: k, name"),
+        ("inner: {kk: 8}\n", "unknown key 'kk' for Inner; did you mean 'k'? valid keys are: k, name"),
         ("ratio: fast\n", "key 'ratio': expected a number, got 'fast'"),
         ("inner: {k: 1.5}\n", "key 'k': expected an integer, got 1.5"),
         ("items: a\n", "key 'items': expected a list of str"),

@@ -1,0 +1,284 @@
+"""Stage 3, eval: the distilled adapter against RMOD and the baselines, on worst-case reward.
+
+    rmod-distill eval --config recipes/default/eval.yaml [--key value ...]
+    make eval RECIPE=default
+
+Decodes the held-out prompts with every method through the generate stage's engine
+(``distilled`` is the base policy with the adapter, sampled plainly; every other method
+runs the frozen base policy), scores them with the generate run's objectives and
+normalisation, and writes to ``output_dir``: ``metrics.json`` (every metric of rmod.md per
+method with 95% bootstrap intervals, and cost), ``report.md`` (the table sorted by
+worst-case reward, plots, side-by-side samples), ``plots/*.png`` and ``generations/``
+(the per-sample rows, resumable like generate).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rmod_distill.artifacts import atomic_write_text, provenance, read_jsonl, write_json
+from rmod_distill.config import parse_config, to_dict
+from rmod_distill.decoding import DecodingConfig
+from rmod_distill.generate import GenerateConfig, default_objectives
+from rmod_distill.generate import run as generate_run
+from rmod_distill.metrics import method_metrics
+from rmod_distill.objectives import Normalizer, ObjectiveSpec
+from rmod_distill.policy import PolicyConfig
+from rmod_distill.prompts import PromptsConfig, load_prompts
+from rmod_distill.tracking import Tracker, WandbConfig
+
+DEFAULT_METHODS = ["distilled", "rmod", "cd", "best-of-n", "best-of-n-maxmin", "reference"]
+
+
+@dataclass
+class EvalConfig:
+    """Recipe of the eval stage."""
+
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    adapter: str | None = field(
+        default="runs/default/distill",
+        metadata={"help": "The distilled adapter (any `rmod-distill download` source); null to skip `distilled`."},
+    )
+    generate_dir: str = field(
+        default="runs/default/generate",
+        metadata={"help": "Generate run whose normalisation (and objectives) the scores reuse."},
+    )
+    prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(split="eval"))
+    objectives: list[ObjectiveSpec] = field(default_factory=default_objectives)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"help": "Methods compared."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts decoded together."})
+    seed: int = field(default=1, metadata={"help": "Run seed (differs from generate's, so samples are fresh)."})
+    bootstrap_resamples: int = field(default=2000, metadata={"help": "Resamples for the 95% intervals."})
+    samples_in_report: int = field(default=4, metadata={"help": "Side-by-side samples shown in report.md."})
+    output_dir: str = field(default="runs/default/eval", metadata={"help": "Where the report is written."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished eval in output_dir."})
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        if "distilled" in self.methods and not self.adapter:
+            raise ValueError("method 'distilled' needs `adapter`; set it or drop 'distilled' from methods")
+        if "reference" not in self.methods:
+            raise ValueError("methods must include 'reference': win rates are measured against it")
+
+
+def check_no_overlap(adapter_dir: Path, prompt_ids: list[str]) -> None:
+    """Fail when an eval prompt was among the adapter's training prompts."""
+    info_path = adapter_dir / "distill_config.json"
+    if not info_path.exists():
+        print(f"eval: warning: {info_path} is missing; cannot check the adapter's training prompts")
+        return
+    trained = set(json.loads(info_path.read_text()).get("train_prompt_ids", []))
+    overlap = sorted(trained & set(prompt_ids))
+    if overlap:
+        raise ValueError(
+            f"{len(overlap)} eval prompts were used to train the adapter in {adapter_dir} (first: {overlap[0]}); "
+            "evaluate on held-out prompts (prompts.split: eval)"
+        )
+
+
+def _table(metrics: dict, names: list[str]) -> str:
+    head = ["method", "worst-case reward [95% CI]", "worst objective", *names, "WCWR vs reference",
+            "tokens/resp", "s/resp"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, m in sorted(metrics.items(), key=lambda kv: -kv[1]["worst_case_reward"]):
+        lo, hi = m["worst_case_reward_ci"]
+        wcwr = "-" if method == "reference" else f"{100 * m['worst_case_win_rate']:.1f}%"
+        lines.append("| " + " | ".join([
+            f"`{method}`", f"{m['worst_case_reward']:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{m['worst_objective']:+.3f}",
+            *[f"{m['objective_means'][g]:+.3f}" for g in names], wcwr,
+            f"{m['tokens_sampled_per_response']:.0f}", f"{m['seconds_per_response']:.2f}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def make_plots(metrics: dict, names: list[str], rows: list[dict], out: Path) -> dict[str, Path]:
+    """Per-objective means, worst case against cost, and RMOD's chosen weights."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    order = sorted(metrics, key=lambda m: -metrics[m]["worst_case_reward"])
+    paths = {}
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(order)
+    x = np.arange(len(names))
+    for i, method in enumerate(order):
+        m = metrics[method]
+        means = [m["objective_means"][g] for g in names]
+        err = np.array([[means[j] - m["objective_means_ci"][g][0], m["objective_means_ci"][g][1] - means[j]]
+                        for j, g in enumerate(names)]).T
+        ax.bar(x + i * width - 0.4 + width / 2, means, width, yerr=err, capsize=2, label=method)
+    ax.set_xticks(x, names)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_ylabel("mean normalised reward (95% CI)")
+    ax.set_title("Per-objective means by method")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    paths["objective_means"] = out / "objective_means.png"
+    fig.savefig(paths["objective_means"], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in order:
+        m = metrics[method]
+        lo, hi = m["worst_case_reward_ci"]
+        ax.errorbar(m["seconds_per_response"], m["worst_case_reward"],
+                    yerr=[[m["worst_case_reward"] - lo], [hi - m["worst_case_reward"]]], fmt="o", capsize=3)
+        ax.annotate(method, (m["seconds_per_response"], m["worst_case_reward"]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per response (log scale)")
+    ax.set_ylabel("worst-case reward (95% CI)")
+    ax.set_title("Worst-case reward against cost")
+    fig.tight_layout()
+    paths["worst_case_vs_cost"] = out / "worst_case_vs_cost.png"
+    fig.savefig(paths["worst_case_vs_cost"], dpi=120)
+    plt.close(fig)
+
+    weights = np.array([w for r in rows if r["method"] == "rmod" for w in r["block_weights"]])
+    if weights.size:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.boxplot([weights[:, j] for j in range(len(names))], showmeans=True)
+        ax.set_xticks(range(1, len(names) + 1), names)
+        ax.set_ylabel("weight w*_g at a block")
+        share = (weights.argmax(1)[:, None] == np.arange(len(names))).mean(0)
+        ax.set_title("RMOD's worst-case weights (" + ", ".join(f"{g} top {s:.0%}" for g, s in zip(names, share)) + ")",
+                     fontsize=8)
+        fig.tight_layout()
+        paths["rmod_weights"] = out / "rmod_weights.png"
+        fig.savefig(paths["rmod_weights"], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write_report(cfg: EvalConfig, metrics: dict, names: list[str], rows: list[dict], plots: dict, out: Path) -> str:
+    """report.md: the table, how to read it, the plots and side-by-side samples."""
+    ref, rmod = metrics.get("reference"), metrics.get("rmod")
+    lines = [
+        "# RMOD distillation: eval report", "",
+        f"{metrics['reference']['prompts']} held-out prompts ({cfg.prompts.path}, split {cfg.prompts.split}); "
+        f"objectives {', '.join(names)}, z-normalised with `{cfg.generate_dir}/normalization.json`. "
+        f"K={cfg.decoding.num_candidates}, B={cfg.decoding.block_size}, lambda={cfg.decoding.lam}, "
+        f"solver `{cfg.decoding.solver}`, {cfg.decoding.max_new_tokens} new tokens, temperature "
+        f"{cfg.decoding.temperature}, top-p {cfg.decoding.top_p}.", "",
+        "Worst-case reward is mean over prompts of the lowest normalised objective (the headline); "
+        "WCWR is the lowest per-objective win rate against `reference` (ties count half).", "",
+        _table(metrics, names), "",
+    ]
+    if cfg.decoding.solver == "reference":
+        lines += ["Note: the `reference` solver (10 clipped gradient steps, as the public implementation) stops "
+                  "far from the argmin of the weight problem and inverts the lambda trend.", ""]
+    if ref and rmod and "distilled" in metrics:
+        d = metrics["distilled"]
+        lift = rmod["worst_case_reward"] - ref["worst_case_reward"]
+        got = d["worst_case_reward"] - ref["worst_case_reward"]
+        share = got / lift if abs(lift) > 1e-9 else float("nan")
+        cost = d["seconds_per_response"] / rmod["seconds_per_response"]
+        lines += [
+            f"**Distillation:** RMOD lifts worst-case reward by {lift:+.3f} over `reference`; the distilled "
+            f"adapter lifts it by {got:+.3f} ({share:.0%} of RMOD's lift) at {cost:.0%} of RMOD's time per response "
+            f"({d['tokens_sampled_per_response']:.0f} vs {rmod['tokens_sampled_per_response']:.0f} tokens sampled).", "",
+        ]
+    for key, path in plots.items():
+        lines += [f"![{key}](plots/{path.name})", ""]
+    by = {}
+    for r in rows:
+        by.setdefault(r["prompt_id"], {})[r["method"]] = r
+    lines += ["## Samples", ""]
+    for pid in list(by)[: cfg.samples_in_report]:
+        first = next(iter(by[pid].values()))
+        lines += [f"**{pid}** ({first['category']}): {first['prompt']}", ""]
+        for method in ("reference", "rmod", "distilled"):
+            if method in by[pid]:
+                r = by[pid][method]
+                text = r["completion"].replace("\n", " ")
+                lines += [f"- `{method}` (worst case {r['worst_case']:+.2f}): {text}"]
+        lines.append("")
+    text = "\n".join(lines)
+    atomic_write_text(out / "report.md", text)
+    return text
+
+
+def run(cfg: EvalConfig) -> Path:
+    """Run the eval stage; returns the output folder."""
+    out = Path(cfg.output_dir)
+    if (out / "metrics.json").exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} already holds an eval report; pass --overwrite or set output_dir")
+
+    # ------------------------------------------------------------------ checks
+    norm_path = Path(cfg.generate_dir) / "normalization.json"
+    normalizer = Normalizer.load(norm_path)
+    normalizer.check_names([o.name for o in cfg.objectives], str(norm_path))
+    prompt_ids = [p.id for p in load_prompts(cfg.prompts)]
+    adapter = None
+    if "distilled" in cfg.methods:
+        from rmod_distill.hub import fetch_adapter
+
+        adapter = fetch_adapter(cfg.adapter)
+        check_no_overlap(adapter, prompt_ids)
+
+    # ------------------------------------------------------------------ decode (the generate engine)
+    gen_cfg = GenerateConfig(
+        policy=PolicyConfig(cfg.policy.model, str(adapter) if adapter else None, cfg.policy.dtype, cfg.policy.device),
+        prompts=cfg.prompts, objectives=cfg.objectives, decoding=cfg.decoding, methods=cfg.methods,
+        batch_size=cfg.batch_size, seed=cfg.seed, normalization=str(norm_path),
+        output_dir=str(out / "generations"), overwrite=cfg.overwrite, wandb=WandbConfig(mode="disabled"),
+    )
+    gen_run = out / "generations" / "run.json"
+    finished = gen_run.exists() and json.loads(gen_run.read_text()).get("complete")
+    if finished and json.loads(gen_run.read_text())["config"] == to_dict(gen_cfg):
+        print(f"eval: reusing the finished generations in {gen_run.parent}")
+    else:
+        generate_run(gen_cfg)
+    rows = read_jsonl(out / "generations" / "samples.jsonl")
+
+    # ------------------------------------------------------------------ metrics
+    names = [o.name for o in cfg.objectives]
+    z = {m: np.array([[r["normalized"][g] for g in names] for r in rows if r["method"] == m]) for m in cfg.methods}
+    metrics = {}
+    for method in cfg.methods:
+        mrows = [r for r in rows if r["method"] == method]
+        metrics[method] = dict(
+            method_metrics(z[method], names, z["reference"], cfg.bootstrap_resamples, cfg.seed),
+            tokens_sampled_per_response=float(np.mean([r["tokens_sampled"] for r in mrows])),
+            forward_tokens_per_response=float(np.mean([r["forward_tokens"] for r in mrows])),
+            seconds_per_response=float(np.mean([r["seconds"] for r in mrows])),
+            finished_share=float(np.mean([r["finished"] for r in mrows])),
+        )
+
+    # ------------------------------------------------------------------ report
+    plots = make_plots(metrics, names, rows, out / "plots")
+    report = write_report(cfg, metrics, names, rows, plots, out)
+    write_json(out / "metrics.json", dict(provenance(to_dict(cfg)), objectives=names, methods=metrics))
+    tracker = Tracker(cfg.wandb, f"eval-{out.parent.name}", to_dict(cfg), out, "eval")
+    columns = ["method", "worst_case_reward", "worst_objective", "worst_case_win_rate", "seconds_per_response",
+               "tokens_sampled_per_response", *[f"mean/{g}" for g in names]]
+    tracker.table("eval/summary", columns, [
+        [m, v["worst_case_reward"], v["worst_objective"], v.get("worst_case_win_rate"), v["seconds_per_response"],
+         v["tokens_sampled_per_response"], *[v["objective_means"][g] for g in names]] for m, v in metrics.items()])
+    tracker.images({f"eval/{k}": p for k, p in plots.items()})
+    tracker.table("eval/samples", ["prompt_id", "method", "prompt", "completion", "worst_case"],
+                  [[r["prompt_id"], r["method"], r["prompt"], r["completion"], r["worst_case"]] for r in rows])
+    tracker.summary({f"{m}/worst_case_reward": v["worst_case_reward"] for m, v in metrics.items()})
+    tracker.finish()
+    print(report.split("\n## Samples")[0].split("![")[0].rstrip())
+    print(f"\neval: report -> {out / 'report.md'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the recipe and run the stage."""
+    run(parse_config(EvalConfig, argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,71 @@
+"""The eval stage on the tiny policy: metrics, report, plots, and the train/eval overlap check."""
+
+import json
+
+import pytest
+
+from rmod_distill.artifacts import read_jsonl
+from rmod_distill.config import parse_config
+from rmod_distill.distill import DistillConfig
+from rmod_distill.distill import run as distill_run
+from rmod_distill.evaluate import EvalConfig, run
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_policy_dir, tiny_generate_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-adapter") / "adapter"
+    distill_run(parse_config(DistillConfig, [
+        "--model", str(tiny_policy_dir), "--generate_dir", str(tiny_generate_dir), "--output_dir", str(out),
+        "--max_steps", "3", "--per_device_train_batch_size", "4", "--lora_r", "4", "--use_cpu",
+        "--eval_strategy", "no", "--wandb_mode", "disabled", "--sample_prompts", "1",
+    ]))
+    return out
+
+
+def eval_args(tiny_policy_dir, tiny_generate_dir, adapter, out, *extra):
+    return [
+        "--policy.model", str(tiny_policy_dir), "--adapter", str(adapter), "--generate_dir", str(tiny_generate_dir),
+        "--prompts.path", str(tiny_generate_dir.parent / "prompts.jsonl"), "--prompts.split", "eval",
+        "--objectives", "[{name: harmlessness}, {name: concision}]",
+        "--decoding.num_candidates", "2", "--decoding.block_size", "4", "--decoding.max_new_tokens", "8",
+        "--bootstrap_resamples", "200", "--output_dir", str(out), *extra,
+    ]
+
+
+def test_eval_writes_metrics_report_and_plots(tiny_policy_dir, tiny_generate_dir, adapter, tmp_path):
+    out = run(parse_config(EvalConfig, eval_args(tiny_policy_dir, tiny_generate_dir, adapter, tmp_path / "e")))
+    metrics = json.loads((out / "metrics.json").read_text())
+    methods = metrics["methods"]
+    assert set(methods) == {"distilled", "rmod", "cd", "best-of-n", "best-of-n-maxmin", "reference"}
+    for m in methods.values():
+        lo, hi = m["worst_case_reward_ci"]
+        assert lo <= m["worst_case_reward"] <= hi
+        assert m["prompts"] == 4 and m["seconds_per_response"] > 0
+    assert methods["reference"]["worst_case_win_rate"] == 0.5  # against itself: every pair ties
+    assert methods["rmod"]["tokens_sampled_per_response"] > methods["distilled"]["tokens_sampled_per_response"]
+    rows = read_jsonl(out / "generations" / "samples.jsonl")
+    assert len(rows) == 6 * 4 and {r["split"] for r in rows} == {"eval"}
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| `")]
+    wc = [float(line.split("|")[2].split()[0]) for line in table]
+    assert len(table) == 6 and wc == sorted(wc, reverse=True)
+    assert "**Distillation:**" in report and "## Samples" in report
+    for name in ("objective_means", "worst_case_vs_cost", "rmod_weights"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 1000
+        assert f"plots/{name}.png" in report
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run(parse_config(EvalConfig, eval_args(tiny_policy_dir, tiny_generate_dir, adapter, out)))
+
+
+def test_eval_on_training_prompts_fails(tiny_policy_dir, tiny_generate_dir, adapter, tmp_path):
+    cfg = parse_config(EvalConfig, eval_args(tiny_policy_dir, tiny_generate_dir, adapter, tmp_path / "x",
+                                             "--prompts.split", "train"))
+    with pytest.raises(ValueError, match="eval prompts were used to train the adapter"):
+        run(cfg)
+
+
+def test_eval_refuses_other_objectives(tiny_policy_dir, tiny_generate_dir, adapter, tmp_path):
+    cfg = parse_config(EvalConfig, eval_args(tiny_policy_dir, tiny_generate_dir, adapter, tmp_path / "x",
+                                             "--objectives", "[{name: warmth}, {name: concision}]"))
+    with pytest.raises(ValueError, match="normalisation was measured for objectives"):
+        run(cfg)
