@@ -26,7 +26,7 @@ from trl import SFTConfig
 from rmod_distill.artifacts import provenance, read_jsonl, write_json
 from rmod_distill.config import parse_config, to_dict
 from rmod_distill.hub import check_adapter_folder
-from rmod_distill.policy import policy_fingerprint
+from rmod_distill.policy import base_model_name, policy_fingerprint
 
 
 @dataclass
@@ -134,15 +134,15 @@ def model_card(cfg: DistillConfig, gen_info: dict, train_rows: int, eval_rows: i
     lines = [
         "---",
         "library_name: peft",
-        f"base_model: {cfg.model}",
+        f"base_model: {base_model_name(cfg.model)}",
         "tags: [rmod, robust-multi-objective-decoding, lora, trl, sft]",
         "---",
         "",
-        f"# RMOD-distilled LoRA adapter for `{cfg.model}`",
+        f"# RMOD-distilled LoRA adapter for `{base_model_name(cfg.model)}`",
         "",
         "Fine-tuned with TRL's SFTTrainer on responses chosen by Robust Multi-Objective Decoding",
         "(RMOD; Son et al., arXiv 2503.08796), so that one plain sample behaves like RMOD's",
-        "K-candidate blockwise search. Made by [rmod-distill](https://github.com/).",
+        "K-candidate blockwise search. Made with rmod-distill.",
         "",
         "## Data",
         f"- Generate run: `{cfg.generate_dir}` (methods {cfg.methods}, min worst-case {cfg.min_worst_case})",
@@ -158,7 +158,8 @@ def model_card(cfg: DistillConfig, gen_info: dict, train_rows: int, eval_rows: i
         "",
         "## Results",
     ]
-    lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items()]
+    shown = ("train_loss", "eval_loss", "eval_mean_token_accuracy", "train_rows")
+    lines += [f"- {k}: {metrics[k]:.4g}" for k in shown if k in metrics]
     lines += [
         "- Worst-case reward against RMOD and the baselines: see the eval stage's report.md.",
         "",

@@ -65,6 +65,10 @@ class ObjectiveSpec:
     dtype: str = field(default="auto", metadata={"help": "reward_model: auto | float32 | bfloat16 | float16"})
     batch_size: int = field(default=16, metadata={"help": "Pairs per forward pass."})
     max_length: int = field(default=1024, metadata={"help": "reward_model: truncate inputs to this many tokens."})
+    offload: bool = field(
+        default=False,
+        metadata={"help": "reward_model: keep it on the CPU between scoring calls (frees GPU memory for the policy)."},
+    )
 
     def __post_init__(self):
         kinds = ("embedded", "reward_model", "python")
@@ -194,15 +198,16 @@ EMBEDDED_SCORERS: dict[str, Callable[..., Objective]] = {
 # ----------------------------------------------------------------------------- reward models
 
 
-class RewardModel(Objective):
-    """A sequence classifier used as a reward: ``sign * output[:, index]``.
+class _LoadedRewardModel:
+    """One loaded sequence classifier shared by every objective that reads it.
 
-    Models with remote code that return a ``rewards`` tensor (ArmoRM) are read from it;
-    others from ``logits``.
+    ArmoRM's attributes are several objectives of one 8B model: it is loaded once, and a
+    batch is scored once for all of them (the last batch's outputs are kept).
     """
 
+    _registry: dict[tuple, "_LoadedRewardModel"] = {}
+
     def __init__(self, spec: ObjectiveSpec):
-        super().__init__(spec.name, spec.batch_size)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from rmod_distill.policy import resolve_device, resolve_dtype
@@ -215,9 +220,59 @@ class RewardModel(Objective):
         self.tokenizer.padding_side = "right"
         self.model = AutoModelForSequenceClassification.from_pretrained(
             spec.model, trust_remote_code=spec.trust_remote_code, dtype=resolve_dtype(spec.dtype, self.device)
-        ).to(self.device).eval()
+        ).eval()
+        # Offloaded models wait on the CPU and visit their device only to score.
+        self.model.to("cpu" if spec.offload else self.device)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self._last: tuple[tuple, torch.Tensor] | None = None
+
+    @classmethod
+    def get(cls, spec: ObjectiveSpec) -> "_LoadedRewardModel":
+        key = (spec.model, spec.device, spec.dtype, spec.trust_remote_code, spec.offload, spec.max_length)
+        if key not in cls._registry:
+            cls._registry[key] = cls(spec)
+        return cls._registry[key]
+
+    @torch.no_grad()
+    def outputs(self, texts: list[str], add_special_tokens: bool) -> torch.Tensor:
+        """All output columns ``[n, outputs]`` for the texts (cached for the last batch)."""
+        key = (tuple(texts), add_special_tokens)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        if self.spec.offload:
+            self.model.to(self.device)
+        try:
+            enc = self.tokenizer(
+                texts, return_tensors="pt", padding=True, truncation=True, max_length=self.spec.max_length,
+                add_special_tokens=add_special_tokens,
+            ).to(self.device)
+            out = self.model(**enc)
+            scores = getattr(out, "rewards", None)
+            if scores is None:
+                scores = out.logits
+            if scores.ndim == 1:
+                scores = scores[:, None]
+            scores = scores.float().cpu()
+        finally:
+            if self.spec.offload:
+                self.model.to("cpu")
+        self._last = (key, scores)
+        return scores
+
+
+class RewardModel(Objective):
+    """A sequence classifier used as a reward: ``sign * output[:, index]``.
+
+    Models with remote code that return a ``rewards`` tensor (ArmoRM) are read from it;
+    others from ``logits``.
+    """
+
+    def __init__(self, spec: ObjectiveSpec):
+        super().__init__(spec.name, spec.batch_size)
+        self.spec = spec
+        self.shared = _LoadedRewardModel.get(spec)
+        self.tokenizer, self.model = self.shared.tokenizer, self.shared.model
         if spec.format == "chat" and self.tokenizer.chat_template is None:
             raise ObjectiveError(
                 f"objective {spec.name!r}: {spec.model} has no chat template; set `format: hh` or `format: plain`"
@@ -236,25 +291,15 @@ class RewardModel(Objective):
             return f"{turns}\n\nAssistant: {response}"
         return f"{last_user_turn(conversation)}\n\n{response}"
 
-    @torch.no_grad()
     def score_batch(self, prompts, responses):
         texts = [self._text(p, r) for p, r in zip(prompts, responses)]
-        enc = self.tokenizer(
-            texts, return_tensors="pt", padding=True, truncation=True, max_length=self.spec.max_length,
-            add_special_tokens=self.spec.format != "chat",
-        ).to(self.device)
-        out = self.model(**enc)
-        scores = getattr(out, "rewards", None)
-        if scores is None:
-            scores = out.logits
-        if scores.ndim == 1:
-            scores = scores[:, None]
+        scores = self.shared.outputs(texts, add_special_tokens=self.spec.format != "chat")
         if not 0 <= self.spec.index < scores.shape[-1]:
             raise ObjectiveError(
                 f"objective {self.name!r}: index {self.spec.index} out of range; {self.spec.model} has "
                 f"{scores.shape[-1]} outputs"
             )
-        return (self.spec.sign * scores[:, self.spec.index]).float().cpu().numpy()
+        return (self.spec.sign * scores[:, self.spec.index]).numpy()
 
 
 class PythonObjective(Objective):

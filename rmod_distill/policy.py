@@ -28,6 +28,13 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "</s>")
 
 
+def base_model_name(name_or_path: str) -> str:
+    """The hub name of a policy, for model cards (the embedded default is SmolLM2's GGUF build)."""
+    if name_or_path in EMBEDDED_ALIASES:
+        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return name_or_path
+
+
 def cache_dir() -> Path:
     """The folder for converted models (``$RMOD_DISTILL_CACHE`` overrides the default)."""
     return Path(os.environ.get("RMOD_DISTILL_CACHE", Path.home() / ".cache" / "rmod-distill"))

@@ -7,6 +7,7 @@ empty prompts, missing columns and duplicate ids are errors that name the source
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,14 @@ class PromptsConfig:
     messages_column: str = field(
         default="messages", metadata={"help": "Column with a list of {role, content} turns (used when present)."}
     )
+    text_format: str = field(
+        default="plain",
+        metadata={
+            "help": "plain | hh_first_turn | hh_dialogue: read text as an Anthropic HH transcript "
+            "('\\n\\nHuman: ... \\n\\nAssistant: ...') and keep its first human turn, or the dialogue "
+            "up to its last assistant turn."
+        },
+    )
     category_column: str = field(default="category", metadata={"help": "Optional column with a category."})
     system_prompt: str | None = field(
         default=None, metadata={"help": "Path to a text file used as the system message of every prompt."}
@@ -41,6 +50,8 @@ class PromptsConfig:
     limit: int | None = field(default=None, metadata={"help": "Keep only the first N prompts after filtering."})
 
     def __post_init__(self):
+        if self.text_format not in ("plain", "hh_first_turn", "hh_dialogue"):
+            raise ValueError(f"prompts.text_format must be plain, hh_first_turn or hh_dialogue, got {self.text_format!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"prompts.limit must be a positive integer or null, got {self.limit}")
 
@@ -58,6 +69,24 @@ class Prompt:
     def text(self) -> str:
         """The last user turn."""
         return self.messages[-1]["content"]
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh(text: str, mode: str) -> list[dict]:
+    """Turn an HH transcript into messages ending with a human turn (see ``text_format``)."""
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    turns = [
+        {"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+        for who, body in zip(parts[1::2], parts[2::2])
+    ]
+    if not turns or turns[0]["role"] != "user":
+        raise ValueError("not an HH transcript (expected it to start with '\\n\\nHuman: ')")
+    if mode == "hh_first_turn":
+        return turns[:1]
+    last_assistant = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
+    return turns[:last_assistant]
 
 
 def _read_rows(cfg: PromptsConfig) -> tuple[list[dict], str]:
@@ -110,6 +139,8 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
 
     prompts, seen = [], {}
     for i, row in enumerate(rows):
+        if cfg.limit is not None and len(prompts) >= cfg.limit:
+            break  # big hub datasets: stop reading once enough prompts are kept
         pid = str(row[cfg.id_column]) if cfg.id_column is not None else f"row-{i:06d}"
         where = f"{source}: row {i + 1} (id {pid!r})"
         if pid in seen:
@@ -129,7 +160,14 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
             text = row.get(cfg.text_column)
             if text is None and use_messages and cfg.text_column not in row:
                 raise ValueError(f"{where}: neither {cfg.messages_column!r} nor {cfg.text_column!r} is set")
-            messages = [{"role": "user", "content": text if isinstance(text, str) else ""}]
+            text = text if isinstance(text, str) else ""
+            if cfg.text_format == "plain" or not text.strip():
+                messages = [{"role": "user", "content": text}]
+            else:
+                try:
+                    messages = parse_hh(text, cfg.text_format)
+                except ValueError as exc:
+                    raise ValueError(f"{where}: {exc}") from exc
         if any(not (m["content"] or "").strip() for m in messages if m["role"] == "user"):
             raise ValueError(f"{where}: empty prompt")
         if system is not None and messages[0]["role"] != "system":
@@ -140,4 +178,4 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
         prompts.append(Prompt(pid, messages, str(row.get(cfg.category_column) or ""), split))
     if not prompts:
         raise ValueError(f"{source}: no prompts with {cfg.split_column} == {cfg.split!r}")
-    return prompts[: cfg.limit] if cfg.limit else prompts
+    return prompts

@@ -24,7 +24,7 @@ def distill_args(policy, generate_dir, out, *extra):
         "--max_steps", "6", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3",
         "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--logging_steps", "1",
         "--save_steps", "3", "--eval_strategy", "no", "--use_cpu", "--sample_prompts", "2",
-        "--eval_fraction", "0.25", "--wandb_mode", "disabled", "--report_to", "[]", *extra,
+        "--eval_fraction", "0.25", "--activation_checkpointing", "false", "--wandb_mode", "disabled", "--report_to", "[]", *extra,
     ]
 
 

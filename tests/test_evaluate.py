@@ -17,7 +17,7 @@ def adapter(tiny_policy_dir, tiny_generate_dir, tmp_path_factory):
     distill_run(parse_config(DistillConfig, [
         "--model", str(tiny_policy_dir), "--generate_dir", str(tiny_generate_dir), "--output_dir", str(out),
         "--max_steps", "3", "--per_device_train_batch_size", "4", "--lora_r", "4", "--use_cpu",
-        "--eval_strategy", "no", "--wandb_mode", "disabled", "--sample_prompts", "1",
+        "--eval_strategy", "no", "--activation_checkpointing", "false", "--wandb_mode", "disabled", "--sample_prompts", "1",
     ]))
     return out
 

@@ -106,3 +106,25 @@ def test_reward_model_index_sign_and_format(tmp_path, fmt):
     with pytest.raises(ObjectiveError, match="index 7 out of range"):
         RewardModel(ObjectiveSpec("rm", kind="reward_model", model=str(path), index=7, device="cpu")).score(
             prompts, responses)
+
+
+def test_objectives_of_one_reward_model_share_it(tmp_path):
+    """ArmoRM-style: several attributes of one multi-output model load it once and score once."""
+    path = tiny_gpt2_classifier(tmp_path / "multi", num_labels=19)
+    specs = [ObjectiveSpec(f"a{i}", kind="reward_model", model=str(path), index=i, device="cpu", format="plain",
+                           offload=True) for i in (6, 7, 8, 9)]
+    specs.append(ObjectiveSpec("conciseness", kind="reward_model", model=str(path), index=4, sign=-1.0,
+                               device="cpu", format="plain", offload=True))
+    objs = ObjectiveSet.from_specs(specs)
+    assert len({id(o.model) for o in objs.objectives}) == 1
+    calls = []
+    model = objs.objectives[0].model
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    raw = objs.raw([Q, Q], ["patch the tube", "buy a new bike"])
+    handle.remove()
+    assert len(calls) == 1 and raw.shape == (2, 5)
+    full = objs.objectives[0].shared.outputs(
+        [objs.objectives[0]._text(Q, "patch the tube"), objs.objectives[0]._text(Q, "buy a new bike")], True)
+    assert raw[:, 0] == pytest.approx(full[:, 6].numpy(), abs=1e-6)
+    assert raw[:, 4] == pytest.approx(-full[:, 4].numpy(), abs=1e-6)
+    assert next(model.parameters()).device.type == "cpu"  # offloaded between calls

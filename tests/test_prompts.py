@@ -75,3 +75,17 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="empty.jsonl"):
         load_prompts(PromptsConfig(path=str(tmp_path / "empty.jsonl"), split=None))
+
+
+def test_hh_transcripts(tmp_path):
+    transcript = "\n\nHuman: What is a good gift?\n\nAssistant: A book.\n\nHuman: For my dad?\n\nAssistant: A rod."
+    path = write(tmp_path / "hh.jsonl", [{"chosen": transcript}, {"chosen": "no speaker tags"}])
+    first = PromptsConfig(path=str(path), split=None, id_column=None, text_column="chosen",
+                          text_format="hh_first_turn", limit=1)
+    assert load_prompts(first)[0].messages == [{"role": "user", "content": "What is a good gift?"}]
+    dialogue = PromptsConfig(path=str(path), split=None, id_column=None, text_column="chosen",
+                             text_format="hh_dialogue", limit=1)
+    assert [m["role"] for m in load_prompts(dialogue)[0].messages] == ["user", "assistant", "user"]
+    with pytest.raises(ValueError, match="row 2 .*not an HH transcript"):
+        load_prompts(PromptsConfig(path=str(path), split=None, id_column=None, text_column="chosen",
+                                   text_format="hh_dialogue"))

@@ -1,0 +1,277 @@
+"""`make bench`: speed, cost and scaling of the engine, as ratios measured in one run.
+
+    python benchmarks/bench.py [--out runs/bench/bench.json] [--models embedded,random-360m]
+
+Every figure is the median of several repetitions after a warm-up, on the embedded
+default and on a randomly initialised model of a larger config (SmolLM2-360M's shape), so
+the same script runs on a GPU machine (bf16 there). Rows:
+
+1. rmod / cd wall time at the same K, B, prompts and seeds (target <= 1.03);
+2. engine tokens/s over one plain batched ``generate`` sampling the same sequences and
+   tokens (target >= 0.8 with scoring excluded), and with scoring included;
+3. cache reuse: the engine against re-running ``generate`` over the whole prefix every
+   block (the reference implementation's loop), at 128 and 256 new tokens, and the time
+   of block 8 over block 1 of a 128-token run;
+4. the weight solvers on 1024 problems of K=16, G=10;
+5. scaling of time per response with N, K and G, and peak memory;
+6. distillation's payoff, read from the default eval report when it exists.
+
+Sequences never stop early here (no stop tokens), so every method samples the same number
+of tokens and the ratios measure overhead, not luck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rmod_distill.decoding import BlockwiseDecoder, DecodingConfig, parse_method, prompt_seed
+from rmod_distill.objectives import Normalizer, ObjectiveSet
+from rmod_distill.policy import load_policy, resolve_device
+from rmod_distill.prompts import PromptsConfig, load_prompts
+from rmod_distill.weights import kkt_gap, log_mean_exp_objective, worst_case_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def median_time(fn, reps: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def load_model(name: str):
+    """The embedded default, or a randomly initialised model of SmolLM2-360M's shape."""
+    if name == "embedded":
+        return load_policy("embedded")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = load_policy("embedded")
+    device = resolve_device("auto")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                      num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=2048,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval(), tok
+
+
+def embedded_values(normalizer_path: Path | None):
+    """The default objectives (normalised with the default run's statistics when present)."""
+    from rmod_distill.generate import default_objectives
+
+    objectives = ObjectiveSet.from_specs(default_objectives())
+    if normalizer_path and normalizer_path.exists():
+        objectives.set_normalizer(Normalizer.load(normalizer_path))
+    else:
+        objectives.set_normalizer(Normalizer(objectives.names, [0.0] * 4, [1.0] * 4))
+    return (lambda p, r: objectives.score(p, r)[1]), objectives.names
+
+
+def constant_values(g: int):
+    """A value function that costs nothing: isolates the engine and the solver from scoring."""
+    rng = np.random.default_rng(0)
+    return (lambda p, r: rng.normal(size=(len(r), g))), [f"o{i}" for i in range(g)]
+
+
+def run_method(model, tok, convs, method, cfg, value_fn, names, on_block=None):
+    """Decode ``convs`` once with ``method``; returns the results."""
+    dec = BlockwiseDecoder(model, tok, cfg, value_fn, names, stop_ids=[])
+    seeds = [prompt_seed(0, f"p{i}", method) for i in range(len(convs))]
+    return dec.decode(convs, seeds, parse_method(method, names, cfg), on_block)
+
+
+def plain_generate(model, tok, convs, k, new_tokens, cfg):
+    """One batched ``generate`` call sampling K sequences per prompt, no early stop."""
+    texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_return_sequences=k,
+                   pad_token_id=tok.pad_token_id)
+
+
+def naive_blockwise(model, tok, convs, cfg, value_fn):
+    """The reference implementation's loop: `generate` over the whole prefix for every block."""
+    K, B = cfg.num_candidates, cfg.block_size
+    texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
+    for conv, text in zip(convs, texts):
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+        start = ids.shape[1]
+        while ids.shape[1] - start < cfg.max_new_tokens:
+            out = model.generate(ids.expand(K, -1), attention_mask=torch.ones_like(ids.expand(K, -1)),
+                                 do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                 max_new_tokens=B, min_new_tokens=B, pad_token_id=tok.pad_token_id)
+            responses = tok.batch_decode(out[:, start:], skip_special_tokens=True)
+            v = value_fn([conv] * K, responses)
+            ids = out[int(np.argmax(v.mean(1)))][None]
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory when on CUDA, else the process's peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
+    """Rows 1, 2, 3 and 5 for one model."""
+    model, tok = load_model(name)
+    norm = ROOT / "runs" / "default" / "generate" / "normalization.json"
+    value_fn, names = embedded_values(norm)
+    free_fn, free_names = constant_values(len(names))
+    n = 2 if quick else 4
+    convs = [p.messages for p in prompts[:n]]
+    cfg = DecodingConfig(num_candidates=4, block_size=16, max_new_tokens=32 if quick else 64,
+                         temperature=0.7, top_p=0.9)
+    res = {"model": name, "prompts": n, "K": cfg.num_candidates, "B": cfg.block_size, "new_tokens": cfg.max_new_tokens}
+
+    # 1. RMOD over CD: identical work but for the weight solve.
+    t_cd = median_time(lambda: run_method(model, tok, convs, "cd", cfg, value_fn, names), reps)
+    t_rmod = median_time(lambda: run_method(model, tok, convs, "rmod", cfg, value_fn, names), reps)
+    res["rmod_seconds"], res["cd_seconds"], res["rmod_over_cd"] = t_rmod, t_cd, t_rmod / t_cd
+    print(f"[{name}] 1. rmod/cd = {t_rmod:.2f}/{t_cd:.2f} s = {t_rmod / t_cd:.3f}", flush=True)
+
+    # 2. Engine over one plain batched generate of the same sequences and tokens.
+    tokens = n * cfg.num_candidates * cfg.max_new_tokens
+    t_gen = median_time(lambda: plain_generate(model, tok, convs, cfg.num_candidates, cfg.max_new_tokens, cfg), reps)
+    t_free = median_time(lambda: run_method(model, tok, convs, "cd", cfg, free_fn, free_names), reps)
+    res["generate_tok_s"] = tokens / t_gen
+    res["engine_tok_s_scoring_excluded"] = tokens / t_free
+    res["engine_tok_s_scoring_included"] = tokens / t_cd
+    res["engine_over_generate_scoring_excluded"] = t_gen / t_free
+    res["engine_over_generate_scoring_included"] = t_gen / t_cd
+    print(f"[{name}] 2. engine/generate tok/s = {t_gen / t_free:.3f} (scoring excluded), "
+          f"{t_gen / t_cd:.3f} (included); generate {tokens / t_gen:.0f} tok/s", flush=True)
+    if quick:
+        return res
+
+    # 3. Cache reuse against the naive loop, and per-block cost along a 128-token response.
+    one = convs[:1]
+    for length in (128, 256):
+        c = DecodingConfig(num_candidates=4, block_size=16, max_new_tokens=length, temperature=0.7, top_p=0.9)
+        t_engine = median_time(lambda c=c: run_method(model, tok, one, "cd", c, value_fn, names), 2, warmup=0)
+        t_naive = median_time(lambda c=c: naive_blockwise(model, tok, one, c, value_fn), 2, warmup=0)
+        res[f"cache_engine_seconds_{length}"], res[f"cache_naive_seconds_{length}"] = t_engine, t_naive
+        print(f"[{name}] 3. {length} tokens: engine {t_engine:.1f} s, naive re-encoding {t_naive:.1f} s "
+              f"({t_naive / t_engine:.2f}x)", flush=True)
+    c = DecodingConfig(num_candidates=4, block_size=16, max_new_tokens=128, temperature=0.7, top_p=0.9)
+    stamps = []
+    run_method(model, tok, one, "rmod", c, value_fn, names, on_block=lambda b: stamps.append(time.perf_counter()))
+    stamps = []
+    t0 = time.perf_counter()
+    run_method(model, tok, one, "rmod", c, value_fn, names, on_block=lambda b: stamps.append(time.perf_counter()))
+    blocks = np.diff([t0] + stamps)
+    # Block 1 also pays the prompt's prefill; compare block 2 with block 8 as well.
+    res["block_seconds_128"] = blocks.tolist()
+    res["block8_over_block1"] = float(blocks[7] / blocks[0])
+    res["block8_over_block2"] = float(blocks[7] / blocks[1])
+    print(f"[{name}] 3. block 8 / block 1 = {blocks[7] / blocks[0]:.3f}, block 8 / block 2 = "
+          f"{blocks[7] / blocks[1]:.3f}", flush=True)
+
+    # 5. Scaling: seconds per response as N, K and G grow (cheap values isolate the engine).
+    small = DecodingConfig(num_candidates=4, block_size=8, max_new_tokens=16, temperature=0.7, top_p=0.9)
+    scaling = {}
+    for n_ in (1, 4, 16):
+        cv = [p.messages for p in prompts[:n_]]
+        scaling[f"N={n_}"] = median_time(lambda cv=cv: run_method(model, tok, cv, "rmod", small, free_fn, free_names),
+                                         1) / n_
+    for k in (2, 4, 8, 16):
+        c = DecodingConfig(num_candidates=k, block_size=8, max_new_tokens=16, temperature=0.7, top_p=0.9)
+        scaling[f"K={k}"] = median_time(lambda c=c: run_method(model, tok, convs, "rmod", c, free_fn, free_names), 1) / n
+    for g in (2, 4, 10):
+        fn, gn = constant_values(g)
+        scaling[f"G={g}"] = median_time(lambda fn=fn, gn=gn: run_method(model, tok, convs, "rmod", small, fn, gn), 1) / n
+    res["scaling_seconds_per_response"] = scaling
+    res["peak_memory_mb"] = peak_memory_mb()
+    print(f"[{name}] 5. seconds/response: " + ", ".join(f"{k} {v:.2f}" for k, v in scaling.items())
+          + f"; peak memory {res['peak_memory_mb']:.0f} MB", flush=True)
+    return res
+
+
+def bench_solver(reps: int) -> dict:
+    """Row 4: both solvers on 1024 problems of K=16, G=10."""
+    A = torch.randn(1024, 16, 10, generator=torch.Generator().manual_seed(0))
+    t_exact = median_time(lambda: worst_case_weights(A, 1.0, "exact"), reps)
+    t_ref = median_time(lambda: worst_case_weights(A, 1.0, "reference"), reps)
+    w_exact, w_ref = worst_case_weights(A, 1.0, "exact"), worst_case_weights(A, 1.0, "reference")
+    A64 = A.double()
+    f_exact = log_mean_exp_objective(A64, w_exact.double(), 1.0)
+    f_ref = log_mean_exp_objective(A64, w_ref.double(), 1.0)
+    f_uniform = log_mean_exp_objective(A64, torch.full_like(w_exact, 0.1).double(), 1.0)
+    closed = ((f_uniform - f_ref) / (f_uniform - f_exact).clamp_min(1e-12)).median()
+    out = {
+        "exact_ms": 1e3 * t_exact, "reference_ms": 1e3 * t_ref,
+        "reference_gap_mean": float((f_ref - f_exact).mean()),
+        "reference_share_of_gap_closed_median": float(closed),
+        "exact_max_kkt_gap": float(kkt_gap(A64, w_exact.double(), 1.0).max()),
+    }
+    print(f"4. solver (1024 x K16 x G10): exact {out['exact_ms']:.1f} ms, reference {out['reference_ms']:.1f} ms; "
+          f"reference closes {closed:.0%} of the gap from uniform (mean objective gap {out['reference_gap_mean']:.4f})",
+          flush=True)
+    return out
+
+
+def distillation_payoff() -> dict | None:
+    """Row 6 from the default eval report."""
+    path = ROOT / "runs" / "default" / "eval" / "metrics.json"
+    if not path.exists():
+        print("6. distillation payoff: no runs/default/eval/metrics.json (run `make demo` first)")
+        return None
+    methods = json.loads(path.read_text())["methods"]
+    d, r, ref = methods["distilled"], methods["rmod"], methods["reference"]
+    out = {
+        "distilled_seconds": d["seconds_per_response"], "rmod_seconds": r["seconds_per_response"],
+        "distilled_tokens": d["tokens_sampled_per_response"], "rmod_tokens": r["tokens_sampled_per_response"],
+        "distilled_worst_case": d["worst_case_reward"], "rmod_worst_case": r["worst_case_reward"],
+        "reference_worst_case": ref["worst_case_reward"],
+    }
+    print(f"6. distilled vs rmod: {d['seconds_per_response']:.2f} vs {r['seconds_per_response']:.2f} s/response, "
+          f"{d['tokens_sampled_per_response']:.0f} vs {r['tokens_sampled_per_response']:.0f} tokens; worst case "
+          f"{d['worst_case_reward']:+.3f} vs {r['worst_case_reward']:+.3f} (reference {ref['worst_case_reward']:+.3f})")
+    return out
+
+
+def main(argv=None) -> None:
+    """Run every row and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/bench/bench.json")
+    parser.add_argument("--models", default="embedded,random-360m")
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args(argv)
+    device = resolve_device("auto")
+    prompts = load_prompts(PromptsConfig(path=str(ROOT / "data" / "prompts" / "default.jsonl"), split="eval"))
+    report = {
+        "machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                    "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "solver": bench_solver(args.reps),
+        "models": [bench_model(m, prompts, args.reps, quick=(m != "embedded" and device.type == "cpu"))
+                   for m in args.models.split(",")],
+        "distillation": distillation_payoff(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"bench -> {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
