@@ -139,6 +139,9 @@ class DecodeResult:
     blocks: int = 0
 
 
+_NUCLEUS_CANDIDATES = (64, 1024)
+
+
 def _sample(logits: torch.Tensor, u: torch.Tensor, cfg: DecodingConfig) -> torch.Tensor:
     """Inverse-CDF sampling of one token per row with the given uniforms ``u [R]``."""
     if cfg.temperature == 0:
@@ -147,13 +150,29 @@ def _sample(logits: torch.Tensor, u: torch.Tensor, cfg: DecodingConfig) -> torch
     if cfg.top_k > 0 and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1)
+    order = None
     if cfg.top_p < 1.0:
-        probs, order = torch.sort(probs, dim=-1, descending=True)
+        # The nucleus almost always lies in the top few tokens: a partial top-k costs a
+        # fraction of sorting the whole vocabulary. Widen it until every row's nucleus fits,
+        # and sort everything only when none does; the kept set is the same either way.
+        order = None
+        for k in _NUCLEUS_CANDIDATES:
+            if k >= logits.shape[-1]:
+                break
+            top, order = torch.topk(logits, k, dim=-1)
+            if k == _NUCLEUS_CANDIDATES[0]:
+                peak = top[:, :1]
+                norm = torch.exp(logits - peak).sum(-1, keepdim=True)
+            probs = torch.exp(top - peak) / norm
+            if bool((probs.sum(-1) >= cfg.top_p).all()):
+                break
+            order = None
+        if order is None:
+            probs, order = torch.sort(torch.softmax(logits, -1), dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
         probs = probs.masked_fill(probs.cumsum(-1) - probs > cfg.top_p, 0.0)
     else:
-        order = None
+        probs = torch.softmax(logits, -1)
     cdf = probs.double().cumsum(-1)
     target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf, target, right=True).clamp_max(cdf.shape[-1] - 1).squeeze(-1)

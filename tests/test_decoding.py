@@ -137,3 +137,20 @@ def test_unknown_method_and_objective():
         parse_method("beam", NAMES, cfg)
     with pytest.raises(ValueError, match="unknown objective 'x'"):
         parse_method("cd", NAMES, DecodingConfig(cd_weights={"x": 1.0}))
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
+def test_nucleus_sampling_matches_full_sort(scale):
+    """The partial top-k nucleus gives the same tokens as sorting the whole vocabulary."""
+    from rmod_distill.decoding import _sample
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(32, 5000, generator=gen) * scale
+    u = torch.rand(32, generator=gen)
+    cfg = DecodingConfig(temperature=0.8, top_p=0.9)
+    probs = torch.softmax(logits / 0.8, -1)
+    sorted_p, order = torch.sort(probs, -1, descending=True)
+    sorted_p[(sorted_p.cumsum(-1) - sorted_p) > 0.9] = 0
+    cdf = sorted_p.double().cumsum(-1)
+    idx = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    assert torch.equal(_sample(logits, u, cfg), order.gather(-1, idx[:, None]).squeeze(-1))
