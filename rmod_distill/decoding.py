@@ -38,7 +38,13 @@ class DecodingConfig:
     lam: float = field(default=1.0, metadata={"help": "lambda: the KL-regularisation strength of the game."})
     solver: str = field(default="exact", metadata={"help": "Worst-case weight solver: exact | reference."})
     selection: str = field(default="argmax", metadata={"help": "rmod: argmax (reference impl.) | sample."})
-    values: str = field(default="prefix", metadata={"help": "Value function: prefix | oracle."})
+    values: str = field(
+        default="prefix",
+        metadata={"help": "Value function: prefix (objectives on the partial response) | oracle | learned."},
+    )
+    value_model: str | None = field(
+        default=None, metadata={"help": "values: learned: the folder `make values` wrote."}
+    )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1: off)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
@@ -54,8 +60,10 @@ class DecodingConfig:
             raise ValueError(f"decoding.solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.selection not in ("argmax", "sample"):
             raise ValueError(f"decoding.selection must be argmax or sample, got {self.selection!r}")
-        if self.values not in ("prefix", "oracle"):
-            raise ValueError(f"decoding.values must be prefix or oracle, got {self.values!r}")
+        if self.values not in ("prefix", "oracle", "learned"):
+            raise ValueError(f"decoding.values must be prefix, oracle or learned, got {self.values!r}")
+        if (self.values == "learned") != bool(self.value_model):
+            raise ValueError("decoding.value_model is needed with (and only with) decoding.values: learned")
         if not self.lam > 0:
             raise ValueError(f"decoding.lam must be > 0, got {self.lam}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -190,15 +198,20 @@ class BlockwiseDecoder:
         value_fn: ValueFunction | None,
         objective_names: list[str],
         stop_ids: list[int] | None = None,
+        reward_fn: ValueFunction | None = None,
     ):
         from rmod_distill.policy import stop_token_ids
 
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.value_fn = value_fn
+        # Whole-response methods (best-of-n) rank by the rewards themselves, not by learned values.
+        self.reward_fn = reward_fn or value_fn
         self.objective_names = objective_names
         self.device = next(model.parameters()).device
         self.stop_ids = torch.tensor(stop_ids if stop_ids is not None else stop_token_ids(tokenizer), device=self.device)
         self.pad_id = tokenizer.pad_token_id
+        shares = getattr(value_fn, "shares_tokenizer", None)
+        self.value_ids = bool(shares is not None and shares(tokenizer))
 
     # ------------------------------------------------------------------ model calls
     def _forward(self, input_ids, attention_mask, position_ids, cache):
@@ -221,6 +234,7 @@ class BlockwiseDecoder:
         from transformers import DynamicCache
 
         logits, cache = self._forward(enc["input_ids"], mask, pos, DynamicCache())
+        self._prompt_ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], mask)]
         return logits, cache, mask, pos[:, -1] + 1, mask.sum(-1).tolist()
 
     # ------------------------------------------------------------------ decoding
@@ -326,7 +340,8 @@ class BlockwiseDecoder:
         n = len(live)
         if method.kind in ("reference", "distilled") or K == 1:
             return [0] * n
-        texts, convs = [], []
+        texts, convs, sequences = [], [], []
+        by_ids = self.value_ids and method.kind in ("cd", "rmod")
         for j, i in enumerate(live):
             prefix = results[i].token_ids
             for k in range(K):
@@ -334,9 +349,17 @@ class BlockwiseDecoder:
                 body = cand[row, : lens[row]].tolist()
                 if done[row]:
                     body = body[:-1]  # the stop token is not text
-                texts.append(self.tokenizer.decode(prefix + body, skip_special_tokens=True).strip())
-                convs.append(conversations[i])
-        values = torch.as_tensor(np.asarray(self.value_fn(convs, texts)), dtype=torch.float64).view(n, K, -1)
+                if by_ids:
+                    # A value model sharing the policy's tokenizer reads the ids: no decode, no re-tokenising.
+                    sequences.append(self._prompt_ids[i] + prefix + body)
+                else:
+                    texts.append(self.tokenizer.decode(prefix + body, skip_special_tokens=True).strip())
+                    convs.append(conversations[i])
+        if by_ids:
+            raw = self.value_fn.score_ids(sequences)
+        else:
+            raw = (self.value_fn if method.blockwise else self.reward_fn)(convs, texts)
+        values = torch.as_tensor(np.asarray(raw), dtype=torch.float64).view(n, K, -1)
         if method.kind == "best-of-n":
             return values.mean(-1).argmax(-1).tolist()
         if method.kind == "best-of-n-maxmin":

@@ -241,7 +241,13 @@ def run(cfg: GenerateConfig) -> Path:
     device = str(state.device) if state.num_processes > 1 else None
     model, tokenizer = cfg.policy.load(device)
     fingerprint = policy_fingerprint(cfg.policy.model, tokenizer)
-    decoder = BlockwiseDecoder(model, tokenizer, cfg.decoding, lambda p, r: objectives.score(p, r)[1], objectives.names)
+    rewards = lambda p, r: objectives.score(p, r)[1]  # noqa: E731
+    value_fn = rewards
+    if cfg.decoding.values == "learned":
+        from rmod_distill.values import LearnedValues
+
+        value_fn = LearnedValues.load(cfg.decoding.value_model, objectives.names, device=device or cfg.policy.device)
+    decoder = BlockwiseDecoder(model, tokenizer, cfg.decoding, value_fn, objectives.names, reward_fn=rewards)
 
     # ------------------------------------------------------------------ normalisation
     norm_path = Path(cfg.normalization) if cfg.normalization else out / "normalization.json"
@@ -252,6 +258,12 @@ def run(cfg: GenerateConfig) -> Path:
             measure_normalization(cfg, decoder, objectives, prompts, out)
     state.wait_for_everyone()
     objectives.set_normalizer(Normalizer.load(norm_path), str(norm_path))
+    learned_norm = getattr(value_fn, "normalization", None)
+    if learned_norm is not None and not np.allclose(learned_norm["mean"], objectives.normalizer.mean):
+        raise ValueError(
+            f"value model {cfg.decoding.value_model} was trained on rewards normalised differently from {norm_path}; "
+            "train it with this run's normalisation (values.generate_dir)"
+        )
 
     # ------------------------------------------------------------------ decode what is missing
     done = {(r["method"], r["prompt_id"]) for shard in sorted((out / "shards").glob("*.jsonl")) for r in read_jsonl(shard)}

@@ -96,7 +96,8 @@ def fetch_adapter(source: str, to: str | Path | None = None) -> Path:
         staged = _offline_run_adapter(path) if not (path / "adapter_config.json").exists() else path
         if staged is None:
             raise FileNotFoundError(
-                f"{source}: neither a PEFT adapter folder nor a W&B run folder holding a staged adapter"
+                f"{source}: not a PEFT adapter folder (missing adapter_config.json), nor a W&B run folder "
+                "holding a staged adapter"
             )
         check_adapter_folder(staged)
         if to is None:

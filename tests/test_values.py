@@ -1,0 +1,101 @@
+"""Learned value functions on the tiny policy: loss masking, training, reload, refusal, RMOD with them."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from rmod_distill.config import parse_config
+from rmod_distill.values import LearnedValues, ValuesConfig, run, value_loss
+
+
+def test_loss_ignores_prompt_and_padding():
+    values = torch.randn(2, 5, 3)
+    targets = torch.randn(2, 3)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]], dtype=torch.float32)
+    base = value_loss(values, targets, mask)
+    changed = values.clone()
+    changed[0, :2] += 100.0  # prompt / padding positions
+    changed[1, :3] -= 50.0
+    assert torch.equal(value_loss(changed, targets, mask), base)
+    # Averaged per sequence then over the batch: a longer response does not weigh more.
+    per_seq = [((values[b] - targets[b]) ** 2).sum(-1)[mask[b].bool()].mean() for b in range(2)]
+    assert base == pytest.approx(float(sum(per_seq) / 2), rel=1e-6)
+    moved = values.clone()
+    moved[0, 4] += 1.0
+    assert value_loss(moved, targets, mask) != base
+
+
+def values_args(tiny_policy_dir, tiny_generate_dir, out, *extra):
+    return [
+        "--policy.model", str(tiny_policy_dir), "--generate_dir", str(tiny_generate_dir),
+        "--prompts.path", str(tiny_generate_dir.parent / "prompts.jsonl"),
+        "--objectives", "[{name: harmlessness}, {name: concision}]",
+        "--decoding.max_new_tokens", "12", "--decoding.temperature", "1.0", "--rollouts_per_prompt", "4",
+        "--learning_rate", "3e-3", "--epochs", "3", "--train_batch_size", "8", "--lora_r", "4",
+        "--eval_fraction", "0.3", "--wandb.mode", "disabled", "--output_dir", str(out), *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def value_dir(tiny_policy_dir, tiny_generate_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("values") / "v"
+    return run(parse_config(ValuesConfig, values_args(tiny_policy_dir, tiny_generate_dir, out)))
+
+
+def test_training_lowers_validation_loss(value_dir):
+    report = json.loads((value_dir / "value_report.json").read_text())
+    before, after = report["history"]["val_loss_before"], report["history"]["val_loss_after"]
+    assert sum(after) < sum(before)
+    assert set(report["correlations"]["50%"]) == {"learned", "prefix"}
+    info = json.loads((value_dir / "value_config.json").read_text())
+    assert info["objectives"] == ["harmlessness", "concision"]
+
+
+def test_reload_gives_identical_outputs(value_dir):
+    a = LearnedValues.load(value_dir, ["harmlessness", "concision"], device="cpu")
+    b = LearnedValues.load(value_dir, ["harmlessness", "concision"], device="cpu")
+    prompts = [[{"role": "user", "content": "how do i fix my plan ?"}]] * 2
+    out_a, out_b = a(prompts, ["you are kind", "the sun"]), b(prompts, ["you are kind", "the sun"])
+    assert out_a.shape == (2, 2) and np.array_equal(out_a, out_b)
+    # Text and token-id routes agree.
+    ids = [a.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    seqs = [a.tokenizer(x, add_special_tokens=False)["input_ids"] + a.tokenizer(r, add_special_tokens=False)["input_ids"]
+            for x, r in zip(ids, ["you are kind", "the sun"])]
+    assert np.allclose(a.score_ids(seqs), out_a, atol=1e-6)
+
+
+def test_refuses_other_objectives_and_tokenizer(value_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"trained for objectives \['harmlessness', 'concision'\]"):
+        LearnedValues.load(value_dir, ["warmth", "concision"], device="cpu")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(value_dir, tampered)
+    tok = json.loads((tampered / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["zebra"] = len(tok["model"]["vocab"]) + 10
+    (tampered / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="do not match the tokenizer it was trained with"):
+        LearnedValues.load(tampered, ["harmlessness", "concision"], device="cpu")
+
+
+def test_rmod_guided_by_learned_values(tiny_policy_dir, tiny_generate_dir, value_dir, tmp_path):
+    from rmod_distill.artifacts import read_jsonl
+    from rmod_distill.generate import GenerateConfig
+    from rmod_distill.generate import run as generate
+
+    out = generate(parse_config(GenerateConfig, [
+        "--policy.model", str(tiny_policy_dir), "--prompts.path", str(tiny_generate_dir.parent / "prompts.jsonl"),
+        "--prompts.split", "eval", "--objectives", "[{name: harmlessness}, {name: concision}]",
+        "--methods", "[rmod, best-of-n]", "--decoding.values", "learned", "--decoding.value_model", str(value_dir),
+        "--decoding.num_candidates", "2", "--decoding.block_size", "4", "--decoding.max_new_tokens", "8",
+        "--normalization", str(tiny_generate_dir / "normalization.json"), "--output_dir", str(tmp_path / "g"),
+        "--wandb.mode", "disabled",
+    ]))
+    rows = read_jsonl(out / "samples.jsonl")
+    assert len(rows) == 8 and all(len(r["block_weights"]) == 2 for r in rows if r["method"] == "rmod")
+
+
+def test_existing_value_model_not_overwritten(tiny_policy_dir, tiny_generate_dir, value_dir):
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run(parse_config(ValuesConfig, values_args(tiny_policy_dir, tiny_generate_dir, value_dir)))
