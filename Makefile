@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 ACCELERATE_CONFIG ?=
 
-.PHONY: install test test-slow test-all generate distill eval demo help
+.PHONY: install test test-slow test-all generate distill eval values bench demo help
 
 help:
 	@echo "make demo                 run the pipeline on the embedded default (RECIPE=default)"
@@ -17,6 +17,8 @@ help:
 	@echo "make generate RECIPE=...  stage 1: RMOD and baseline decoding (ARGS='--key value' overrides)"
 	@echo "make distill RECIPE=...   stage 2: LoRA distillation (ACCELERATE_CONFIG=recipes/accelerate_configs/zero2.yaml)"
 	@echo "make eval RECIPE=...      stage 3: the adapter against RMOD and the baselines"
+	@echo "make values RECIPE=...    a learned value model (G heads) for decoding.values: learned"
+	@echo "make bench                speed, cost and scaling table (runs/bench/bench.json)"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +51,12 @@ endif
 
 eval: $(STAMP)
 	$(BIN)/rmod-distill eval --config recipes/$(RECIPE)/eval.yaml $(ARGS)
+
+values: $(STAMP)
+	$(BIN)/rmod-distill values --config recipes/$(RECIPE)/values.yaml $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 # The main job: every stage on the embedded default, then the report's table.
 demo: $(STAMP)

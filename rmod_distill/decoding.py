@@ -234,8 +234,7 @@ class BlockwiseDecoder:
         from transformers import DynamicCache
 
         logits, cache = self._forward(enc["input_ids"], mask, pos, DynamicCache())
-        self._prompt_ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], mask)]
-        return logits, cache, mask, pos[:, -1] + 1, mask.sum(-1).tolist()
+        return logits, cache, mask, pos[:, -1] + 1, enc["input_ids"]
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -256,9 +255,13 @@ class BlockwiseDecoder:
         else:
             K, B = cfg.num_candidates, cfg.block_size
         results = [DecodeResult([], "", False) for _ in range(n)]
-        logits, cache, mask, next_pos, prompt_lens = self._prefill(conversations)
-        for i in range(n):
-            results[i].forward_tokens += prompt_lens[i]
+        logits, cache, mask, next_pos, prompt_ids = self._prefill(conversations)
+        for i, length in enumerate(mask.sum(-1).tolist()):
+            results[i].forward_tokens += length
+        # A value model that reads the policy's token ids keeps its own KV cache alongside.
+        values = None
+        if self.value_ids and method.blockwise and K > 1:
+            values = self.value_fn.prefill(prompt_ids, mask)
         live = list(range(n))  # prompt index of each cache row
         block = 0
         while live:
@@ -268,9 +271,9 @@ class BlockwiseDecoder:
             cand, lens, done, cache, mask, next_pos, logits, rows_left = self._sample_block(
                 live, seeds, block, K, steps, last_block, logits, cache, mask, next_pos, results
             )
-            chosen = self._select(conversations, live, seeds, block, K, cand, lens, done, method, results)
+            chosen = self._select(conversations, live, seeds, block, K, cand, lens, done, method, results, values)
             # Keep the chosen rows that are still running; finished prompts leave the batch.
-            keep_rows, next_live = [], []
+            keep_rows, keep_candidates, next_live = [], [], []
             for j, i in enumerate(live):
                 row = j * K + chosen[j]
                 toks = cand[row, : lens[row]].tolist()
@@ -280,12 +283,15 @@ class BlockwiseDecoder:
                     results[i].finished = True
                 elif not last_block:
                     keep_rows.append(rows_left.index(row))
+                    keep_candidates.append(row)
                     next_live.append(i)
             live = next_live
             if live:
                 idx = torch.tensor(keep_rows, device=self.device)
                 cache.batch_select_indices(idx)
                 mask, next_pos, logits = mask[idx], next_pos[idx], logits[idx]
+                if values is not None:
+                    values.keep(keep_candidates)
             block += 1
             if on_block is not None:
                 on_block(block)
@@ -335,29 +341,28 @@ class BlockwiseDecoder:
             results[i].forward_tokens += int(sampled[j])
         return cand.cpu(), lens, done, cache, mask, next_pos, logits, rows.tolist()
 
-    def _select(self, conversations, live, seeds, block, K, cand, lens, done, method, results) -> list[int]:
-        """Pick one candidate per live prompt; record the block's weights."""
+    def _select(self, conversations, live, seeds, block, K, cand, lens, done, method, results, cached) -> list[int]:
+        """Pick one candidate per live prompt; record the block's weights.
+
+        ``cached`` is the value model's KV cache (token-id route) or None (text route).
+        """
         n = len(live)
         if method.kind in ("reference", "distilled") or K == 1:
             return [0] * n
-        texts, convs, sequences = [], [], []
-        by_ids = self.value_ids and method.kind in ("cd", "rmod")
-        for j, i in enumerate(live):
-            prefix = results[i].token_ids
-            for k in range(K):
-                row = j * K + k
-                body = cand[row, : lens[row]].tolist()
-                if done[row]:
-                    body = body[:-1]  # the stop token is not text
-                if by_ids:
-                    # A value model sharing the policy's tokenizer reads the ids: no decode, no re-tokenising.
-                    sequences.append(self._prompt_ids[i] + prefix + body)
-                else:
+        if cached is not None:
+            # The stop token is not part of the response the value is asked about.
+            raw = cached.extend(cand, lens - done.long(), K)
+        else:
+            texts, convs = [], []
+            for j, i in enumerate(live):
+                prefix = results[i].token_ids
+                for k in range(K):
+                    row = j * K + k
+                    body = cand[row, : lens[row]].tolist()
+                    if done[row]:
+                        body = body[:-1]  # the stop token is not text
                     texts.append(self.tokenizer.decode(prefix + body, skip_special_tokens=True).strip())
                     convs.append(conversations[i])
-        if by_ids:
-            raw = self.value_fn.score_ids(sequences)
-        else:
             raw = (self.value_fn if method.blockwise else self.reward_fn)(convs, texts)
         values = torch.as_tensor(np.asarray(raw), dtype=torch.float64).view(n, K, -1)
         if method.kind == "best-of-n":

@@ -5,7 +5,8 @@
 
 1. Rollouts: reference-policy responses on the train prompts, scored by every objective
    and normalised with the generate run's statistics (the generate engine's ``reference``
-   method; an existing ``rollouts.jsonl`` is reused).
+   method). ``reference`` rows of earlier generate output (``rollouts:``) are reused
+   instead of sampled again, and a finished ``rollouts.jsonl`` is reused on a rerun.
 2. Training: one value model with G heads on a backbone (the policy by default) with
    LoRA, by Monte-Carlo regression (rmod.md, the CD-FUDGE loss): every response position
    regresses onto the final normalised rewards, prompt and padding masked, averaged per
@@ -58,6 +59,11 @@ class ValuesConfig:
     objectives: list[ObjectiveSpec] = field(default_factory=_default_objectives)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     generate_dir: str = field(default="runs/default/generate", metadata={"help": "Source of the normalisation."})
+    rollouts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "JSONL files of earlier generate output (samples.jsonl, calibration.jsonl) whose "
+                          "`reference` rows are reused as rollouts before any new ones are sampled."},
+    )
     rollouts_per_prompt: int = field(default=2, metadata={"help": "Reference rollouts sampled per train prompt."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per rollout batch."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank on the backbone."})
@@ -101,6 +107,56 @@ class ValueModel(nn.Module):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         return self.heads(out.last_hidden_state.float())
+
+    def step(self, input_ids, attention_mask, position_ids, cache):
+        """Values ``[batch, new, G]`` of new tokens on top of ``cache`` (the full mask), and the cache."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=cache, use_cache=True)
+        return self.heads(out.last_hidden_state.float()), out.past_key_values
+
+
+class ValueCache:
+    """The value model's KV cache over the prompts and accepted blocks of a decode.
+
+    Mirrors the policy's cache in the blockwise engine: each block it is expanded K ways,
+    the candidates' tokens are read in one forward pass, and the chosen rows are kept, so
+    a prefix is never encoded twice.
+    """
+
+    def __init__(self, model: ValueModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        mask = attention_mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        values, self.cache = model.step(input_ids.to(self.device), mask, pos, DynamicCache())
+        self.mask, self.next_pos, self.last = mask, pos[:, -1] + 1, values[:, -1]
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, lengths: torch.Tensor, K: int) -> np.ndarray:
+        """Values ``[rows * K, G]`` after each row's first ``lengths`` tokens of ``tokens [rows * K, S]``."""
+        if K > 1:
+            self.cache.batch_repeat_interleave(K)
+            self.mask, self.next_pos, self.last = (t.repeat_interleave(K, 0) for t in (self.mask, self.next_pos, self.last))
+        steps = tokens.shape[1]
+        lengths = lengths.to(self.device)
+        valid = (torch.arange(steps, device=self.device)[None, :] < lengths[:, None]).to(self.mask.dtype)
+        self.mask = torch.cat([self.mask, valid], dim=1)
+        pos = self.next_pos[:, None] + torch.arange(steps, device=self.device)[None, :]
+        values, self.cache = self.model.step(tokens.to(self.device), self.mask, pos, self.cache)
+        picked = values[torch.arange(len(lengths), device=self.device), (lengths - 1).clamp_min(0)]
+        # A candidate with no text (it stopped at once) keeps the value of its prefix.
+        self.last = torch.where((lengths > 0)[:, None], picked, self.last)
+        # Positions count real tokens only, as the full re-encoding's do (masked slots are skipped).
+        self.next_pos = self.next_pos + lengths
+        return self.last.double().cpu().numpy()
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep these rows (the chosen, still running candidates) for the next block."""
+        idx = torch.tensor(rows, device=self.device)
+        self.cache.batch_select_indices(idx)
+        self.mask, self.next_pos, self.last = self.mask[idx], self.next_pos[idx], self.last[idx]
 
 
 def value_loss(values: torch.Tensor, targets: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -180,6 +236,11 @@ class LearnedValues:
         return a["vocab_sha256"] == b["vocab_sha256"] and a["chat_template_sha256"] == b["chat_template_sha256"]
 
     @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ValueCache:
+        """Start a :class:`ValueCache` on left-padded prompt ids (the policy's own tokens)."""
+        return ValueCache(self.model, input_ids, attention_mask)
+
+    @torch.no_grad()
     def score_ids(self, sequences: list[list[int]], batch_size: int = 32) -> np.ndarray:
         """Values ``[n, G]`` of full token sequences (prompt + partial response), read at the last token."""
         out = []
@@ -205,8 +266,32 @@ def _held_out(prompt_id: str, fraction: float, seed: int) -> bool:
     return random.Random(f"{seed}:{prompt_id.split('#')[0]}").random() < fraction
 
 
+def reused_rollouts(files: list[str], objectives: ObjectiveSet, prompt_ids: set[str]) -> list[dict]:
+    """``reference`` rows of earlier generate output on the recipe's prompts, re-normalised."""
+    rows = []
+    for name in files:
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"rollouts: {path} does not exist (expected a generate samples.jsonl or "
+                                    "calibration.jsonl)")
+        for r in read_jsonl(path):
+            if r.get("method") != "reference" or r["prompt_id"].split("#")[0] not in prompt_ids:
+                continue
+            missing = [g for g in objectives.names if g not in r.get("rewards", {})]
+            if missing:
+                raise ValueError(f"rollouts: {path} row {r['prompt_id']!r} has no reward for objective "
+                                 f"{missing[0]!r}; reuse output made with this recipe's objectives")
+            raw = np.array([r["rewards"][g] for g in objectives.names])
+            r["normalized"] = dict(zip(objectives.names, map(float, objectives.normalizer(raw))))
+            rows.append(r)
+    return rows
+
+
 def sample_rollouts(cfg: ValuesConfig, objectives: ObjectiveSet, out: Path) -> list[dict]:
-    """Reference rollouts (reused from ``rollouts.jsonl`` when present), scored and normalised."""
+    """Reference rollouts (``rollouts.jsonl`` when present), scored and normalised.
+
+    Rows of ``cfg.rollouts`` count towards ``rollouts_per_prompt``; only the rest is sampled.
+    """
     path = out / "rollouts.jsonl"
     if path.exists():
         return read_jsonl(path)
@@ -215,16 +300,28 @@ def sample_rollouts(cfg: ValuesConfig, objectives: ObjectiveSet, out: Path) -> l
     from rmod_distill.decoding import BlockwiseDecoder
     from rmod_distill.generate import decode_rows
 
-    model, tokenizer = cfg.policy.load()
-    decoder = BlockwiseDecoder(model, tokenizer, cfg.decoding, None, objectives.names)
-    prompts = [
+    prompts = load_prompts(cfg.prompts)
+    reused = reused_rollouts(cfg.rollouts, objectives, {p.id for p in prompts})
+    have = {}
+    for r in reused:
+        have[r["prompt_id"].split("#")[0]] = have.get(r["prompt_id"].split("#")[0], 0) + 1
+    todo = [
         Prompt(f"{p.id}#rollout-{j}", p.messages, p.category, p.split)
-        for p in load_prompts(cfg.prompts)
-        for j in range(cfg.rollouts_per_prompt)
+        for p in prompts
+        for j in range(have.get(p.id, 0), cfg.rollouts_per_prompt)
     ]
-    bar = tqdm(total=len(prompts), desc="rollouts (reference)", unit="resp")
-    rows = decode_rows(decoder, objectives, prompts, "reference", cfg.seed, cfg.batch_size, lambda r: bar.update(len(r)))
-    bar.close()
+    rows = list(reused)
+    if todo:
+        model, tokenizer = cfg.policy.load()
+        decoder = BlockwiseDecoder(model, tokenizer, cfg.decoding, None, objectives.names)
+        bar = tqdm(total=len(todo), desc=f"rollouts (reference; {len(reused)} reused)", unit="resp")
+        rows += decode_rows(decoder, objectives, todo, "reference", cfg.seed, cfg.batch_size,
+                            lambda r: bar.update(len(r)))
+        bar.close()
+    else:
+        from rmod_distill.policy import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.policy.model)
     for r in rows:
         r["response_ids"] = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -67,6 +67,74 @@ def test_reload_gives_identical_outputs(value_dir):
     assert np.allclose(a.score_ids(seqs), out_a, atol=1e-6)
 
 
+def test_kv_cached_values_equal_full_reencoding(value_dir):
+    """The token-id route reads each candidate once on top of a cache; it must equal re-encoding."""
+    lv = LearnedValues.load(value_dir, ["harmlessness", "concision"], device="cpu")
+    tok = lv.tokenizer
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in ("how do i fix my plan ?", "tell me a kind thing about my cat")]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompts = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
+    assert len(prompts[0]) != len(prompts[1])  # left padding is exercised
+    words = torch.tensor(tok.convert_tokens_to_ids(["you", "are", "kind", "the", "sun", "plan", "fix", "warm"]))
+    gen = torch.Generator().manual_seed(0)
+    K, cache = 2, lv.prefill(enc["input_ids"], enc["attention_mask"])
+    prefixes = [prompts[0], prompts[1]]
+    for lengths, keep in (([3, 3, 1, 3], [1, 3]), ([4, 0, 4, 2], None)):
+        block = words[torch.randint(len(words), (2 * K, 4), generator=gen)]
+        lengths = torch.tensor(lengths)
+        got = cache.extend(block, lengths, K)
+        seqs = [prefixes[r // K] + block[r, : lengths[r]].tolist() for r in range(2 * K)]
+        assert np.allclose(got, lv.score_ids(seqs), atol=1e-5)
+        if keep:
+            cache.keep(keep)
+            prefixes = [seqs[r] for r in keep]
+
+
+class _ReencodingValues:
+    """An oracle for the engine's token-id route: re-encodes every full sequence, no cache."""
+
+    def __init__(self, lv):
+        self.lv = lv
+
+    def shares_tokenizer(self, tokenizer):
+        return True
+
+    def prefill(self, input_ids, attention_mask):
+        oracle = self
+
+        class Prefixes:
+            rows = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
+
+            def extend(self, tokens, lengths, K):
+                self.rows = [self.rows[r // K] + tokens[r, : lengths[r]].tolist() for r in range(len(tokens))]
+                return oracle.lv.score_ids(self.rows)
+
+            def keep(self, rows):
+                self.rows = [self.rows[r] for r in rows]
+
+        return Prefixes()
+
+
+def test_engine_value_cache_matches_reencoding(tiny_policy, value_dir):
+    """RMOD guided by the value model's KV cache decodes exactly as with full re-encoding."""
+    from rmod_distill.decoding import BlockwiseDecoder, DecodingConfig, parse_method
+
+    model, tok = tiny_policy
+    names = ["harmlessness", "concision"]
+    lv = LearnedValues.load(value_dir, names, device="cpu")
+    cfg = DecodingConfig(num_candidates=3, block_size=4, max_new_tokens=12)
+    cached = BlockwiseDecoder(model, tok, cfg, lv, names)
+    oracle = BlockwiseDecoder(model, tok, cfg, _ReencodingValues(lv), names)
+    assert cached.value_ids
+    convs = [[{"role": "user", "content": q}] for q in ("how do i fix my plan ?", "tell me a kind thing", "why ?")]
+    a = cached.decode(convs, [1, 2, 3], parse_method("rmod", names, cfg))
+    b = oracle.decode(convs, [1, 2, 3], parse_method("rmod", names, cfg))
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert sum(r.blocks for r in a) > 3  # several blocks, so the cache carried over
+    assert np.allclose(sum((r.block_weights for r in a), []), sum((r.block_weights for r in b), []), atol=1e-4)
+
+
 def test_refuses_other_objectives_and_tokenizer(value_dir, tmp_path):
     with pytest.raises(ValueError, match=r"trained for objectives \['harmlessness', 'concision'\]"):
         LearnedValues.load(value_dir, ["warmth", "concision"], device="cpu")
