@@ -250,6 +250,48 @@ def distillation_payoff() -> dict | None:
     return out
 
 
+def format_table(report: dict) -> str:
+    """The one table ``make bench`` prints: a row per measured figure, a column per model."""
+    models = report["models"]
+    heads = [m["model"] for m in models]
+    rows = []
+
+    def row(label, target, key, fmt):
+        cells = [fmt.format(m[key]) if key in m else "-" for m in models]
+        rows.append([label, target, *cells])
+
+    row("1. rmod / cd wall time (same K, B, prompts, seeds)", "<= 1.03", "rmod_over_cd", "{:.3f}")
+    row("2. engine / plain generate tok/s, scoring excluded", ">= 0.8", "engine_over_generate_scoring_excluded", "{:.3f}")
+    row("2. engine / plain generate tok/s, scoring included", "", "engine_over_generate_scoring_included", "{:.3f}")
+    row("   plain generate tok/s (K x N sequences)", "", "generate_tok_s", "{:.0f}")
+    for n in (128, 256):
+        cells = [f"{m[f'cache_engine_seconds_{n}']:.1f} s vs {m[f'cache_naive_seconds_{n}']:.1f} s "
+                 f"({m[f'cache_naive_seconds_{n}'] / m[f'cache_engine_seconds_{n}']:.2f}x)"
+                 if f"cache_engine_seconds_{n}" in m else "-" for m in models]
+        rows.append([f"3. engine vs naive re-encoding loop, {n} tokens", "engine faster", *cells])
+    row("3. block 8 / block 1 time, 128-token rmod", "< 1.25", "block8_over_block1", "{:.3f}")
+    row("3. block 8 / block 2 time, 128-token rmod", "< 1.25", "block8_over_block2", "{:.3f}")
+    for key in ("N=1", "N=4", "N=16", "K=2", "K=4", "K=8", "K=16", "G=2", "G=4", "G=10"):
+        cells = [f"{m['scaling_seconds_per_response'][key]:.3f}" if "scaling_seconds_per_response" in m else "-"
+                 for m in models]
+        rows.append([f"5. s/response, rmod, {key}", "", *cells])
+    row("5. peak memory (MB)", "", "peak_memory_mb", "{:.0f}")
+    s = report["solver"]
+    solver = (f"exact {s['exact_ms']:.1f} ms (max KKT gap {s['exact_max_kkt_gap']:.1e}), reference "
+              f"{s['reference_ms']:.1f} ms, closes {s['reference_share_of_gap_closed_median']:.0%} of the gap")
+    rows.append(["4. solver, 1024 problems K=16 G=10", "", solver] + [""] * (len(models) - 1))
+    d = report.get("distillation")
+    if d:
+        text = (f"{d['distilled_seconds']:.2f} vs {d['rmod_seconds']:.2f} s/resp "
+                f"({d['distilled_seconds'] / d['rmod_seconds']:.0%}); {d['distilled_tokens']:.0f} vs "
+                f"{d['rmod_tokens']:.0f} tokens; worst case {d['distilled_worst_case']:+.3f} vs "
+                f"{d['rmod_worst_case']:+.3f} (reference {d['reference_worst_case']:+.3f})")
+        rows.append(["6. distilled vs rmod (default eval)", "", text] + [""] * (len(models) - 1))
+    lines = ["| figure | target | " + " | ".join(heads) + " |", "|" + "---|" * (2 + len(heads))]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     """Run every row and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -261,16 +303,27 @@ def main(argv=None) -> None:
     prompts = load_prompts(PromptsConfig(path=str(ROOT / "data" / "prompts" / "default.jsonl"), split="eval"))
     report = {
         "machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-                    "threads": torch.get_num_threads(), "torch": torch.__version__},
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%S")},
         "solver": bench_solver(args.reps),
         "models": [bench_model(m, prompts, args.reps, quick=(m != "embedded" and device.type == "cpu"))
                    for m in args.models.split(",")],
         "distillation": distillation_payoff(),
     }
+    table = format_table(report)
+    text = (f"Measured on {report['machine']['device']} ({report['machine']['threads']} threads, "
+            f"torch {report['machine']['torch']}), {report['machine']['date']}.\n\n{table}\n")
+    # The latest run under the given name, and every run kept under its own time stamp.
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"bench -> {out}")
+    stamped = out.with_name(f"{out.stem}-{report['machine']['date'].replace(':', '')}")
+    for path in (out, stamped.with_suffix(".json")):
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    for path in (out.with_suffix(".md"), stamped.with_suffix(".md")):
+        path.write_text(text)
+    print()
+    print(table)
+    print(f"\nbench -> {out}, {out.with_suffix('.md')} (and {stamped.name}.*)")
 
 
 if __name__ == "__main__":

@@ -485,8 +485,9 @@ def run(cfg: ValuesConfig) -> Path:
                                                train_rollouts=len(rows) - len(val_rows), val_rollouts=len(val_rows)))
     tracker.summary({f"val_loss/{g}": v for g, v in zip(objectives.names, history["val_loss_after"])})
     tracker.finish()
-    print(f"values: validation loss per objective {dict(zip(objectives.names, np.round(history['val_loss_before'], 3)))}"
-          f" -> {dict(zip(objectives.names, np.round(history['val_loss_after'], 3)))}")
+    before, after = history["val_loss_before"], history["val_loss_after"]
+    print("values: validation loss per objective " + ", ".join(
+        f"{g} {b:.3f} -> {a:.3f}" for g, b, a in zip(objectives.names, before, after)))
     for frac, kinds in report.items():
         print(f"  at {frac}: " + "; ".join(
             f"{kind} " + ", ".join(f"{g} {c:+.2f}" for g, c in corr.items()) for kind, corr in kinds.items()))

@@ -179,3 +179,23 @@ def test_zero2_one_cpu_process(tiny_policy_dir, tiny_generate_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     check_adapter_folder(out)
     assert "zero_optimization" in proc.stderr + proc.stdout or (out / "checkpoint-3").is_dir()
+
+
+def test_zero3_config_gathers_and_empty_adapter_is_refused(distilled, tmp_path):
+    """The ZeRO-3 trap: without gathering, each LoRA tensor is saved with 0 elements."""
+    from safetensors.torch import load_file, save_file
+
+    from rmod_distill.config import yaml_load
+    from rmod_distill.distill import _check_saved_adapter
+
+    zero3 = yaml_load((ROOT / "recipes" / "accelerate_configs" / "zero3.yaml").read_text())
+    assert zero3["deepspeed_config"]["zero_stage"] == 3
+    assert zero3["deepspeed_config"]["zero3_save_16bit_model"] is True
+    _check_saved_adapter(distilled)  # a real adapter passes
+    sharded = tmp_path / "sharded"
+    shutil.copytree(distilled, sharded)
+    (sharded / "manifest.json").unlink(missing_ok=True)
+    tensors = load_file(str(sharded / "adapter_model.safetensors"))
+    save_file({k: torch.empty(0, dtype=v.dtype) for k, v in tensors.items()}, str(sharded / "adapter_model.safetensors"))
+    with pytest.raises(RuntimeError, match="holds no LoRA weights.*zero3_save_16bit_model"):
+        _check_saved_adapter(sharded)
