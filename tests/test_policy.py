@@ -53,7 +53,7 @@ def test_embedded_default_loads_and_scores():
     from rmod_distill.objectives import ObjectiveSet
 
     model, tok = load_policy("embedded")
-    assert sum(p.numel() for p in model.parameters()) == 134_515_584
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
     assert len(tok) == model.get_input_embeddings().num_embeddings  # no new tokens were added
     messages = [{"role": "user", "content": "How do I fix a flat bike tire?"}]
