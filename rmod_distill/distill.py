@@ -25,7 +25,7 @@ from trl import SFTConfig
 
 from rmod_distill.artifacts import provenance, read_jsonl, write_json
 from rmod_distill.config import parse_config, to_dict
-from rmod_distill.hub import check_adapter_folder
+from rmod_distill.hub import CARD_PLACEHOLDER, check_adapter_folder
 from rmod_distill.policy import base_model_name, policy_fingerprint
 
 
@@ -161,7 +161,7 @@ def model_card(cfg: DistillConfig, gen_info: dict, train_rows: int, eval_rows: i
     shown = ("train_loss", "eval_loss", "eval_mean_token_accuracy", "train_rows")
     lines += [f"- {k}: {metrics[k]:.4g}" for k in shown if k in metrics]
     lines += [
-        "- Worst-case reward against RMOD and the baselines: see the eval stage's report.md.",
+        CARD_PLACEHOLDER,
         "",
         "## Use",
         "```python",

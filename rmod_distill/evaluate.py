@@ -208,6 +208,30 @@ def write_report(cfg: EvalConfig, metrics: dict, names: list[str], rows: list[di
     return text
 
 
+def update_model_card(adapter_dir: Path, metrics: dict, report: Path) -> bool:
+    """Fill the distilled adapter's model card with the eval figures, once they are known.
+
+    Only a distill output folder is touched (not a hashed download copy, whose manifest
+    would then fail), and only its results placeholder line is replaced.
+    """
+    from rmod_distill.hub import CARD_PLACEHOLDER, MANIFEST
+
+    card = adapter_dir / "README.md"
+    if (adapter_dir / MANIFEST).exists() or not card.exists() or CARD_PLACEHOLDER not in card.read_text():
+        return False
+    lines = [f"- Eval ({metrics['distilled']['prompts']} held-out prompts, `{report}`): worst-case reward "
+             "(mean over prompts of the lowest z-normalised objective), 95% bootstrap interval, cost:", "",
+             "| method | worst-case reward | tokens sampled / response | s / response |", "|---|---|---|---|"]
+    for method in ("distilled", "rmod", "reference"):
+        if method in metrics:
+            m = metrics[method]
+            lo, hi = m["worst_case_reward_ci"]
+            lines.append(f"| `{method}` | {m['worst_case_reward']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                         f"{m['tokens_sampled_per_response']:.0f} | {m['seconds_per_response']:.2f} |")
+    atomic_write_text(card, card.read_text().replace(CARD_PLACEHOLDER, "\n".join(lines)))
+    return True
+
+
 def run(cfg: EvalConfig) -> Path:
     """Run the eval stage; returns the output folder."""
     out = Path(cfg.output_dir)
@@ -270,6 +294,8 @@ def run(cfg: EvalConfig) -> Path:
                   [[r["prompt_id"], r["method"], r["prompt"], r["completion"], r["worst_case"]] for r in rows])
     tracker.summary({f"{m}/worst_case_reward": v["worst_case_reward"] for m, v in metrics.items()})
     tracker.finish()
+    if adapter is not None and update_model_card(adapter, metrics, out / "report.md"):
+        print(f"eval: filled in the eval figures of the model card {adapter / 'README.md'}")
     print(report.split("\n## Samples")[0].split("![")[0].rstrip())
     print(f"\neval: report -> {out / 'report.md'}")
     return out

@@ -21,6 +21,8 @@ from pathlib import Path
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"
+# The model card's results line until the eval stage fills in its figures (evaluate.update_model_card).
+CARD_PLACEHOLDER = "- Worst-case reward against RMOD and the baselines: see the eval stage's report.md."
 
 
 def _sha256(path: Path) -> str:

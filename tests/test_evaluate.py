@@ -53,6 +53,9 @@ def test_eval_writes_metrics_report_and_plots(tiny_policy_dir, tiny_generate_dir
     for name in ("objective_means", "worst_case_vs_cost", "rmod_weights"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
         assert f"plots/{name}.png" in report
+    card = (adapter / "README.md").read_text()
+    assert "see the eval stage's report.md" not in card and "| `distilled` | " in card  # the card is filled in
+    assert f"{methods['rmod']['worst_case_reward']:+.3f}" in card
     with pytest.raises(FileExistsError, match="--overwrite"):
         run(parse_config(EvalConfig, eval_args(tiny_policy_dir, tiny_generate_dir, adapter, out)))
 
