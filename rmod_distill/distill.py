@@ -68,9 +68,14 @@ class DistillConfig(SFTConfig):
         super().__post_init__()
 
 
+def base_prompt_id(prompt_id: str) -> str:
+    """The prompt a row answers: generate stores extra samples of one prompt as ``<id>#s<j>``."""
+    return prompt_id.split("#")[0]
+
+
 def _held_out(prompt_id: str, fraction: float) -> bool:
-    """A stable split by prompt id, independent of row order and of the other rows."""
-    h = int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "little")
+    """A stable split by prompt (every sample of a prompt on one side), independent of row order."""
+    h = int.from_bytes(hashlib.sha256(base_prompt_id(prompt_id).encode()).digest()[:8], "little")
     return (h % 10_000) < fraction * 10_000
 
 
@@ -264,8 +269,8 @@ def run(cfg: DistillConfig) -> Path:
         complete=True,
         metrics=metrics,
         generate_dir=cfg.generate_dir,
-        held_out_prompt_ids=sorted(set(held["prompt_id"])) if held is not None else [],
-        train_prompt_ids=sorted(set(train["prompt_id"])),
+        held_out_prompt_ids=sorted(set(map(base_prompt_id, held["prompt_id"]))) if held is not None else [],
+        train_prompt_ids=sorted(set(map(base_prompt_id, train["prompt_id"]))),
         policy_fingerprint=policy_fingerprint(cfg.model, tokenizer),
         objectives=gen_info.get("objectives"),
     )

@@ -52,6 +52,11 @@ class GenerateConfig:
         default_factory=lambda: ["rmod"],
         metadata={"help": "Methods to run: reference, cd, cd-<objective>, best-of-n, best-of-n-maxmin, rmod."},
     )
+    samples_per_prompt: int = field(
+        default=1,
+        metadata={"help": "Responses per prompt and method (more distillation data); sample j > 0 is stored "
+                          "under prompt id '<id>#s<j>' with its own seed."},
+    )
     batch_size: int = field(default=16, metadata={"help": "Prompts decoded together (each expands into K rows)."})
     seed: int = field(default=0, metadata={"help": "Run seed; each prompt's seed derives from it and the prompt id."})
     normalization: str | None = field(
@@ -75,8 +80,9 @@ class GenerateConfig:
             parse_method(method, names, self.decoding)
         if "distilled" in self.methods and not self.policy.adapter:
             raise ValueError("method 'distilled' needs policy.adapter (the distilled LoRA adapter)")
-        if self.batch_size < 1 or self.normalization_prompts < 1 or self.normalization_samples < 1:
-            raise ValueError("batch_size, normalization_prompts and normalization_samples must be >= 1")
+        if min(self.batch_size, self.samples_per_prompt, self.normalization_prompts, self.normalization_samples) < 1:
+            raise ValueError(
+                "batch_size, samples_per_prompt, normalization_prompts and normalization_samples must be >= 1")
         if self.normalization_prompts * self.normalization_samples < 2:
             raise ValueError("normalisation needs at least 2 reference samples")
 
@@ -236,6 +242,10 @@ def run(cfg: GenerateConfig) -> Path:
 
     # ------------------------------------------------------------------ data, objectives, policy
     prompts = load_prompts(cfg.prompts)
+    calibration_prompts = prompts
+    if cfg.samples_per_prompt > 1:
+        prompts = [Prompt(p.id if j == 0 else f"{p.id}#s{j}", p.messages, p.category, p.split)
+                   for p in prompts for j in range(cfg.samples_per_prompt)]
     objectives = ObjectiveSet.from_specs(cfg.objectives)
     torch.manual_seed(cfg.seed)
     device = str(state.device) if state.num_processes > 1 else None
@@ -255,7 +265,7 @@ def run(cfg: GenerateConfig) -> Path:
         if cfg.normalization:
             raise FileNotFoundError(f"normalization: {norm_path} does not exist")
         with adapter_enabled(model, False):
-            measure_normalization(cfg, decoder, objectives, prompts, out)
+            measure_normalization(cfg, decoder, objectives, calibration_prompts, out)
     state.wait_for_everyone()
     objectives.set_normalizer(Normalizer.load(norm_path), str(norm_path))
     learned_norm = getattr(value_fn, "normalization", None)

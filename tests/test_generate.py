@@ -61,6 +61,23 @@ def test_generate_writes_rows_dataset_and_provenance(tiny_policy_dir, prompt_fil
     assert len(read_jsonl(out / "calibration.jsonl")) == 8  # 4 prompts x 2 samples
 
 
+def test_several_samples_per_prompt(tiny_policy_dir, prompt_file, tmp_path):
+    """Extra samples are rows of their own, with their own seeds; distill keeps a prompt's samples together."""
+    from rmod_distill.distill import _held_out, base_prompt_id
+
+    one = read_jsonl(run(parse_config(GenerateConfig, args(tiny_policy_dir, prompt_file, tmp_path / "one",
+                                                           "--methods", "[rmod]"))) / "samples.jsonl")
+    out = run(parse_config(GenerateConfig, args(tiny_policy_dir, prompt_file, tmp_path / "two", "--methods", "[rmod]",
+                                                 "--samples_per_prompt", "2")))
+    rows = read_jsonl(out / "samples.jsonl")
+    assert [r["prompt_id"] for r in rows[:4]] == ["p00", "p00#s1", "p01", "p01#s1"] and len(rows) == 12
+    assert strip(rows[::2]) == strip(one)  # the first sample is the one-sample run's
+    assert len({r["seed"] for r in rows}) == 12 and rows[0]["completion"] != rows[1]["completion"]
+    assert len(read_jsonl(out / "calibration.jsonl")) == 8  # normalisation is measured on the prompts, not samples
+    assert base_prompt_id("p00#s1") == "p00"
+    assert all(_held_out(f"q{i}", 0.5) == _held_out(f"q{i}#s1", 0.5) for i in range(50))
+
+
 def test_complete_run_is_not_overwritten(tiny_policy_dir, prompt_file, tmp_path):
     a = args(tiny_policy_dir, prompt_file, tmp_path / "gen", "--methods", "[reference]")
     run(parse_config(GenerateConfig, a))
