@@ -316,14 +316,15 @@ def main(argv=None) -> None:
     # The latest run under the given name, and every run kept under its own time stamp.
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stamped = out.with_name(f"{out.stem}-{report['machine']['date'].replace(':', '')}")
-    for path in (out, stamped.with_suffix(".json")):
+    stamp = f"{out.stem}-{report['machine']['date'].replace(':', '')}"
+    stamped = out.parent / stamp
+    for path in (out, out.parent / f"{stamp}.json"):
         path.write_text(json.dumps(report, indent=2) + "\n")
-    for path in (out.with_suffix(".md"), stamped.with_suffix(".md")):
+    for path in (out.parent / f"{out.stem}.md", out.parent / f"{stamp}.md"):
         path.write_text(text)
     print()
     print(table)
-    print(f"\nbench -> {out}, {out.with_suffix('.md')} (and {stamped.name}.*)")
+    print(f"\nbench -> {out}, {out.parent / (out.stem + '.md')} (and {stamped.name}.*)")
 
 
 if __name__ == "__main__":

@@ -269,7 +269,8 @@ def run(cfg: GenerateConfig) -> Path:
     state.wait_for_everyone()
     objectives.set_normalizer(Normalizer.load(norm_path), str(norm_path))
     learned_norm = getattr(value_fn, "normalization", None)
-    if learned_norm is not None and not np.allclose(learned_norm["mean"], objectives.normalizer.mean):
+    if learned_norm is not None and not (np.allclose(learned_norm["mean"], objectives.normalizer.mean)
+                                         and np.allclose(learned_norm["std"], objectives.normalizer.std)):
         raise ValueError(
             f"value model {cfg.decoding.value_model} was trained on rewards normalised differently from {norm_path}; "
             "train it with this run's normalisation (values.generate_dir)"

@@ -83,8 +83,13 @@ class ValuesConfig:
     def __post_init__(self):
         if not 0 <= self.truncate_prob <= 1 or not 0 < self.eval_fraction < 1:
             raise ValueError("truncate_prob must be in [0, 1] and eval_fraction in (0, 1)")
-        if min(self.rollouts_per_prompt, self.epochs, self.train_batch_size, self.batch_size) < 1:
-            raise ValueError("rollouts_per_prompt, epochs, train_batch_size and batch_size must be >= 1")
+        if min(self.rollouts_per_prompt, self.epochs, self.train_batch_size, self.batch_size, self.checkpoint_steps,
+               self.lora_r) < 1 or self.head_hidden < 0:
+            raise ValueError("rollouts_per_prompt, epochs, train_batch_size, batch_size, checkpoint_steps and lora_r "
+                             "must be >= 1, and head_hidden >= 0")
+        if self.policy.adapter:
+            raise ValueError("policy.adapter: value targets are rewards of the reference policy's rollouts; "
+                             "set no adapter in the values recipe")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -175,7 +180,11 @@ def _encode(tokenizer, conversation: list[dict], response_ids: list[int]) -> tup
 
 
 def _batch(tokenizer, sequences: list[list[int]], starts: list[int], device) -> tuple[torch.Tensor, ...]:
-    """Left-padded ids, attention mask and response mask."""
+    """Left-padded ids, attention mask and response mask.
+
+    The response mask covers every prefix of the response, the empty one included: the
+    value read at the last prompt token is what a candidate that stops at once is scored by.
+    """
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -184,7 +193,7 @@ def _batch(tokenizer, sequences: list[list[int]], starts: list[int], device) -> 
         pad = width - len(seq)
         ids[i, pad:] = torch.tensor(seq)
         mask[i, pad:] = 1
-        response[i, pad + start:] = 1
+        response[i, pad + max(start - 1, 0):] = 1
     return ids.to(device), mask.to(device), response.to(device)
 
 
@@ -266,6 +275,18 @@ def _held_out(prompt_id: str, fraction: float, seed: int) -> bool:
     return random.Random(f"{seed}:{prompt_id.split('#')[0]}").random() < fraction
 
 
+def _renormalise(rows: list[dict], objectives: ObjectiveSet, path: Path) -> list[dict]:
+    """Targets from the raw rewards with this run's normalisation; refuse rows of other objectives."""
+    for r in rows:
+        missing = [g for g in objectives.names if g not in r.get("rewards", {})]
+        if missing:
+            raise ValueError(f"{path}: row {r['prompt_id']!r} has no reward for objective {missing[0]!r}; "
+                             "use rollouts made with this recipe's objectives")
+        raw = np.array([r["rewards"][g] for g in objectives.names])
+        r["normalized"] = dict(zip(objectives.names, map(float, objectives.normalizer(raw))))
+    return rows
+
+
 def reused_rollouts(files: list[str], objectives: ObjectiveSet, prompt_ids: set[str]) -> list[dict]:
     """``reference`` rows of earlier generate output on the recipe's prompts, re-normalised."""
     rows = []
@@ -274,17 +295,16 @@ def reused_rollouts(files: list[str], objectives: ObjectiveSet, prompt_ids: set[
         if not path.exists():
             raise FileNotFoundError(f"rollouts: {path} does not exist (expected a generate samples.jsonl or "
                                     "calibration.jsonl)")
-        for r in read_jsonl(path):
-            if r.get("method") != "reference" or r["prompt_id"].split("#")[0] not in prompt_ids:
-                continue
-            missing = [g for g in objectives.names if g not in r.get("rewards", {})]
-            if missing:
-                raise ValueError(f"rollouts: {path} row {r['prompt_id']!r} has no reward for objective "
-                                 f"{missing[0]!r}; reuse output made with this recipe's objectives")
-            raw = np.array([r["rewards"][g] for g in objectives.names])
-            r["normalized"] = dict(zip(objectives.names, map(float, objectives.normalizer(raw))))
-            rows.append(r)
+        picked = [r for r in read_jsonl(path)
+                  if r.get("method") == "reference" and r["prompt_id"].split("#")[0] in prompt_ids]
+        rows += _renormalise(picked, objectives, path)
     return rows
+
+
+def _rollout_recipe(cfg: "ValuesConfig") -> dict:
+    """What the rollouts depend on; a ``rollouts.jsonl`` made otherwise is not reused."""
+    d = to_dict(cfg)
+    return {k: d[k] for k in ("policy", "prompts", "decoding", "rollouts", "rollouts_per_prompt", "seed")}
 
 
 def sample_rollouts(cfg: ValuesConfig, objectives: ObjectiveSet, out: Path) -> list[dict]:
@@ -293,8 +313,10 @@ def sample_rollouts(cfg: ValuesConfig, objectives: ObjectiveSet, out: Path) -> l
     Rows of ``cfg.rollouts`` count towards ``rollouts_per_prompt``; only the rest is sampled.
     """
     path = out / "rollouts.jsonl"
-    if path.exists():
-        return read_jsonl(path)
+    recipe_path = out / "rollouts_recipe.json"
+    if path.exists() and recipe_path.exists() and json.loads(recipe_path.read_text()) == _rollout_recipe(cfg):
+        print(f"values: reusing the rollouts in {path}")
+        return _renormalise(read_jsonl(path), objectives, path)
     from tqdm.auto import tqdm
 
     from rmod_distill.decoding import BlockwiseDecoder
@@ -318,13 +340,8 @@ def sample_rollouts(cfg: ValuesConfig, objectives: ObjectiveSet, out: Path) -> l
         rows += decode_rows(decoder, objectives, todo, "reference", cfg.seed, cfg.batch_size,
                             lambda r: bar.update(len(r)))
         bar.close()
-    else:
-        from rmod_distill.policy import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.policy.model)
-    for r in rows:
-        r["response_ids"] = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_json(recipe_path, _rollout_recipe(cfg))
     return rows
 
 
@@ -337,18 +354,23 @@ def build_value_model(cfg: ValuesConfig, num_objectives: int):
 
     name = cfg.backbone or cfg.policy.model
     tokenizer = load_tokenizer(name)
+    if not tokenizer.chat_template:
+        raise ValueError(f"values.backbone {name!r}: its tokenizer has no chat template, so prompts cannot be "
+                         "laid out as the policy sees them; choose a backbone with one (or save one into its folder)")
+    torch.manual_seed(cfg.seed)  # before LoRA and the heads are initialised
     base = AutoModel.from_pretrained(resolve_model_path(name), dtype=torch.float32)
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(tokenizer))
     backbone = get_peft_model(base, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear"))
-    torch.manual_seed(cfg.seed)
-    return ValueModel(backbone, num_objectives, cfg.head_hidden), tokenizer, name
+    model = ValueModel(backbone, num_objectives, cfg.head_hidden).to(resolve_device(cfg.policy.device))
+    return model, tokenizer, name
 
 
 def _examples(rows, tokenizer, names, rng: random.Random | None, truncate_prob: float):
     out = []
     for r in rows:
-        response = list(r["response_ids"])
+        # The value model's own tokenizer: the backbone may tokenise differently from the policy.
+        response = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
         if rng is not None and len(response) > 1 and rng.random() < truncate_prob:
             response = response[: rng.randint(1, len(response))]
         seq, start = _encode(tokenizer, r["messages"], response)
@@ -380,6 +402,10 @@ def train(cfg: ValuesConfig, rows: list[dict], names: list[str], out: Path, trac
     model, tokenizer, backbone_name = build_value_model(cfg, len(names))
     train_rows = [r for r in rows if not _held_out(r["prompt_id"], cfg.eval_fraction, cfg.seed)]
     val_rows = [r for r in rows if _held_out(r["prompt_id"], cfg.eval_fraction, cfg.seed)]
+    if not train_rows or not val_rows:
+        raise ValueError(f"values: {len(train_rows)} train and {len(val_rows)} validation rollouts; both need rows "
+                         f"(eval_fraction {cfg.eval_fraction} of {len(rows)} rollouts): change eval_fraction or "
+                         "add prompts")
     val = _examples(val_rows, tokenizer, names, None, 0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
@@ -387,9 +413,17 @@ def train(cfg: ValuesConfig, rows: list[dict], names: list[str], out: Path, trac
     total = steps_per_epoch * cfg.epochs
     step, history = 0, {"val_loss_before": evaluate_loss(model, tokenizer, val, cfg.train_batch_size).tolist()}
     ckpt = out / "checkpoint.pt"
+    shape = {k: to_dict(cfg)[k] for k in ("backbone", "policy", "lora_r", "lora_alpha", "head_hidden",
+                                          "learning_rate", "epochs", "train_batch_size", "seed")}
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"], strict=False)
+        if state.get("recipe") != shape:
+            raise ValueError(f"{ckpt} was saved by a run with another recipe ({state.get('recipe')}); rerun with "
+                             "that recipe to resume, or delete the checkpoint to start again")
+        result = model.load_state_dict(state["model"], strict=False)
+        if result.unexpected_keys or any("lora_" in k or k.startswith("heads.") for k in result.missing_keys):
+            raise ValueError(f"{ckpt} does not fit this value model (missing {result.missing_keys[:2]}, "
+                             f"unexpected {result.unexpected_keys[:2]})")
         opt.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
         print(f"values: resuming from step {step}")
@@ -416,7 +450,8 @@ def train(cfg: ValuesConfig, rows: list[dict], names: list[str], out: Path, trac
         if step % cfg.checkpoint_steps == 0 and step < total:
             trainable = {k: v for k, v in model.state_dict().items() if "lora_" in k or k.startswith("heads.")}
             tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": trainable, "optimizer": opt.state_dict(), "step": step, "history": history}, tmp)
+            torch.save({"model": trainable, "optimizer": opt.state_dict(), "step": step, "history": history,
+                        "recipe": shape}, tmp)
             tmp.replace(ckpt)
     bar.close()
     history["val_loss_after"] = evaluate_loss(model, tokenizer, val, cfg.train_batch_size).tolist()
@@ -437,15 +472,16 @@ def save(model: ValueModel, tokenizer, backbone_name: str, names, normalization:
     })
 
 
-def value_report(values: LearnedValues, objectives: ObjectiveSet, rows: list[dict], tokenizer) -> dict:
+def value_report(values: LearnedValues, objectives: ObjectiveSet, rows: list[dict]) -> dict:
     """Correlation with the final rewards of learned and prefix values at 25/50/75% of responses."""
     report = {}
     names = objectives.names
     final = np.array([[r["normalized"][g] for g in names] for r in rows])
+    response_ids = [values.tokenizer(r["completion"], add_special_tokens=False)["input_ids"] for r in rows]
     for frac in (0.25, 0.5, 0.75):
-        cut = [r["response_ids"][: max(1, int(len(r["response_ids"]) * frac))] for r in rows]
+        cut = [ids[: max(1, int(len(ids) * frac))] for ids in response_ids]
         learned = values.score_ids([_encode(values.tokenizer, r["messages"], c)[0] for r, c in zip(rows, cut)])
-        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in cut]
+        texts = [values.tokenizer.decode(c, skip_special_tokens=True) for c in cut]
         prefix = objectives.score([r["messages"] for r in rows], texts)[1]
         report[f"{int(frac * 100)}%"] = {
             kind: {g: float(np.corrcoef(v[:, j], final[:, j])[0, 1]) for j, g in enumerate(names)}
@@ -457,18 +493,22 @@ def value_report(values: LearnedValues, objectives: ObjectiveSet, rows: list[dic
 def run(cfg: ValuesConfig) -> Path:
     """Run the values stage; returns the value model folder."""
     out = Path(cfg.output_dir)
-    if (out / "value_config.json").exists():
-        if not cfg.overwrite:
-            raise FileExistsError(f"{out} already holds a value model; pass --overwrite or set output_dir")
-        for name in ("backbone", "heads.safetensors", "value_config.json", "rollouts.jsonl", "checkpoint.pt"):
+    # The report is written last: a folder without one holds an unfinished run, which resumes.
+    finished = (out / "value_report.json").exists()
+    if finished and not cfg.overwrite:
+        raise FileExistsError(f"{out} already holds a value model; pass --overwrite or set output_dir")
+    norm_path = Path(cfg.generate_dir) / "normalization.json"
+    objectives = ObjectiveSet.from_specs(cfg.objectives)
+    objectives.set_normalizer(Normalizer.load(norm_path), str(norm_path))
+    load_prompts(cfg.prompts)  # a bad prompt file fails before anything is replaced
+    if finished:
+        # rollouts.jsonl stays: it is reused only if made with the same rollout recipe.
+        for name in ("backbone", "heads.safetensors", "value_config.json", "value_report.json", "checkpoint.pt"):
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ rollouts
-    norm_path = Path(cfg.generate_dir) / "normalization.json"
-    objectives = ObjectiveSet.from_specs(cfg.objectives)
-    objectives.set_normalizer(Normalizer.load(norm_path), str(norm_path))
     rows = sample_rollouts(cfg, objectives, out)
 
     # ------------------------------------------------------------------ train
@@ -480,7 +520,7 @@ def run(cfg: ValuesConfig) -> Path:
     save(model, tokenizer, backbone_name, objectives.names, normalization, cfg.head_hidden, out)
     (out / "checkpoint.pt").unlink(missing_ok=True)
     values = LearnedValues.load(out, objectives.names, device="cpu")
-    report = value_report(values, objectives, val_rows, tokenizer) if len(val_rows) > 2 else {}
+    report = value_report(values, objectives, val_rows) if len(val_rows) > 2 else {}
     write_json(out / "value_report.json", dict(provenance(to_dict(cfg)), history=history, correlations=report,
                                                train_rollouts=len(rows) - len(val_rows), val_rollouts=len(val_rows)))
     tracker.summary({f"val_loss/{g}": v for g, v in zip(objectives.names, history["val_loss_after"])})

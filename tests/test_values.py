@@ -167,3 +167,26 @@ def test_rmod_guided_by_learned_values(tiny_policy_dir, tiny_generate_dir, value
 def test_existing_value_model_not_overwritten(tiny_policy_dir, tiny_generate_dir, value_dir):
     with pytest.raises(FileExistsError, match="--overwrite"):
         run(parse_config(ValuesConfig, values_args(tiny_policy_dir, tiny_generate_dir, value_dir)))
+
+
+def test_overwrite_retrains_on_the_same_rollouts(tiny_policy_dir, tiny_generate_dir, value_dir, tmp_path, capsys):
+    again = tmp_path / "again"
+    shutil.copytree(value_dir, again)
+    rollouts = (again / "rollouts.jsonl").read_text()
+    with pytest.raises(FileNotFoundError, match="normalization.json"):  # bad input: nothing is removed
+        run(parse_config(ValuesConfig, values_args(tiny_policy_dir, tmp_path, again, "--overwrite")))
+    assert (again / "value_report.json").exists() and (again / "heads.safetensors").exists()
+    run(parse_config(ValuesConfig, values_args(tiny_policy_dir, tiny_generate_dir, again, "--overwrite",
+                                               "--lora_r", "2")))
+    assert "reusing the rollouts" in capsys.readouterr().out
+    assert (again / "rollouts.jsonl").read_text() == rollouts
+    assert json.loads((again / "backbone" / "adapter_config.json").read_text())["r"] == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--checkpoint_steps", "0"], "checkpoint_steps"),
+    (["--policy.adapter", "some/adapter"], "policy.adapter"),
+])
+def test_bad_values_recipes(tiny_policy_dir, tiny_generate_dir, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(ValuesConfig, values_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "v", *extra))
