@@ -27,6 +27,7 @@ from rmod_distill.artifacts import provenance, read_jsonl, write_json
 from rmod_distill.config import parse_config, to_dict
 from rmod_distill.hub import CARD_PLACEHOLDER, check_adapter_folder
 from rmod_distill.policy import base_model_name, policy_fingerprint
+from rmod_distill.prompts import base_prompt_id
 
 
 @dataclass
@@ -66,11 +67,6 @@ class DistillConfig(SFTConfig):
         # W&B logging goes through the Trainer's own integration.
         self.report_to = [] if mode == "disabled" else ["wandb"]
         super().__post_init__()
-
-
-def base_prompt_id(prompt_id: str) -> str:
-    """The prompt a row answers: generate stores extra samples of one prompt as ``<id>#s<j>``."""
-    return prompt_id.split("#")[0]
 
 
 def _held_out(prompt_id: str, fraction: float) -> bool:

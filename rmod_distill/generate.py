@@ -31,7 +31,7 @@ from rmod_distill.decoding import BlockwiseDecoder, DecodingConfig, parse_method
 from rmod_distill.metrics import method_metrics
 from rmod_distill.objectives import Normalizer, ObjectiveSet, ObjectiveSpec
 from rmod_distill.policy import PolicyConfig, policy_fingerprint
-from rmod_distill.prompts import Prompt, PromptsConfig, load_prompts
+from rmod_distill.prompts import Prompt, PromptsConfig, base_prompt_id, load_prompts
 from rmod_distill.tracking import Tracker, WandbConfig
 
 
@@ -370,7 +370,7 @@ def finalize(
     if calib:
         raw = np.array([[r["rewards"][n] for n in objectives.names] for r in calib])
         run_info["objective_correlations"] = correlations(
-            objectives.names, raw, [r["prompt_id"].split("#")[0] for r in calib]
+            objectives.names, raw, [base_prompt_id(r["prompt_id"]) for r in calib]
         )
     write_json(out / "run.json", run_info)
     tracker = Tracker(cfg.wandb, f"generate-{out.parent.name}", resolved, out, "generate")

@@ -71,6 +71,12 @@ class Prompt:
         return self.messages[-1]["content"]
 
 
+def base_prompt_id(prompt_id: str) -> str:
+    """The prompt a row answers: stages store extra samples of one prompt as ``<id>#<suffix>``
+    (generate's ``#s1``, normalisation's ``#calibration-0``, values' ``#rollout-1``)."""
+    return prompt_id.split("#")[0]
+
+
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 

@@ -24,6 +24,7 @@ import json
 import math
 import random
 import shutil
+from collections import Counter
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from rmod_distill.config import parse_config, to_dict
 from rmod_distill.decoding import DecodingConfig
 from rmod_distill.objectives import Normalizer, ObjectiveSet, ObjectiveSpec
 from rmod_distill.policy import PolicyConfig, policy_fingerprint, resolve_device, resolve_model_path
-from rmod_distill.prompts import Prompt, PromptsConfig, load_prompts
+from rmod_distill.prompts import Prompt, PromptsConfig, base_prompt_id, load_prompts
 from rmod_distill.tracking import Tracker, WandbConfig
 
 
@@ -272,7 +273,7 @@ class LearnedValues:
 
 
 def _held_out(prompt_id: str, fraction: float, seed: int) -> bool:
-    return random.Random(f"{seed}:{prompt_id.split('#')[0]}").random() < fraction
+    return random.Random(f"{seed}:{base_prompt_id(prompt_id)}").random() < fraction
 
 
 def _renormalise(rows: list[dict], objectives: ObjectiveSet, path: Path) -> list[dict]:
@@ -296,7 +297,7 @@ def reused_rollouts(files: list[str], objectives: ObjectiveSet, prompt_ids: set[
             raise FileNotFoundError(f"rollouts: {path} does not exist (expected a generate samples.jsonl or "
                                     "calibration.jsonl)")
         picked = [r for r in read_jsonl(path)
-                  if r.get("method") == "reference" and r["prompt_id"].split("#")[0] in prompt_ids]
+                  if r.get("method") == "reference" and base_prompt_id(r["prompt_id"]) in prompt_ids]
         rows += _renormalise(picked, objectives, path)
     return rows
 
@@ -324,9 +325,7 @@ def sample_rollouts(cfg: ValuesConfig, objectives: ObjectiveSet, out: Path) -> l
 
     prompts = load_prompts(cfg.prompts)
     reused = reused_rollouts(cfg.rollouts, objectives, {p.id for p in prompts})
-    have = {}
-    for r in reused:
-        have[r["prompt_id"].split("#")[0]] = have.get(r["prompt_id"].split("#")[0], 0) + 1
+    have = Counter(base_prompt_id(r["prompt_id"]) for r in reused)
     todo = [
         Prompt(f"{p.id}#rollout-{j}", p.messages, p.category, p.split)
         for p in prompts

@@ -63,7 +63,8 @@ def test_generate_writes_rows_dataset_and_provenance(tiny_policy_dir, prompt_fil
 
 def test_several_samples_per_prompt(tiny_policy_dir, prompt_file, tmp_path):
     """Extra samples are rows of their own, with their own seeds; distill keeps a prompt's samples together."""
-    from rmod_distill.distill import _held_out, base_prompt_id
+    from rmod_distill.distill import _held_out
+    from rmod_distill.prompts import base_prompt_id
 
     one = read_jsonl(run(parse_config(GenerateConfig, args(tiny_policy_dir, prompt_file, tmp_path / "one",
                                                            "--methods", "[rmod]"))) / "samples.jsonl")
