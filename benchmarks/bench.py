@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmod_distill.decoding import BlockwiseDecoder, DecodingConfig, parse_method, prompt_seed
+from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
 from rmod_distill.objectives import Normalizer, ObjectiveSet
 from rmod_distill.policy import load_policy, resolve_device
 from rmod_distill.prompts import PromptsConfig, load_prompts
@@ -77,7 +77,7 @@ def load_model(name: str):
 
 def embedded_values(normalizer_path: Path | None):
     """The default objectives (normalised with the default run's statistics when present)."""
-    from rmod_distill.generate import default_objectives
+    from rmod_distill.objectives import default_objectives
 
     objectives = ObjectiveSet.from_specs(default_objectives())
     if normalizer_path and normalizer_path.exists():
@@ -95,9 +95,9 @@ def constant_values(g: int):
 
 def run_method(model, tok, convs, method, cfg, value_fn, names, on_block=None):
     """Decode ``convs`` once with ``method``; returns the results."""
-    dec = BlockwiseDecoder(model, tok, cfg, value_fn, names, stop_ids=[])
+    dec = BlockwiseDecoder.from_model(model, tok, cfg, value_fn, names, stop_ids=[])
     seeds = [prompt_seed(0, f"p{i}", method) for i in range(len(convs))]
-    return dec.decode(convs, seeds, parse_method(method, names, cfg), on_block)
+    return dec.decode(convs, seeds, dec.method(method), on_block)
 
 
 def plain_generate(model, tok, convs, k, new_tokens, cfg):

@@ -1,9 +1,15 @@
-"""Run folders: provenance, atomic writes and append-only shard files.
+"""Run folders: one lifecycle for every stage, provenance, atomic writes and shard files.
 
-Every artefact carries its resolved config, the git revision and the package versions
-(:func:`provenance`). Rows are appended to per-process shards one whole line per
-``write`` and fsynced, so a run killed at any point loses at most the batch in flight
-and a rerun picks up exactly where it stopped.
+Every stage writes into a :class:`RunFolder`: one completion marker (``run.json`` with
+``complete: true``), one rule for overwrite and resume, and provenance (the resolved
+config, the git revision and the package versions). Inputs are validated before a run
+folder is touched; ``--overwrite`` writes the new run beside the old one and swaps it in
+only when it completes, so a failed run never destroys a good one.
+
+Rows are appended to per-process shards one whole line per ``write`` and fsynced, so a
+run killed at any point loses at most the batch in flight and a rerun picks up exactly
+where it stopped. Only those append-only shards tolerate a torn last line; every other
+JSONL file is written atomically and read strictly.
 """
 
 from __future__ import annotations
@@ -11,10 +17,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
+
+from rmod_distill.errors import UserError
 
 PACKAGES = ("rmod-distill", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "wandb")
 
@@ -78,18 +87,51 @@ def write_json(path: str | Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read complete JSONL rows; a trailing partial line (a write cut off by a kill) is ignored."""
-    rows = []
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Atomically write one JSON object per line."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | Path, shard: bool = False) -> list[dict]:
+    """Read JSONL rows; a missing file is an error naming it, and so is any line that is not JSON.
+
+    ``shard=True`` (append-only shards only) tolerates a torn last line: a write cut off by
+    a kill, which the rerun writes again.
+    """
     path = Path(path)
-    if not path.exists():
-        return rows
-    with open(path, "rb") as f:
-        data = f.read()
-    for line in data.split(b"\n")[:-1] if not data.endswith(b"\n") else data.split(b"\n"):
-        if line.strip():
-            rows.append(json.loads(line))
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = shard and not data.endswith(b"\n")
+    if torn:
+        lines = lines[:-1]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: line {number} is not valid JSON ({exc}); the file is damaged") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
     return rows
+
+
+def read_json(path: str | Path, what: str = "file") -> dict:
+    """Read a JSON object; a missing or damaged file is one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 class ShardWriter:
@@ -99,6 +141,7 @@ class ShardWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
+            read_jsonl(self.path, shard=True)  # a damaged row before the end is an error, not data
             data = self.path.read_bytes()
             if data and not data.endswith(b"\n"):
                 # A kill in the middle of a write left part of a row: drop it, keep the rest.
@@ -117,3 +160,110 @@ class ShardWriter:
     def close(self) -> None:
         """Close the file."""
         os.close(self._fd)
+
+
+def is_local_path(name: str) -> bool:
+    """True when ``name`` means a local path rather than a hub id like ``org/model``: it exists,
+    starts like a path, or its first component is a folder here (``runs/distil`` is a typo)."""
+    if Path(name).exists() or name.startswith((".", "/", "~")):
+        return True
+    parts = Path(name).parts
+    return len(parts) > 1 and Path(parts[0]).is_dir()
+
+
+MARKER = "run.json"
+# Keys that name where and how a run is logged or written, not what its rows are: a rerun
+# that changes only these resumes the run.
+NOT_RECIPE = ("output_dir", "overwrite", "wandb", "logging_dir", "report_to", "run_name")
+
+
+def recipe_key(config: dict) -> dict:
+    """What decides a run's contents: the resolved config without where it is written or logged."""
+    return {k: v for k, v in config.items() if k not in NOT_RECIPE}
+
+
+class RunFolder:
+    """A stage's output folder and its lifecycle.
+
+    ``check()`` (before anything is loaded or removed) refuses a complete run without
+    ``overwrite``, an unfinished run made with another recipe without ``overwrite``, and a
+    folder holding files that no rmod-distill stage wrote. ``begin()`` returns the folder
+    to write into (a staging folder beside the old run when overwriting a complete one)
+    and marks it unfinished; ``finish(info)`` marks it complete and swaps it in.
+    """
+
+    def __init__(self, path: str | Path, stage: str, config: dict, overwrite: bool):
+        self.path = Path(path)
+        self.stage, self.config, self.overwrite = stage, config, overwrite
+        self.staging = self.path.parent / f".{self.path.name}.overwrite"
+        self.work = self.path
+
+    def _marker(self, folder: Path) -> dict | None:
+        marker = folder / MARKER
+        if not marker.exists():
+            return None
+        return read_json(marker, f"{self.stage} run marker")
+
+    def check(self) -> None:
+        """Refuse what would lose or mix up a user's files; see the class docstring."""
+        info = self._marker(self.path)
+        if info is None:
+            if self.path.exists() and not self.path.is_dir():
+                raise UserError(f"output_dir {self.path} is a file, not a folder")
+            if self.path.is_dir() and any(self.path.iterdir()):
+                raise UserError(
+                    f"output_dir {self.path} holds files that no rmod-distill run wrote (no {MARKER}); "
+                    "choose another output_dir"
+                )
+            return
+        if info.get("stage", self.stage) != self.stage:
+            raise UserError(f"output_dir {self.path} holds a {info['stage']} run, not a {self.stage} run; "
+                            "choose another output_dir")
+        if info.get("complete"):
+            if not self.overwrite:
+                raise UserError(f"{self.path} already holds a complete {self.stage} run; pass --overwrite to "
+                                "replace it (it is kept until the new run completes) or set output_dir")
+            return
+        old, new = recipe_key(info.get("config", {})), recipe_key(self.config)
+        if old != new and not self.overwrite:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise UserError(
+                f"{self.path} holds an unfinished {self.stage} run made with a different recipe (keys differ: "
+                f"{changed}); rerun with the same recipe to resume, or pass --overwrite to start again"
+            )
+
+    def begin(self, is_main: bool = True) -> Path:
+        """Choose and mark the folder to write into; returns it (the same on every process)."""
+        info = self._marker(self.path)
+        replacing = info is not None and info.get("complete") and self.overwrite
+        self.work = self.staging if replacing else self.path
+        if not is_main:
+            return self.work
+        current = self._marker(self.work) if self.work.is_dir() else None
+        same = current is not None and not current.get("complete") and (
+            recipe_key(current.get("config", {})) == recipe_key(self.config))
+        if self.work.exists() and not same and (replacing or self.overwrite):
+            # An unfinished run the user asked to replace (never the complete one: that is self.path).
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        if not same:
+            write_json(self.work / MARKER, dict(provenance(self.config), stage=self.stage, complete=False))
+        return self.work
+
+    def finish(self, info: dict, swap: bool = True) -> Path:
+        """Mark the run complete with ``info`` and (unless ``swap=False``, for a last step inside
+        the new folder) swap it in for the old one; returns where the run now is."""
+        write_json(self.work / MARKER, dict(provenance(self.config), stage=self.stage, complete=True, **info))
+        return self.swap() if swap else self.work
+
+    def swap(self) -> Path:
+        """When overwriting, put the new run where the old one was; returns the run's folder."""
+        if self.work != self.path:
+            old = self.path.parent / f".{self.path.name}.replaced"
+            if old.exists():
+                shutil.rmtree(old)
+            self.path.rename(old)
+            self.work.rename(self.path)
+            shutil.rmtree(old)
+            self.work = self.path
+        return self.path

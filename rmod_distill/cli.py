@@ -13,9 +13,9 @@ import sys
 STAGES = {
     "generate": ("rmod_distill.generate", "RMOD and baseline decoding over a prompt set into a dataset"),
     "distill": ("rmod_distill.distill", "LoRA SFT (TRL + PEFT) of the policy on RMOD's outputs"),
-    "eval": ("rmod_distill.evaluate", "the adapter against RMOD and the baselines on held-out prompts"),
+    "eval": ("rmod_distill.eval", "the adapter against RMOD and the baselines on held-out prompts"),
     "values": ("rmod_distill.values", "train a value model (G heads) by Monte-Carlo regression on rollouts"),
-    "download": ("rmod_distill.hub", "fetch and verify an adapter: folder, W&B offline run or artifact, hub repo"),
+    "download": ("rmod_distill.download", "fetch and verify an adapter: folder, W&B offline run or artifact, hub repo"),
 }
 
 
@@ -23,7 +23,8 @@ def usage() -> str:
     """The top-level help text."""
     lines = ["usage: rmod-distill <stage> --config recipes/<recipe>/<stage>.yaml [--key value ...]", "", "stages:"]
     lines += [f"  {name:<10} {desc}" for name, (_, desc) in STAGES.items()]
-    lines += ["", "Run `rmod-distill <stage> --help` for the keys of a stage's recipe."]
+    lines += ["", "Run `rmod-distill <stage> --help` for the keys of a stage's recipe; add --debug to see a",
+              "traceback behind an error."]
     return "\n".join(lines)
 
 
@@ -33,16 +34,22 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         raise SystemExit(0 if argv else 2)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:
         print(f"rmod-distill: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    from rmod_distill.config import ConfigError
+    from rmod_distill.errors import UserError
 
     try:
         importlib.import_module(STAGES[stage][0]).main(rest)
-    except (ConfigError, FileExistsError, FileNotFoundError) as exc:
-        print(f"rmod-distill {stage}: error: {exc}", file=sys.stderr)
+    except UserError as exc:
+        if debug:
+            raise
+        # One line a user can act on; --debug shows the traceback.
+        message = " ".join(str(exc).split())
+        print(f"rmod-distill {stage}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

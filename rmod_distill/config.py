@@ -24,10 +24,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from rmod_distill.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A recipe or command-line override that does not fit its config class."""
 
 

@@ -7,27 +7,31 @@ Reads the generate stage's ``dataset/`` (prompt/completion pairs), keeps the row
 chosen methods (default ``rmod``), holds out a slice of prompts for eval loss, and trains
 on completion tokens only with the policy's chat template. Writes to ``output_dir``:
 the PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``), the tokenizer
-and chat template, a model card (``README.md``), ``distill_config.json`` (the resolved
-recipe and provenance), ``samples.jsonl`` (completions on held-out prompts) and
+and chat template, a model card (``README.md``), ``run.json`` (the resolved recipe,
+provenance, train and held-out prompt ids), ``samples.jsonl`` (completions on held-out prompts) and
 ``checkpoint-*`` folders; a killed run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peft import LoraConfig
 from trl import SFTConfig
 
-from rmod_distill.artifacts import provenance, read_jsonl, write_json
+from rmod_distill.adapters import MANIFEST, PORTABLE_FILES, check_adapter_folder
+from rmod_distill.artifacts import RunFolder, atomic_write_text, provenance, read_json, write_jsonl
+from rmod_distill.cards import adapter_card
 from rmod_distill.config import parse_config, to_dict
-from rmod_distill.hub import CARD_PLACEHOLDER, check_adapter_folder
-from rmod_distill.policy import base_model_name, policy_fingerprint
-from rmod_distill.prompts import base_prompt_id
+from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
+from rmod_distill.engine.runs import process_state
+from rmod_distill.errors import UserError
+from rmod_distill.policy import policy_fingerprint
+from rmod_distill.prompts import base_prompt_id, held_out
+from rmod_distill.tracking import WandbConfig
 
 
 @dataclass
@@ -51,66 +55,79 @@ class DistillConfig(SFTConfig):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "Modules given adapters."}
     )
     sample_prompts: int = field(default=8, metadata={"help": "Held-out prompts sampled after training for the card."})
-    wandb_mode: str = field(default="auto", metadata={"help": "auto | online | offline | disabled"})
-    wandb_project: str = field(default="rmod-distill", metadata={"help": "W&B project."})
-    wandb_entity: str | None = field(default=None, metadata={"help": "W&B entity."})
+    wandb: WandbConfig = field(
+        default_factory=WandbConfig,
+        metadata={"help": "W&B section, as in the other stages; logging goes through the Trainer's integration."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished adapter in output_dir."})
 
     def __post_init__(self):
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.wandb_mode not in ("auto", "online", "offline", "disabled"):
-            raise ValueError(f"wandb_mode must be auto, online, offline or disabled, got {self.wandb_mode!r}")
-        from rmod_distill.tracking import WandbConfig
-
-        mode = WandbConfig(self.wandb_mode).resolved_mode()
-        # W&B logging goes through the Trainer's own integration.
-        self.report_to = [] if mode == "disabled" else ["wandb"]
+        if isinstance(self.wandb, dict):
+            self.wandb = WandbConfig(**self.wandb)
         super().__post_init__()
+        # W&B logging goes through the Trainer's own integration: wandb.mode adds it to
+        # report_to (other reporters a recipe names stay); asking for both is a contradiction.
+        reporters = [r for r in (self.report_to or []) if r != "none"]
+        if self.wandb.resolved_mode() == "disabled":
+            if "wandb" in reporters:
+                raise ValueError("report_to names wandb but wandb.mode is disabled; drop one of them")
+        elif "wandb" not in reporters:
+            reporters.append("wandb")
+        self.report_to = reporters
 
 
-def _held_out(prompt_id: str, fraction: float) -> bool:
-    """A stable split by prompt (every sample of a prompt on one side), independent of row order."""
-    h = int.from_bytes(hashlib.sha256(base_prompt_id(prompt_id).encode()).digest()[:8], "little")
-    return (h % 10_000) < fraction * 10_000
+def check_generate_dir(cfg: DistillConfig) -> dict:
+    """The generate run's ``run.json``, checked (complete, with the recipe's methods) before any model loads."""
+    gen = Path(cfg.generate_dir)
+    if not (gen / "run.json").is_file():
+        raise UserError(f"generate_dir {gen}: no run.json there; run `make generate` first (or fix the path)")
+    info = read_json(gen / "run.json", "generate run marker")
+    if info.get("stage", "generate") != "generate" or not info.get("complete"):
+        raise UserError(f"generate_dir {gen}: not a complete generate run; rerun generate to complete it")
+    available = info.get("config", {}).get("methods", [])
+    missing = [m for m in cfg.methods if m not in available]
+    if missing:
+        raise UserError(f"generate_dir {gen}: no rows for method {missing[0]!r} (methods there: {available})")
+    if not (gen / "dataset").is_dir():
+        raise UserError(f"generate_dir {gen}: no dataset/ folder; the run is damaged, rerun generate with --overwrite")
+    return info
 
 
-def load_generated(cfg: DistillConfig, tokenizer):
-    """The generate run's dataset, checked against the policy, filtered, split into train/eval."""
+def load_generated(cfg: DistillConfig, tokenizer, info: dict):
+    """The generate run's dataset, checked against the policy, filtered, split into train/held-out."""
     import datasets
 
     gen = Path(cfg.generate_dir)
-    run_json = gen / "run.json"
-    if not run_json.exists():
-        raise FileNotFoundError(f"generate_dir {gen}: no run.json; run `make generate` first")
-    info = json.loads(run_json.read_text())
-    if not info.get("complete"):
-        raise ValueError(f"generate_dir {gen}: the generate run is unfinished; rerun it to complete")
     made_with = info.get("policy_fingerprint")
     mine = policy_fingerprint(cfg.model, tokenizer)
     if made_with is not None:
         differs = [k for k in ("vocab_size", "vocab_sha256", "chat_template_sha256") if made_with.get(k) != mine[k]]
         if made_with.get("model") != cfg.model or differs:
-            raise ValueError(
+            raise UserError(
                 f"generate_dir {gen} was made with policy {made_with.get('model')!r}"
                 f"{' (different ' + ', '.join(differs) + ')' if differs else ''}; this recipe distills "
                 f"{cfg.model!r}: distil into the policy that generated the data"
             )
-    ds = datasets.load_from_disk(str(gen / "dataset"))
-    available = sorted(set(ds["method"]))
-    missing = [m for m in cfg.methods if m not in available]
-    if missing:
-        raise ValueError(f"generate_dir {gen}: no rows for method {missing[0]!r} (methods there: {available})")
-    ds = ds.filter(lambda r: r["method"] in cfg.methods)
+    try:
+        # In memory: nothing (no cache-*.arrow) is written into the generate run's folder.
+        ds = datasets.load_from_disk(str(gen / "dataset"), keep_in_memory=True)
+    except Exception as exc:  # datasets raises several types for a damaged folder
+        raise UserError(f"generate_dir {gen}/dataset could not be read ({type(exc).__name__}: {exc}); "
+                        "rerun generate with --overwrite") from None
+    ds = ds.filter(lambda r: r["method"] in cfg.methods, keep_in_memory=True)
     if cfg.min_worst_case is not None:
-        ds = ds.filter(lambda r: r["worst_case"] >= cfg.min_worst_case)
-    ds = ds.filter(lambda r: bool(r["completion"][0]["content"].strip()))
+        ds = ds.filter(lambda r: r["worst_case"] >= cfg.min_worst_case, keep_in_memory=True)
+    ds = ds.filter(lambda r: bool(r["completion"][0]["content"].strip()), keep_in_memory=True)
     if len(ds) == 0:
-        raise ValueError(f"generate_dir {gen}: no rows left after filtering (methods {cfg.methods}, "
-                         f"min_worst_case {cfg.min_worst_case})")
-    held = ds.filter(lambda r: _held_out(r["prompt_id"], cfg.eval_fraction))
-    train = ds.filter(lambda r: not _held_out(r["prompt_id"], cfg.eval_fraction))
-    return train, (held if len(held) else None), info
+        raise UserError(f"generate_dir {gen}: no rows left after filtering (methods {cfg.methods}, "
+                        f"min_worst_case {cfg.min_worst_case})")
+    held = ds.filter(lambda r: held_out(r["prompt_id"], cfg.eval_fraction), keep_in_memory=True)
+    train = ds.filter(lambda r: not held_out(r["prompt_id"], cfg.eval_fraction), keep_in_memory=True)
+    if len(train) == 0:
+        raise UserError(f"generate_dir {gen}: every row is held out (eval_fraction {cfg.eval_fraction}); lower it")
+    return train, (held if len(held) else None)
 
 
 def _check_saved_adapter(path: Path) -> None:
@@ -128,67 +145,19 @@ def _check_saved_adapter(path: Path) -> None:
         )
 
 
-def model_card(cfg: DistillConfig, gen_info: dict, train_rows: int, eval_rows: int, metrics: dict) -> str:
-    """The adapter's README.md."""
-    objectives = gen_info.get("objectives", [])
-    decoding = gen_info.get("config", {}).get("decoding", {})
-    lines = [
-        "---",
-        "library_name: peft",
-        f"base_model: {base_model_name(cfg.model)}",
-        "tags: [rmod, robust-multi-objective-decoding, lora, trl, sft]",
-        "---",
-        "",
-        f"# RMOD-distilled LoRA adapter for `{base_model_name(cfg.model)}`",
-        "",
-        "Fine-tuned with TRL's SFTTrainer on responses chosen by Robust Multi-Objective Decoding",
-        "(RMOD; Son et al., arXiv 2503.08796), so that one plain sample behaves like RMOD's",
-        "K-candidate blockwise search. Made with rmod-distill.",
-        "",
-        "## Data",
-        f"- Generate run: `{cfg.generate_dir}` (methods {cfg.methods}, min worst-case {cfg.min_worst_case})",
-        f"- Objectives (worst case lifted): {', '.join(objectives) or 'n/a'}",
-        f"- Decoding: K={decoding.get('num_candidates')}, B={decoding.get('block_size')}, "
-        f"lambda={decoding.get('lam')}, solver={decoding.get('solver')}, max_new_tokens={decoding.get('max_new_tokens')}",
-        f"- Rows: {train_rows} train, {eval_rows} held out (by prompt id)",
-        "",
-        "## Training",
-        f"- LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout}, modules {cfg.lora_target_modules}",
-        f"- lr {cfg.learning_rate}, epochs {cfg.num_train_epochs}, batch {cfg.per_device_train_batch_size} x "
-        f"{cfg.gradient_accumulation_steps} accumulation, completion-only loss, max_length {cfg.max_length}",
-        "",
-        "## Results",
-    ]
-    shown = ("train_loss", "eval_loss", "eval_mean_token_accuracy", "train_rows")
-    lines += [f"- {k}: {metrics[k]:.4g}" for k in shown if k in metrics]
-    lines += [
-        CARD_PLACEHOLDER,
-        "",
-        "## Use",
-        "```python",
-        "from rmod_distill.policy import load_policy",
-        f"model, tokenizer = load_policy({cfg.model!r}, adapter='PATH/TO/THIS/FOLDER')",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def sample_completions(model, tokenizer, rows, max_new_tokens: int, seed: int) -> list[dict]:
     """Plain samples from the trained policy on held-out prompts (for the card and W&B)."""
     import torch
 
-    from rmod_distill.decoding import BlockwiseDecoder, DecodingConfig, parse_method, prompt_seed
-
     if not rows:
         return []
     cfg = DecodingConfig(num_candidates=1, max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9)
-    decoder = BlockwiseDecoder(model, tokenizer, cfg, None, [])
+    decoder = BlockwiseDecoder.from_model(model, tokenizer, cfg)
     model.eval()
     with torch.no_grad():
         results = decoder.decode(
             [r["prompt"] for r in rows], [prompt_seed(seed, r["prompt_id"], "distilled") for r in rows],
-            parse_method("reference", [], cfg),
+            decoder.method("reference"),
         )
     return [
         {"prompt_id": r["prompt_id"], "prompt": r["prompt"][-1]["content"], "teacher": r["completion"][0]["content"],
@@ -199,32 +168,35 @@ def sample_completions(model, tokenizer, rows, max_new_tokens: int, seed: int) -
 
 def run(cfg: DistillConfig) -> Path:
     """Run the distill stage; returns the adapter folder."""
-    from peft import LoraConfig
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
     from rmod_distill.policy import load_policy
 
-    out = Path(cfg.output_dir)
-    # ------------------------------------------------------------------ output folder
-    if (out / "distill_config.json").exists() and json.loads((out / "distill_config.json").read_text()).get("complete"):
-        if not cfg.overwrite:
-            raise FileExistsError(f"{out} already holds a distilled adapter; pass --overwrite or set output_dir")
-    resume = get_last_checkpoint(str(out)) if out.is_dir() and not cfg.overwrite else None
-    os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
-    if cfg.wandb_entity:
-        os.environ.setdefault("WANDB_ENTITY", cfg.wandb_entity)
-    if cfg.report_to:
-        from rmod_distill.tracking import WandbConfig
+    resolved = to_dict(cfg)
+    folder = RunFolder(cfg.output_dir, "distill", resolved, cfg.overwrite)
+    state = process_state()
 
-        os.environ["WANDB_MODE"] = WandbConfig(cfg.wandb_mode).resolved_mode()
+    # ------------------------------------------------------------------ check every input first
+    folder.check()
+    gen_info = check_generate_dir(cfg)
+    cfg.wandb.check()
+    state.wait_for_everyone()
+    out = folder.begin(state.is_main_process)
+    state.wait_for_everyone()
+    cfg.output_dir = str(out)  # the Trainer writes checkpoints beside the adapter, in the folder being made
+    resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if "wandb" in cfg.report_to:
+        os.environ.setdefault("WANDB_PROJECT", cfg.wandb.project)
+        if cfg.wandb.entity:
+            os.environ.setdefault("WANDB_ENTITY", cfg.wandb.entity)
+        os.environ["WANDB_MODE"] = cfg.wandb.resolved_mode()
         os.environ.setdefault("WANDB_DIR", str(out))
-        out.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ model and data
     device = "cpu" if cfg.use_cpu else "auto"
     model, tokenizer = load_policy(cfg.model, dtype=cfg.dtype, device=device)
-    train, held, gen_info = load_generated(cfg, tokenizer)
+    train, held = load_generated(cfg, tokenizer, gen_info)
     print(f"distill: {len(train)} train rows, {len(held) if held else 0} held-out rows from {cfg.generate_dir}")
     peft_config = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -253,38 +225,40 @@ def run(cfg: DistillConfig) -> Path:
         trainer.save_model(str(out))
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
-        return out
+        return folder.path
     _check_saved_adapter(out)
     tokenizer.save_pretrained(str(out))
     rows = list(held.select(range(min(cfg.sample_prompts, len(held))))) if held is not None else []
     samples = sample_completions(trainer.model, tokenizer, rows, 64, cfg.seed)
-    (out / "samples.jsonl").write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    (out / "README.md").write_text(model_card(cfg, gen_info, len(train), len(held) if held else 0, metrics))
+    write_jsonl(out / "samples.jsonl", samples)
     info = dict(
-        provenance(to_dict(cfg)),
-        complete=True,
         metrics=metrics,
         generate_dir=cfg.generate_dir,
+        rows={"train": len(train), "held_out": len(held) if held is not None else 0},
+        decoding=gen_info.get("config", {}).get("decoding", {}),
         held_out_prompt_ids=sorted(set(map(base_prompt_id, held["prompt_id"]))) if held is not None else [],
         train_prompt_ids=sorted(set(map(base_prompt_id, train["prompt_id"]))),
         policy_fingerprint=policy_fingerprint(cfg.model, tokenizer),
         objectives=gen_info.get("objectives"),
     )
-    write_json(out / "distill_config.json", info)
-    _log_to_wandb(cfg, out, samples, metrics)
+    card = adapter_card(dict(provenance(resolved), **info))
+    atomic_write_text(out / "README.md", str(card))
+    folder.finish(info, swap=False)
+    _log_to_wandb(cfg, out, samples, metrics, folder.path.name)
+    path = folder.swap()
     if cfg.push_to_hub:
         trainer.push_to_hub()
-    print(f"distill: adapter -> {out}  ({', '.join(f'{k} {v:.4g}' for k, v in metrics.items())})")
-    return out
+    print(f"distill: adapter -> {path}  ({', '.join(f'{k} {v:.4g}' for k, v in metrics.items())})")
+    return path
 
 
-def _log_to_wandb(cfg: DistillConfig, out: Path, samples: list[dict], metrics: dict) -> None:
-    """Samples table, the adapter as a `model` artifact, and a hashed copy for server-free download."""
-    if not cfg.report_to:
+def _log_to_wandb(cfg: DistillConfig, out: Path, samples: list[dict], metrics: dict, name: str) -> None:
+    """Samples table (``name``: the output folder the user chose, not a staging folder), the adapter as a `model` artifact, and a hashed copy for server-free download."""
+    if "wandb" not in cfg.report_to:
         return
     import wandb
 
-    from rmod_distill.hub import stage_adapter_copy
+    from rmod_distill.adapters import stage_adapter_copy
 
     run = wandb.run
     if run is None:
@@ -294,9 +268,8 @@ def _log_to_wandb(cfg: DistillConfig, out: Path, samples: list[dict], metrics: d
             columns=["prompt_id", "prompt", "teacher (RMOD)", "distilled"],
             data=[[s["prompt_id"], s["prompt"], s["teacher"], s["distilled"]] for s in samples])})
     run.summary.update(metrics)
-    files = ["adapter_config.json", "adapter_model.safetensors", "README.md", "distill_config.json",
-             "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
-    art = wandb.Artifact(f"adapter-{out.name}", type="model", metadata=metrics)
+    files = [name for name in PORTABLE_FILES if name != MANIFEST]
+    art = wandb.Artifact(f"adapter-{name}", type="model", metadata=metrics)
     for name in files:
         if (out / name).exists():
             art.add_file(str(out / name), name=name)
@@ -304,6 +277,7 @@ def _log_to_wandb(cfg: DistillConfig, out: Path, samples: list[dict], metrics: d
     # Offline runs cannot be downloaded through the server: keep a hashed copy in the run's files.
     stage_adapter_copy(out, Path(run.dir) / "adapter", files)
     run.finish()
+
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,6 @@ Three kinds, chosen per objective by ``kind`` in a recipe:
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -26,10 +25,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from rmod_distill.artifacts import read_json, write_json
+from rmod_distill.errors import UserError
+
 Conversation = list  # list[dict[str, str]]
 
 
-class ObjectiveError(ValueError):
+class ObjectiveError(UserError):
     """A reward that could not be computed or returned unusable values."""
 
 
@@ -347,6 +349,11 @@ class _Signed(Objective):
         return self.sign * np.asarray(self.inner.score_batch(prompts, responses), dtype=np.float64)
 
 
+def default_objectives() -> list[ObjectiveSpec]:
+    """The embedded objectives of the default recipe."""
+    return [ObjectiveSpec(name) for name in EMBEDDED_SCORERS]
+
+
 # ----------------------------------------------------------------------------- the set
 
 
@@ -375,25 +382,31 @@ class Normalizer:
     def check_names(self, names: list[str], source: str) -> None:
         """Refuse statistics measured for other objectives or another order."""
         if list(names) != list(self.names):
-            raise ValueError(
+            raise UserError(
                 f"{source}: normalisation was measured for objectives {self.names}, but the recipe has {list(names)}"
             )
 
     def save(self, path: str | Path) -> None:
         """Write the statistics as JSON."""
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> "Normalizer":
-        """Read statistics written by :meth:`save`."""
+        """Read statistics written by :meth:`save`; a missing or damaged file is one line naming it."""
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"normalisation file {path} does not exist (the generate stage writes it)")
-        data = json.loads(path.read_text())
+            raise UserError(f"normalisation file {path} does not exist (the generate stage writes it)")
+        data = read_json(path, "normalisation file")
         try:
-            return cls(data["names"], data["mean"], data["std"], data.get("num_samples", 0))
-        except KeyError as exc:
-            raise ValueError(f"{path}: missing key {exc} (expected names, mean, std)") from exc
+            norm = cls(list(data["names"]), [float(x) for x in data["mean"]], [float(x) for x in data["std"]],
+                       int(data.get("num_samples", 0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"normalisation file {path}: expected names, mean and std lists ({exc})") from None
+        if not len(norm.names) == len(norm.mean) == len(norm.std) or not all(
+                math.isfinite(m) and math.isfinite(v) and v > 0 for m, v in zip(norm.mean, norm.std)):
+            raise UserError(f"normalisation file {path}: names, mean and std must have one finite entry per "
+                            "objective, with std > 0")
+        return norm
 
 
 class ObjectiveSet:
@@ -402,9 +415,9 @@ class ObjectiveSet:
     def __init__(self, objectives: list[Objective], normalizer: Normalizer | None = None):
         names = [o.name for o in objectives]
         if len(set(names)) != len(names):
-            raise ValueError(f"objective names must be unique, got {names}")
+            raise UserError(f"objective names must be unique, got {names}")
         if not objectives:
-            raise ValueError("at least one objective is needed")
+            raise UserError("at least one objective is needed")
         self.objectives = objectives
         self.normalizer = normalizer
 
@@ -427,10 +440,15 @@ class ObjectiveSet:
         """Raw rewards ``[n, G]``; an objective returning the wrong shape or NaN/inf raises naming it."""
         n = len(responses)
         if len(prompts) != n:
-            raise ValueError(f"{len(prompts)} prompts for {n} responses")
+            raise UserError(f"{len(prompts)} prompts for {n} responses")
         columns = []
         for objective in self.objectives:
-            values = np.asarray(objective.score(prompts, responses), dtype=np.float64)
+            try:
+                values = np.asarray(objective.score(prompts, responses), dtype=np.float64)
+            except UserError:
+                raise
+            except Exception as exc:  # a user's function or model failing: name the objective
+                raise ObjectiveError(f"objective {objective.name!r} failed: {type(exc).__name__}: {exc}") from exc
             if values.shape != (n,):
                 raise ObjectiveError(
                     f"objective {objective.name!r} returned shape {values.shape} for {n} responses; expected ({n},)"
@@ -444,6 +462,10 @@ class ObjectiveSet:
                 )
             columns.append(values)
         return np.stack(columns, axis=1) if n else np.zeros((0, len(self.objectives)))
+
+    def probe(self, conversation: Conversation) -> None:
+        """Score two made-up answers to a prompt, so a broken objective fails before any policy loads."""
+        self.raw([conversation, conversation], ["", "Sure. Here is a short, friendly answer to your question."])
 
     def normalized(self, raw: np.ndarray) -> np.ndarray:
         """z-normalise raw rewards with the attached statistics."""

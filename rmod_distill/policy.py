@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from rmod_distill.artifacts import is_local_path
+from rmod_distill.errors import UserError
+
 EMBEDDED_NAME = "embedded:smollm2-135m-instruct"
 EMBEDDED_ALIASES = {EMBEDDED_NAME, "embedded", "smollm2-135m-instruct"}
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -183,7 +186,7 @@ def load_policy(
     if adapter:
         from peft import PeftModel
 
-        from rmod_distill.hub import fetch_adapter
+        from rmod_distill.adapters import fetch_adapter
 
         model = PeftModel.from_pretrained(model, str(fetch_adapter(adapter)))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -207,6 +210,16 @@ class PolicyConfig:
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"policy.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def check(self) -> None:
+        """What can be checked before loading: a local policy folder exists, the adapter is whole."""
+        if self.model not in EMBEDDED_ALIASES and is_local_path(self.model):
+            if not (Path(self.model) / "config.json").is_file():
+                raise UserError(f"policy.model: {self.model} is not a model folder (no config.json there)")
+        if self.adapter:
+            from rmod_distill.adapters import fetch_adapter
+
+            fetch_adapter(self.adapter)
 
     def load(self, device: str | None = None):
         """Load ``(model, tokenizer)``; ``device`` overrides the configured one (multi-process runs)."""

@@ -7,9 +7,12 @@ empty prompts, missing columns and duplicate ids are errors that name the source
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rmod_distill.errors import UserError
 
 DEFAULT_PROMPTS = "data/prompts/default.jsonl"
 
@@ -73,8 +76,19 @@ class Prompt:
 
 def base_prompt_id(prompt_id: str) -> str:
     """The prompt a row answers: stages store extra samples of one prompt as ``<id>#<suffix>``
-    (generate's ``#s1``, normalisation's ``#calibration-0``, values' ``#rollout-1``)."""
+    (generate's ``#s1``, normalisation's ``#calibration-0``, values' ``#rollout-1``), which is
+    why ``#`` is refused in prompt ids."""
     return prompt_id.split("#")[0]
+
+
+def held_out(prompt_id: str, fraction: float) -> bool:
+    """The one held-out split (distill's eval loss, values' validation, choosing settings).
+
+    A stable hash of the prompt's base id, so every sample of a prompt falls on one side,
+    whatever the row order, the process count or the other prompts in the file.
+    """
+    h = int.from_bytes(hashlib.sha256(base_prompt_id(prompt_id).encode()).digest()[:8], "little")
+    return (h % 10_000) < fraction * 10_000
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -88,7 +102,7 @@ def parse_hh(text: str, mode: str) -> list[dict]:
         for who, body in zip(parts[1::2], parts[2::2])
     ]
     if not turns or turns[0]["role"] != "user":
-        raise ValueError("not an HH transcript (expected it to start with '\\n\\nHuman: ')")
+        raise UserError("not an HH transcript (expected it to start with '\\n\\nHuman: ')")
     if mode == "hh_first_turn":
         return turns[:1]
     last_assistant = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
@@ -99,14 +113,14 @@ def _read_rows(cfg: PromptsConfig) -> tuple[list[dict], str]:
     path = Path(cfg.path)
     if path.suffix in (".jsonl", ".json", ".parquet"):
         if not path.is_file():
-            raise FileNotFoundError(f"prompt file {path} does not exist")
+            raise UserError(f"prompt file {path} does not exist")
         import datasets
 
         kind = "parquet" if path.suffix == ".parquet" else "json"
         try:
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as exc:  # datasets wraps parse errors in several exception types
-            raise ValueError(f"{path}: could not be read as {kind}: {exc}") from exc
+            raise UserError(f"{path}: could not be read as {kind}: {exc}") from exc
         return list(ds), str(path)
     import datasets
 
@@ -118,21 +132,21 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
     """Load, validate and filter the prompts a config names."""
     rows, source = _read_rows(cfg)
     if not rows:
-        raise ValueError(f"{source}: no prompts")
+        raise UserError(f"{source}: no prompts")
     columns = set(rows[0])
     use_messages = cfg.messages_column in columns
     if not use_messages and cfg.text_column not in columns:
-        raise ValueError(
+        raise UserError(
             f"{source}: no column {cfg.text_column!r} or {cfg.messages_column!r} for the prompt "
             f"(columns: {sorted(columns)}); set prompts.text_column or prompts.messages_column"
         )
     if cfg.id_column is not None and cfg.id_column not in columns:
-        raise ValueError(
+        raise UserError(
             f"{source}: no id column {cfg.id_column!r} (columns: {sorted(columns)}); set prompts.id_column "
             "(null numbers the rows)"
         )
     if cfg.split is not None and cfg.split_column not in columns:
-        raise ValueError(
+        raise UserError(
             f"{source}: no split column {cfg.split_column!r} to select split {cfg.split!r}; "
             "set prompts.split to null to use every row"
         )
@@ -140,7 +154,7 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
     if cfg.system_prompt:
         system_path = Path(cfg.system_prompt)
         if not system_path.is_file():
-            raise FileNotFoundError(f"prompts.system_prompt: file {system_path} does not exist")
+            raise UserError(f"prompts.system_prompt: file {system_path} does not exist")
         system = system_path.read_text().strip()
 
     prompts, seen = [], {}
@@ -149,8 +163,11 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
             break  # big hub datasets: stop reading once enough prompts are kept
         pid = str(row[cfg.id_column]) if cfg.id_column is not None else f"row-{i:06d}"
         where = f"{source}: row {i + 1} (id {pid!r})"
+        if "#" in pid:
+            raise UserError(f"{where}: '#' is not allowed in prompt ids (the stages use '<id>#<suffix>' for "
+                            "extra samples of a prompt)")
         if pid in seen:
-            raise ValueError(f"{where}: duplicate id, first seen at row {seen[pid] + 1}")
+            raise UserError(f"{where}: duplicate id, first seen at row {seen[pid] + 1}")
         seen[pid] = i
         messages = row.get(cfg.messages_column) if use_messages else None
         if messages:
@@ -158,14 +175,14 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
                 isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and "content" in m
                 for m in messages
             ):
-                raise ValueError(f"{where}: {cfg.messages_column!r} must be a list of {{role, content}} messages")
+                raise UserError(f"{where}: {cfg.messages_column!r} must be a list of {{role, content}} messages")
             messages = [{"role": m["role"], "content": m["content"]} for m in messages]
             if messages[-1]["role"] != "user":
-                raise ValueError(f"{where}: the conversation must end with a user turn")
+                raise UserError(f"{where}: the conversation must end with a user turn")
         else:
             text = row.get(cfg.text_column)
             if text is None and use_messages and cfg.text_column not in row:
-                raise ValueError(f"{where}: neither {cfg.messages_column!r} nor {cfg.text_column!r} is set")
+                raise UserError(f"{where}: neither {cfg.messages_column!r} nor {cfg.text_column!r} is set")
             text = text if isinstance(text, str) else ""
             if cfg.text_format == "plain" or not text.strip():
                 messages = [{"role": "user", "content": text}]
@@ -173,9 +190,9 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
                 try:
                     messages = parse_hh(text, cfg.text_format)
                 except ValueError as exc:
-                    raise ValueError(f"{where}: {exc}") from exc
+                    raise UserError(f"{where}: {exc}") from exc
         if any(not (m["content"] or "").strip() for m in messages if m["role"] == "user"):
-            raise ValueError(f"{where}: empty prompt")
+            raise UserError(f"{where}: empty prompt")
         if system is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system}] + messages
         split = str(row.get(cfg.split_column, "")) if cfg.split_column in row else ""
@@ -183,5 +200,5 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
             continue
         prompts.append(Prompt(pid, messages, str(row.get(cfg.category_column) or ""), split))
     if not prompts:
-        raise ValueError(f"{source}: no prompts with {cfg.split_column} == {cfg.split!r}")
+        raise UserError(f"{source}: no prompts with {cfg.split_column} == {cfg.split!r}")
     return prompts

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rmod_distill.errors import UserError
+
 
 @dataclass
 class WandbConfig:
@@ -26,20 +28,29 @@ class WandbConfig:
         if self.mode not in ("auto", "online", "offline", "disabled"):
             raise ValueError(f"wandb.mode must be auto, online, offline or disabled, got {self.mode!r}")
 
+    def check(self) -> None:
+        """Refuse ``online`` without a login before any work is done (not after it)."""
+        if self.resolved_mode() == "online" and not _logged_in():
+            raise UserError("wandb.mode online needs a W&B login (`wandb login` or WANDB_API_KEY); use auto, "
+                            "offline or disabled")
+
     def resolved_mode(self) -> str:
         """``auto`` becomes online with a login, offline without; an env WANDB_MODE wins."""
         if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
             return os.environ["WANDB_MODE"]
         if self.mode != "auto":
             return self.mode
-        if os.environ.get("WANDB_API_KEY"):
-            return "online"
-        try:
-            if netrc.netrc().authenticators("api.wandb.ai"):
-                return "online"
-        except (FileNotFoundError, netrc.NetrcParseError):
-            pass
-        return "offline"
+        return "online" if _logged_in() else "offline"
+
+
+def _logged_in() -> bool:
+    """A W&B key in the environment or in the netrc file."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return bool(netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai"))
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
 
 
 class Tracker:

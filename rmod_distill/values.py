@@ -20,32 +20,26 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
-from collections import Counter
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from rmod_distill.artifacts import atomic_write_text, provenance, read_jsonl, write_json
+from rmod_distill.artifacts import RunFolder, read_json, read_jsonl, write_json, write_jsonl
 from rmod_distill.config import parse_config, to_dict
-from rmod_distill.decoding import DecodingConfig
-from rmod_distill.objectives import Normalizer, ObjectiveSet, ObjectiveSpec
+from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig
+from rmod_distill.engine.runs import decode_rows
+from rmod_distill.engine.value_model import LearnedValues, ValueModel, batch_tensors, encode, value_loss
+from rmod_distill.errors import UserError
+from rmod_distill.objectives import Normalizer, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig, policy_fingerprint, resolve_device, resolve_model_path
-from rmod_distill.prompts import Prompt, PromptsConfig, base_prompt_id, load_prompts
+from rmod_distill.prompts import Prompt, PromptsConfig, base_prompt_id, held_out, load_prompts
 from rmod_distill.tracking import Tracker, WandbConfig
-
-
-def _default_objectives():
-    from rmod_distill.generate import default_objectives
-
-    return default_objectives()
 
 
 @dataclass
@@ -57,7 +51,7 @@ class ValuesConfig:
         default=None, metadata={"help": "Value model backbone: a causal LM or classifier id/path (null: the policy)."}
     )
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    objectives: list[ObjectiveSpec] = field(default_factory=_default_objectives)
+    objectives: list[ObjectiveSpec] = field(default_factory=default_objectives)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     generate_dir: str = field(default="runs/default/generate", metadata={"help": "Source of the normalisation."})
     rollouts: list[str] = field(
@@ -96,184 +90,7 @@ class ValuesConfig:
 # ----------------------------------------------------------------------------- the model
 
 
-class ValueModel(nn.Module):
-    """A backbone (with LoRA) and one value head per objective: values for every prefix."""
-
-    def __init__(self, backbone: nn.Module, num_objectives: int, head_hidden: int = 0):
-        super().__init__()
-        self.backbone = backbone
-        hidden = backbone.config.hidden_size if hasattr(backbone.config, "hidden_size") else backbone.config.n_embd
-        if head_hidden:
-            self.heads = nn.Sequential(nn.Linear(hidden, head_hidden), nn.GELU(), nn.Linear(head_hidden, num_objectives))
-        else:
-            self.heads = nn.Linear(hidden, num_objectives)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Values ``[batch, seq, G]``: position t holds the value of the prefix ending at token t."""
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return self.heads(out.last_hidden_state.float())
-
-    def step(self, input_ids, attention_mask, position_ids, cache):
-        """Values ``[batch, new, G]`` of new tokens on top of ``cache`` (the full mask), and the cache."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=cache, use_cache=True)
-        return self.heads(out.last_hidden_state.float()), out.past_key_values
-
-
-class ValueCache:
-    """The value model's KV cache over the prompts and accepted blocks of a decode.
-
-    Mirrors the policy's cache in the blockwise engine: each block it is expanded K ways,
-    the candidates' tokens are read in one forward pass, and the chosen rows are kept, so
-    a prefix is never encoded twice.
-    """
-
-    def __init__(self, model: ValueModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        from transformers import DynamicCache
-
-        self.model = model
-        self.device = next(model.parameters()).device
-        mask = attention_mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        values, self.cache = model.step(input_ids.to(self.device), mask, pos, DynamicCache())
-        self.mask, self.next_pos, self.last = mask, pos[:, -1] + 1, values[:, -1]
-
-    @torch.no_grad()
-    def extend(self, tokens: torch.Tensor, lengths: torch.Tensor, K: int) -> np.ndarray:
-        """Values ``[rows * K, G]`` after each row's first ``lengths`` tokens of ``tokens [rows * K, S]``."""
-        if K > 1:
-            self.cache.batch_repeat_interleave(K)
-            self.mask, self.next_pos, self.last = (t.repeat_interleave(K, 0) for t in (self.mask, self.next_pos, self.last))
-        steps = tokens.shape[1]
-        lengths = lengths.to(self.device)
-        valid = (torch.arange(steps, device=self.device)[None, :] < lengths[:, None]).to(self.mask.dtype)
-        self.mask = torch.cat([self.mask, valid], dim=1)
-        pos = self.next_pos[:, None] + torch.arange(steps, device=self.device)[None, :]
-        values, self.cache = self.model.step(tokens.to(self.device), self.mask, pos, self.cache)
-        picked = values[torch.arange(len(lengths), device=self.device), (lengths - 1).clamp_min(0)]
-        # A candidate with no text (it stopped at once) keeps the value of its prefix.
-        self.last = torch.where((lengths > 0)[:, None], picked, self.last)
-        # Positions count real tokens only, as the full re-encoding's do (masked slots are skipped).
-        self.next_pos = self.next_pos + lengths
-        return self.last.double().cpu().numpy()
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep these rows (the chosen, still running candidates) for the next block."""
-        idx = torch.tensor(rows, device=self.device)
-        self.cache.batch_select_indices(idx)
-        self.mask, self.next_pos, self.last = self.mask[idx], self.next_pos[idx], self.last[idx]
-
-
-def value_loss(values: torch.Tensor, targets: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Monte-Carlo regression (CD-FUDGE): per sequence, the mean over response positions of the
-    summed squared error over objectives; then the mean over sequences. Shapes: ``[B, T, G]``,
-    ``[B, G]``, ``[B, T]`` (1 on response tokens, 0 on prompt and padding)."""
-    err = ((values - targets[:, None, :]) ** 2).sum(-1) * response_mask
-    per_sequence = err.sum(-1) / response_mask.sum(-1).clamp_min(1)
-    return per_sequence.mean()
-
-
-def _encode(tokenizer, conversation: list[dict], response_ids: list[int]) -> tuple[list[int], int]:
-    prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return prompt_ids + response_ids, len(prompt_ids)
-
-
-def _batch(tokenizer, sequences: list[list[int]], starts: list[int], device) -> tuple[torch.Tensor, ...]:
-    """Left-padded ids, attention mask and response mask.
-
-    The response mask covers every prefix of the response, the empty one included: the
-    value read at the last prompt token is what a candidate that stops at once is scored by.
-    """
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    response = torch.zeros_like(ids, dtype=torch.float32)
-    for i, (seq, start) in enumerate(zip(sequences, starts)):
-        pad = width - len(seq)
-        ids[i, pad:] = torch.tensor(seq)
-        mask[i, pad:] = 1
-        response[i, pad + max(start - 1, 0):] = 1
-    return ids.to(device), mask.to(device), response.to(device)
-
-
-class LearnedValues:
-    """A trained value model used as RMOD's value function (``decoding.values: learned``)."""
-
-    def __init__(self, model: ValueModel, tokenizer, names: list[str], normalization: dict, path: Path):
-        self.model, self.tokenizer, self.names, self.normalization, self.path = model, tokenizer, names, normalization, path
-        self.device = next(model.parameters()).device
-
-    @classmethod
-    def load(cls, path: str | Path, objectives: list[str], device: str = "auto") -> "LearnedValues":
-        """Load a saved value model; refuse one built for other objectives (or in another order)."""
-        from peft import PeftModel
-        from safetensors.torch import load_file
-        from transformers import AutoModel, AutoTokenizer
-
-        path = Path(path)
-        cfg_path = path / "value_config.json"
-        if not cfg_path.exists():
-            raise FileNotFoundError(f"value model {path}: no value_config.json (train one with `make values`)")
-        info = json.loads(cfg_path.read_text())
-        if info["objectives"] != list(objectives):
-            raise ValueError(
-                f"value model {path} was trained for objectives {info['objectives']}, but the recipe has "
-                f"{list(objectives)}; train a value model for these objectives"
-            )
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if policy_fingerprint(info["backbone"], tokenizer) != info["tokenizer_fingerprint"]:
-            raise ValueError(f"value model {path}: its tokenizer files do not match the tokenizer it was trained with")
-        tokenizer.padding_side = "left"
-        torch_device = resolve_device(device)
-        base = AutoModel.from_pretrained(resolve_model_path(info["backbone"]), dtype=torch.float32)
-        if len(tokenizer) > base.get_input_embeddings().num_embeddings:
-            base.resize_token_embeddings(len(tokenizer))
-        backbone = PeftModel.from_pretrained(base, str(path / "backbone"))
-        model = ValueModel(backbone, len(info["objectives"]), info["head_hidden"])
-        model.heads.load_state_dict(load_file(str(path / "heads.safetensors")))
-        return cls(model.to(torch_device).eval(), tokenizer, info["objectives"], info["normalization"], path)
-
-    def check_tokenizer(self, tokenizer, source: str) -> None:
-        """Refuse pairing with a tokenizer other than the value model's own."""
-        if policy_fingerprint("", tokenizer)["vocab_sha256"] != policy_fingerprint("", self.tokenizer)["vocab_sha256"]:
-            raise ValueError(f"{source}: value model {self.path} was trained with another tokenizer")
-
-    def shares_tokenizer(self, tokenizer) -> bool:
-        """True when the policy's token ids can be fed to the value model directly."""
-        a, b = policy_fingerprint("", tokenizer), policy_fingerprint("", self.tokenizer)
-        return a["vocab_sha256"] == b["vocab_sha256"] and a["chat_template_sha256"] == b["chat_template_sha256"]
-
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ValueCache:
-        """Start a :class:`ValueCache` on left-padded prompt ids (the policy's own tokens)."""
-        return ValueCache(self.model, input_ids, attention_mask)
-
-    @torch.no_grad()
-    def score_ids(self, sequences: list[list[int]], batch_size: int = 32) -> np.ndarray:
-        """Values ``[n, G]`` of full token sequences (prompt + partial response), read at the last token."""
-        out = []
-        for start in range(0, len(sequences), batch_size):
-            chunk = sequences[start : start + batch_size]
-            ids, mask, _ = _batch(self.tokenizer, chunk, [0] * len(chunk), self.device)
-            out.append(self.model(ids, mask)[:, -1].double().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.names)))
-
-    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> np.ndarray:
-        """The text route: re-tokenise with the value model's own tokenizer and chat template."""
-        sequences = [
-            _encode(self.tokenizer, p, self.tokenizer(r, add_special_tokens=False)["input_ids"])[0]
-            for p, r in zip(prompts, responses)
-        ]
-        return self.score_ids(sequences)
-
-
 # ----------------------------------------------------------------------------- the stage
-
-
-def _held_out(prompt_id: str, fraction: float, seed: int) -> bool:
-    return random.Random(f"{seed}:{base_prompt_id(prompt_id)}").random() < fraction
 
 
 def _renormalise(rows: list[dict], objectives: ObjectiveSet, path: Path) -> list[dict]:
@@ -281,7 +98,7 @@ def _renormalise(rows: list[dict], objectives: ObjectiveSet, path: Path) -> list
     for r in rows:
         missing = [g for g in objectives.names if g not in r.get("rewards", {})]
         if missing:
-            raise ValueError(f"{path}: row {r['prompt_id']!r} has no reward for objective {missing[0]!r}; "
+            raise UserError(f"{path}: row {r['prompt_id']!r} has no reward for objective {missing[0]!r}; "
                              "use rollouts made with this recipe's objectives")
         raw = np.array([r["rewards"][g] for g in objectives.names])
         r["normalized"] = dict(zip(objectives.names, map(float, objectives.normalizer(raw))))
@@ -293,9 +110,6 @@ def reused_rollouts(files: list[str], objectives: ObjectiveSet, prompt_ids: set[
     rows = []
     for name in files:
         path = Path(name)
-        if not path.exists():
-            raise FileNotFoundError(f"rollouts: {path} does not exist (expected a generate samples.jsonl or "
-                                    "calibration.jsonl)")
         picked = [r for r in read_jsonl(path)
                   if r.get("method") == "reference" and base_prompt_id(r["prompt_id"]) in prompt_ids]
         rows += _renormalise(picked, objectives, path)
@@ -315,13 +129,10 @@ def sample_rollouts(cfg: ValuesConfig, objectives: ObjectiveSet, out: Path) -> l
     """
     path = out / "rollouts.jsonl"
     recipe_path = out / "rollouts_recipe.json"
-    if path.exists() and recipe_path.exists() and json.loads(recipe_path.read_text()) == _rollout_recipe(cfg):
+    if path.exists() and recipe_path.exists() and read_json(recipe_path) == _rollout_recipe(cfg):
         print(f"values: reusing the rollouts in {path}")
         return _renormalise(read_jsonl(path), objectives, path)
     from tqdm.auto import tqdm
-
-    from rmod_distill.decoding import BlockwiseDecoder
-    from rmod_distill.generate import decode_rows
 
     prompts = load_prompts(cfg.prompts)
     reused = reused_rollouts(cfg.rollouts, objectives, {p.id for p in prompts})
@@ -334,12 +145,12 @@ def sample_rollouts(cfg: ValuesConfig, objectives: ObjectiveSet, out: Path) -> l
     rows = list(reused)
     if todo:
         model, tokenizer = cfg.policy.load()
-        decoder = BlockwiseDecoder(model, tokenizer, cfg.decoding, None, objectives.names)
+        decoder = BlockwiseDecoder.from_model(model, tokenizer, cfg.decoding, None, objectives.names)
         bar = tqdm(total=len(todo), desc=f"rollouts (reference; {len(reused)} reused)", unit="resp")
         rows += decode_rows(decoder, objectives, todo, "reference", cfg.seed, cfg.batch_size,
                             lambda r: bar.update(len(r)))
         bar.close()
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_jsonl(path, rows)
     write_json(recipe_path, _rollout_recipe(cfg))
     return rows
 
@@ -354,7 +165,7 @@ def build_value_model(cfg: ValuesConfig, num_objectives: int):
     name = cfg.backbone or cfg.policy.model
     tokenizer = load_tokenizer(name)
     if not tokenizer.chat_template:
-        raise ValueError(f"values.backbone {name!r}: its tokenizer has no chat template, so prompts cannot be "
+        raise UserError(f"values.backbone {name!r}: its tokenizer has no chat template, so prompts cannot be "
                          "laid out as the policy sees them; choose a backbone with one (or save one into its folder)")
     torch.manual_seed(cfg.seed)  # before LoRA and the heads are initialised
     base = AutoModel.from_pretrained(resolve_model_path(name), dtype=torch.float32)
@@ -372,7 +183,7 @@ def _examples(rows, tokenizer, names, rng: random.Random | None, truncate_prob: 
         response = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
         if rng is not None and len(response) > 1 and rng.random() < truncate_prob:
             response = response[: rng.randint(1, len(response))]
-        seq, start = _encode(tokenizer, r["messages"], response)
+        seq, start = encode(tokenizer, r["messages"], response)
         if len(seq) > start:
             out.append((seq, start, [r["normalized"][g] for g in names]))
     return out
@@ -386,7 +197,7 @@ def evaluate_loss(model: ValueModel, tokenizer, examples, batch_size: int) -> np
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             device = next(model.parameters()).device
-            ids, mask, response = _batch(tokenizer, [c[0] for c in chunk], [c[1] for c in chunk], device)
+            ids, mask, response = batch_tensors(tokenizer.pad_token_id, [c[0] for c in chunk], [c[1] for c in chunk], device)
             targets = torch.tensor([c[2] for c in chunk], device=ids.device)
             err = ((model(ids, mask) - targets[:, None, :]) ** 2) * response[..., None]
             per = (err.sum(1) / response.sum(1, keepdim=True).clamp_min(1)).sum(0).cpu().numpy()
@@ -399,10 +210,10 @@ def evaluate_loss(model: ValueModel, tokenizer, examples, batch_size: int) -> np
 def train(cfg: ValuesConfig, rows: list[dict], names: list[str], out: Path, tracker: Tracker):
     """Train the value model (resumable from ``checkpoint.pt``); returns model, tokenizer, backbone name, history."""
     model, tokenizer, backbone_name = build_value_model(cfg, len(names))
-    train_rows = [r for r in rows if not _held_out(r["prompt_id"], cfg.eval_fraction, cfg.seed)]
-    val_rows = [r for r in rows if _held_out(r["prompt_id"], cfg.eval_fraction, cfg.seed)]
+    train_rows = [r for r in rows if not held_out(r["prompt_id"], cfg.eval_fraction)]
+    val_rows = [r for r in rows if held_out(r["prompt_id"], cfg.eval_fraction)]
     if not train_rows or not val_rows:
-        raise ValueError(f"values: {len(train_rows)} train and {len(val_rows)} validation rollouts; both need rows "
+        raise UserError(f"values: {len(train_rows)} train and {len(val_rows)} validation rollouts; both need rows "
                          f"(eval_fraction {cfg.eval_fraction} of {len(rows)} rollouts): change eval_fraction or "
                          "add prompts")
     val = _examples(val_rows, tokenizer, names, None, 0.0)
@@ -417,7 +228,7 @@ def train(cfg: ValuesConfig, rows: list[dict], names: list[str], out: Path, trac
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         if state.get("recipe") != shape:
-            raise ValueError(f"{ckpt} was saved by a run with another recipe ({state.get('recipe')}); rerun with "
+            raise UserError(f"{ckpt} was saved by a run with another recipe ({state.get('recipe')}); rerun with "
                              "that recipe to resume, or delete the checkpoint to start again")
         result = model.load_state_dict(state["model"], strict=False)
         if result.unexpected_keys or any("lora_" in k or k.startswith("heads.") for k in result.missing_keys):
@@ -436,7 +247,7 @@ def train(cfg: ValuesConfig, rows: list[dict], names: list[str], out: Path, trac
         random.Random(cfg.seed + epoch).shuffle(order)
         batch_rows = [train_rows[i] for i in order[offset * cfg.train_batch_size : (offset + 1) * cfg.train_batch_size]]
         chunk = _examples(batch_rows, tokenizer, names, random.Random(f"{cfg.seed}:{step}"), cfg.truncate_prob)
-        ids, mask, response = _batch(tokenizer, [c[0] for c in chunk], [c[1] for c in chunk], next(model.parameters()).device)
+        ids, mask, response = batch_tensors(tokenizer.pad_token_id, [c[0] for c in chunk], [c[1] for c in chunk], next(model.parameters()).device)
         targets = torch.tensor([c[2] for c in chunk], device=ids.device)
         loss = value_loss(model(ids, mask), targets, response)
         opt.zero_grad()
@@ -479,7 +290,7 @@ def value_report(values: LearnedValues, objectives: ObjectiveSet, rows: list[dic
     response_ids = [values.tokenizer(r["completion"], add_special_tokens=False)["input_ids"] for r in rows]
     for frac in (0.25, 0.5, 0.75):
         cut = [ids[: max(1, int(len(ids) * frac))] for ids in response_ids]
-        learned = values.score_ids([_encode(values.tokenizer, r["messages"], c)[0] for r, c in zip(rows, cut)])
+        learned = values.score_ids([encode(values.tokenizer, r["messages"], c)[0] for r, c in zip(rows, cut)])
         texts = [values.tokenizer.decode(c, skip_special_tokens=True) for c in cut]
         prefix = objectives.score([r["messages"] for r in rows], texts)[1]
         report[f"{int(frac * 100)}%"] = {
@@ -491,39 +302,47 @@ def value_report(values: LearnedValues, objectives: ObjectiveSet, rows: list[dic
 
 def run(cfg: ValuesConfig) -> Path:
     """Run the values stage; returns the value model folder."""
-    out = Path(cfg.output_dir)
-    # The report is written last: a folder without one holds an unfinished run, which resumes.
-    finished = (out / "value_report.json").exists()
-    if finished and not cfg.overwrite:
-        raise FileExistsError(f"{out} already holds a value model; pass --overwrite or set output_dir")
+    folder = RunFolder(cfg.output_dir, "values", to_dict(cfg), cfg.overwrite)
+
+    # ------------------------------------------------------------------ check every input first
+    folder.check()
     norm_path = Path(cfg.generate_dir) / "normalization.json"
     objectives = ObjectiveSet.from_specs(cfg.objectives)
     objectives.set_normalizer(Normalizer.load(norm_path), str(norm_path))
-    load_prompts(cfg.prompts)  # a bad prompt file fails before anything is replaced
-    if finished:
-        # rollouts.jsonl stays: it is reused only if made with the same rollout recipe.
-        for name in ("backbone", "heads.safetensors", "value_config.json", "value_report.json", "checkpoint.pt"):
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(cfg.prompts)
+    objectives.probe(prompts[0].messages)
+    for name in cfg.rollouts:
+        if not Path(name).is_file():
+            raise UserError(f"rollouts: {name} does not exist (expected a generate samples.jsonl or calibration.jsonl)")
+    cfg.policy.check()
+    cfg.wandb.check()
+    out = folder.begin()
+    old_rollouts = folder.path / "rollouts.jsonl"
+    if out != folder.path and old_rollouts.exists() and not (out / "rollouts.jsonl").exists():
+        # Overwriting: the rollouts are reused when made with the same rollout recipe.
+        for name in ("rollouts.jsonl", "rollouts_recipe.json"):
+            if (folder.path / name).exists():
+                (out / name).write_bytes((folder.path / name).read_bytes())
 
     # ------------------------------------------------------------------ rollouts
     rows = sample_rollouts(cfg, objectives, out)
 
     # ------------------------------------------------------------------ train
-    tracker = Tracker(cfg.wandb, f"values-{out.parent.name}", to_dict(cfg), out, "values")
+    tracker = Tracker(cfg.wandb, f"values-{folder.path.parent.name}", to_dict(cfg), out, "values")
     model, tokenizer, backbone_name, history, val_rows = train(cfg, rows, objectives.names, out, tracker)
 
     # ------------------------------------------------------------------ save and report
-    normalization = json.loads(norm_path.read_text())
+    normalization = read_json(norm_path, "normalisation file")
     save(model, tokenizer, backbone_name, objectives.names, normalization, cfg.head_hidden, out)
     (out / "checkpoint.pt").unlink(missing_ok=True)
     values = LearnedValues.load(out, objectives.names, device="cpu")
     report = value_report(values, objectives, val_rows) if len(val_rows) > 2 else {}
-    write_json(out / "value_report.json", dict(provenance(to_dict(cfg)), history=history, correlations=report,
-                                               train_rollouts=len(rows) - len(val_rows), val_rollouts=len(val_rows)))
+    info = dict(history=history, correlations=report, train_rollouts=len(rows) - len(val_rows),
+                val_rollouts=len(val_rows))
+    write_json(out / "value_report.json", info)
     tracker.summary({f"val_loss/{g}": v for g, v in zip(objectives.names, history["val_loss_after"])})
     tracker.finish()
+    out = folder.finish(info)
     before, after = history["val_loss_before"], history["val_loss_after"]
     print("values: validation loss per objective " + ", ".join(
         f"{g} {b:.3f} -> {a:.3f}" for g, b, a in zip(objectives.names, before, after)))

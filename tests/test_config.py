@@ -8,7 +8,7 @@ import torch
 
 from rmod_distill.config import ConfigError, parse_config
 from rmod_distill.distill import DistillConfig
-from rmod_distill.evaluate import EvalConfig
+from rmod_distill.eval import EvalConfig
 from rmod_distill.generate import GenerateConfig
 from rmod_distill.values import ValuesConfig
 

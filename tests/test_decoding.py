@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rmod_distill.decoding import BlockwiseDecoder, DecodingConfig, parse_method, prompt_seed
+from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
+from rmod_distill.engine.selection import parse_method
 
 CONVS = [
     [{"role": "user", "content": "how do i fix my plan ?"}],
@@ -26,13 +27,13 @@ def values(prompts, responses):
 def decoder(tiny_policy, value_fn=values, **kw):
     model, tok = tiny_policy
     cfg = DecodingConfig(**{"num_candidates": 3, "block_size": 4, "max_new_tokens": 12, **kw})
-    return BlockwiseDecoder(model, tok, cfg, value_fn, NAMES)
+    return BlockwiseDecoder.from_model(model, tok, cfg, value_fn, NAMES)
 
 
 def run(dec, method, convs=CONVS, ids=None, seed=0):
     ids = ids or [f"id{i}" for i in range(len(convs))]
     seeds = [prompt_seed(seed, i, method) for i in ids]
-    return dec.decode(convs, seeds, parse_method(method, NAMES, dec.cfg))
+    return dec.decode(convs, seeds, dec.method(method))
 
 
 def test_greedy_reference_equals_generate(tiny_policy):
@@ -105,7 +106,7 @@ def test_finished_rows_stop_and_leave_the_batch(tiny_policy):
     probe = run(decoder(tiny_policy, temperature=1.0), "reference")
     common = max(set(sum((r.token_ids for r in probe), [])), key=sum((r.token_ids for r in probe), []).count)
     cfg = DecodingConfig(num_candidates=3, block_size=4, max_new_tokens=24, temperature=1.0)
-    dec = BlockwiseDecoder(model, tok, cfg, values, NAMES, stop_ids=[common])
+    dec = BlockwiseDecoder.from_model(model, tok, cfg, values, NAMES, stop_ids=[common])
     results = run(dec, "rmod")
     assert any(r.finished for r in results)
     for r in results:
@@ -130,19 +131,18 @@ def test_top_k_one_is_greedy(tiny_policy):
 
 
 def test_unknown_method_and_objective():
-    cfg = DecodingConfig()
     with pytest.raises(ValueError, match="unknown objective 'tone'"):
-        parse_method("cd-tone", NAMES, cfg)
+        parse_method("cd-tone", NAMES)
     with pytest.raises(ValueError, match="unknown method"):
-        parse_method("beam", NAMES, cfg)
+        parse_method("beam", NAMES)
     with pytest.raises(ValueError, match="unknown objective 'x'"):
-        parse_method("cd", NAMES, DecodingConfig(cd_weights={"x": 1.0}))
+        DecodingConfig(cd_weights={"x": 1.0}).method("cd", NAMES)
 
 
 @pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
 def test_nucleus_sampling_matches_full_sort(scale):
     """The partial top-k nucleus gives the same tokens as sorting the whole vocabulary."""
-    from rmod_distill.decoding import _sample
+    from rmod_distill.engine.sampling import sample_tokens
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(32, 5000, generator=gen) * scale
@@ -153,4 +153,4 @@ def test_nucleus_sampling_matches_full_sort(scale):
     sorted_p[(sorted_p.cumsum(-1) - sorted_p) > 0.9] = 0
     cdf = sorted_p.double().cumsum(-1)
     idx = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    assert torch.equal(_sample(logits, u, cfg), order.gather(-1, idx[:, None]).squeeze(-1))
+    assert torch.equal(sample_tokens(logits, u, cfg.sampling), order.gather(-1, idx[:, None]).squeeze(-1))

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from rmod_distill.errors import UserError
 from rmod_distill.config import parse_config
 from rmod_distill.distill import DistillConfig, run
-from rmod_distill.hub import check_adapter_folder, fetch_adapter
+from rmod_distill.adapters import check_adapter_folder, fetch_adapter
 from rmod_distill.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def distill_args(policy, generate_dir, out, *extra):
         "--max_steps", "6", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3",
         "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--logging_steps", "1",
         "--save_steps", "3", "--eval_strategy", "no", "--use_cpu", "--sample_prompts", "2",
-        "--eval_fraction", "0.25", "--activation_checkpointing", "false", "--wandb_mode", "disabled", "--report_to", "[]", *extra,
+        "--eval_fraction", "0.25", "--activation_checkpointing", "false", "--wandb.mode", "disabled", *extra,
     ]
 
 
@@ -37,9 +38,9 @@ def distilled(tiny_policy_dir, tiny_generate_dir, tmp_path_factory):
 
 def test_adapter_folder_is_complete(distilled):
     check_adapter_folder(distilled)
-    for name in ("tokenizer_config.json", "README.md", "distill_config.json", "samples.jsonl"):
+    for name in ("tokenizer_config.json", "README.md", "run.json", "samples.jsonl"):
         assert (distilled / name).is_file(), name
-    info = json.loads((distilled / "distill_config.json").read_text())
+    info = json.loads((distilled / "run.json").read_text())
     assert info["complete"] and info["config"]["lora_r"] == 4 and info["packages"]["peft"]
     assert not set(info["held_out_prompt_ids"]) & set(info["train_prompt_ids"])
     card = (distilled / "README.md").read_text()
@@ -76,11 +77,11 @@ def test_only_completion_tokens_carry_loss(tiny_policy_dir, tiny_generate_dir):
     from peft import LoraConfig
     from trl import SFTTrainer
 
-    from rmod_distill.distill import load_generated
+    from rmod_distill.distill import check_generate_dir, load_generated
 
     cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, "/tmp/unused-distill"))
     model, tok = load_policy(str(tiny_policy_dir), device="cpu")
-    train, _, _ = load_generated(cfg, tok)
+    train, _ = load_generated(cfg, tok, check_generate_dir(cfg))
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=train.select_columns(["prompt", "completion"]),
                          processing_class=tok, peft_config=LoraConfig(r=4, task_type="CAUSAL_LM"))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
@@ -109,27 +110,40 @@ def test_refuses_data_from_another_policy(tiny_generate_dir, tmp_path):
 
 def test_existing_adapter_not_overwritten(tiny_policy_dir, tiny_generate_dir, distilled):
     before = (distilled / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(UserError, match="--overwrite"):
         run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, distilled)))
     assert (distilled / "adapter_model.safetensors").read_bytes() == before
 
 
-def test_resume_from_checkpoint(tiny_policy_dir, tiny_generate_dir, tmp_path, capsys):
+def test_resume_from_checkpoint(tiny_policy_dir, tiny_generate_dir, distilled, tmp_path, capsys):
+    """Killed after the step-3 checkpoint, the rerun resumes at step 3 and ends where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+
     out = tmp_path / "r"
     args = distill_args(tiny_policy_dir, tiny_generate_dir, out)
     run(parse_config(DistillConfig, args))
-    # As if killed after the step-3 checkpoint: drop what came later.
+    # As if killed after the step-3 checkpoint: drop what came later, and the run is unfinished.
     shutil.rmtree(out / "checkpoint-6")
-    (out / "distill_config.json").unlink()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+        (out / name).unlink()
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(dict(info, complete=False)))
     capsys.readouterr()
     run(parse_config(DistillConfig, args))
-    assert "resuming from" in capsys.readouterr().out and (out / "checkpoint-6").is_dir()
+    assert f"resuming from {out / 'checkpoint-3'}" in capsys.readouterr().out
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert state["global_step"] == 6 and steps == [1, 2, 3, 4, 5, 6]
+    resumed, uninterrupted = (load_file(str(d / "adapter_model.safetensors")) for d in (out, distilled))
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-5), key
 
 
 def test_download_local_and_corrupt(distilled, tmp_path):
     dest = fetch_adapter(str(distilled), tmp_path / "copy")
     check_adapter_folder(dest)
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(UserError, match="not empty"):
         fetch_adapter(str(distilled), tmp_path / "copy")
     bad = tmp_path / "bad"
     shutil.copytree(distilled, bad)
@@ -138,7 +152,7 @@ def test_download_local_and_corrupt(distilled, tmp_path):
     with pytest.raises(ValueError, match="adapter_model.safetensors is corrupt"):
         check_adapter_folder(bad)
     (bad / "adapter_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="missing adapter_model.safetensors"):
+    with pytest.raises(UserError, match="missing adapter_model.safetensors"):
         fetch_adapter(str(bad))
 
 
@@ -148,7 +162,7 @@ def test_offline_wandb_run_logs_and_downloads(tiny_policy_dir, tiny_generate_dir
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     out = tmp_path / "w"
     args = distill_args(tiny_policy_dir, tiny_generate_dir, out)
-    args = args[: args.index("--wandb_mode")] + ["--wandb_mode", "offline"]
+    args = args[: args.index("--wandb.mode")] + ["--wandb.mode", "offline"]
     run(parse_config(DistillConfig, args))
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

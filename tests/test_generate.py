@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import pytest
 
+from rmod_distill.errors import UserError
 from rmod_distill.artifacts import read_jsonl
 from rmod_distill.config import ConfigError, parse_config
 from rmod_distill.generate import GenerateConfig, run
@@ -63,8 +64,7 @@ def test_generate_writes_rows_dataset_and_provenance(tiny_policy_dir, prompt_fil
 
 def test_several_samples_per_prompt(tiny_policy_dir, prompt_file, tmp_path):
     """Extra samples are rows of their own, with their own seeds; distill keeps a prompt's samples together."""
-    from rmod_distill.distill import _held_out
-    from rmod_distill.prompts import base_prompt_id
+    from rmod_distill.prompts import base_prompt_id, held_out
 
     one = read_jsonl(run(parse_config(GenerateConfig, args(tiny_policy_dir, prompt_file, tmp_path / "one",
                                                            "--methods", "[rmod]"))) / "samples.jsonl")
@@ -76,14 +76,14 @@ def test_several_samples_per_prompt(tiny_policy_dir, prompt_file, tmp_path):
     assert len({r["seed"] for r in rows}) == 12 and rows[0]["completion"] != rows[1]["completion"]
     assert len(read_jsonl(out / "calibration.jsonl")) == 8  # normalisation is measured on the prompts, not samples
     assert base_prompt_id("p00#s1") == "p00"
-    assert all(_held_out(f"q{i}", 0.5) == _held_out(f"q{i}#s1", 0.5) for i in range(50))
+    assert all(held_out(f"q{i}", 0.5) == held_out(f"q{i}#s1", 0.5) for i in range(50))
 
 
 def test_complete_run_is_not_overwritten(tiny_policy_dir, prompt_file, tmp_path):
     a = args(tiny_policy_dir, prompt_file, tmp_path / "gen", "--methods", "[reference]")
     run(parse_config(GenerateConfig, a))
     before = read_jsonl(tmp_path / "gen" / "samples.jsonl")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(UserError, match="--overwrite"):
         run(parse_config(GenerateConfig, a))
     assert read_jsonl(tmp_path / "gen" / "samples.jsonl") == before
     run(parse_config(GenerateConfig, a + ["--overwrite"]))

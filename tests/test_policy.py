@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from rmod_distill.errors import UserError
 from rmod_distill.policy import load_policy, prepare_tokenizer, resolve_dtype, stop_token_ids
 
 
@@ -42,14 +43,14 @@ def test_lora_adapter_on_top(tiny_policy_dir, tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, peft_model(ids).logits, atol=1e-5)
         assert not torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-3)
-    with pytest.raises(FileNotFoundError, match="missing adapter_config.json"):
+    with pytest.raises(UserError, match="missing adapter_config.json"):
         load_policy(str(tiny_policy_dir), device="cpu", adapter=str(tmp_path))
 
 
 @pytest.mark.slow
 def test_embedded_default_loads_and_scores():
     """The README's snippet: the embedded policy and all default objectives, no downloads."""
-    from rmod_distill.generate import default_objectives
+    from rmod_distill.objectives import default_objectives
     from rmod_distill.objectives import ObjectiveSet
 
     model, tok = load_policy("embedded")

@@ -7,6 +7,7 @@ from pathlib import Path
 import datasets
 import pytest
 
+from rmod_distill.errors import UserError
 from rmod_distill.prompts import PromptsConfig, load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_bad_prompt_files(tmp_path, rows, cfg, message):
 
 
 def test_missing_and_empty_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl does not exist"):
+    with pytest.raises(UserError, match="nope.jsonl does not exist"):
         load_prompts(PromptsConfig(path=str(tmp_path / "nope.jsonl")))
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="empty.jsonl"):

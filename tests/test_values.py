@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from rmod_distill.errors import UserError
 from rmod_distill.config import parse_config
-from rmod_distill.values import LearnedValues, ValuesConfig, run, value_loss
+from rmod_distill.engine.value_model import LearnedValues, value_loss
+from rmod_distill.values import ValuesConfig, run
 
 
 def test_loss_ignores_prompt_and_padding():
@@ -78,7 +80,7 @@ def test_kv_cached_values_equal_full_reencoding(value_dir):
     assert len(prompts[0]) != len(prompts[1])  # left padding is exercised
     words = torch.tensor(tok.convert_tokens_to_ids(["you", "are", "kind", "the", "sun", "plan", "fix", "warm"]))
     gen = torch.Generator().manual_seed(0)
-    K, cache = 2, lv.prefill(enc["input_ids"], enc["attention_mask"])
+    K, cache = 2, lv.prefill(prompts)
     prefixes = [prompts[0], prompts[1]]
     for lengths, keep in (([3, 3, 1, 3], [1, 3]), ([4, 0, 4, 2], None)):
         block = words[torch.randint(len(words), (2 * K, 4), generator=gen)]
@@ -100,11 +102,11 @@ class _ReencodingValues:
     def shares_tokenizer(self, tokenizer):
         return True
 
-    def prefill(self, input_ids, attention_mask):
+    def prefill(self, prompt_ids):
         oracle = self
 
         class Prefixes:
-            rows = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
+            rows = [list(ids) for ids in prompt_ids]
 
             def extend(self, tokens, lengths, K):
                 self.rows = [self.rows[r // K] + tokens[r, : lengths[r]].tolist() for r in range(len(tokens))]
@@ -118,18 +120,18 @@ class _ReencodingValues:
 
 def test_engine_value_cache_matches_reencoding(tiny_policy, value_dir):
     """RMOD guided by the value model's KV cache decodes exactly as with full re-encoding."""
-    from rmod_distill.decoding import BlockwiseDecoder, DecodingConfig, parse_method
+    from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig
 
     model, tok = tiny_policy
     names = ["harmlessness", "concision"]
     lv = LearnedValues.load(value_dir, names, device="cpu")
     cfg = DecodingConfig(num_candidates=3, block_size=4, max_new_tokens=12)
-    cached = BlockwiseDecoder(model, tok, cfg, lv, names)
-    oracle = BlockwiseDecoder(model, tok, cfg, _ReencodingValues(lv), names)
+    cached = BlockwiseDecoder.from_model(model, tok, cfg, lv, names)
+    oracle = BlockwiseDecoder.from_model(model, tok, cfg, _ReencodingValues(lv), names)
     assert cached.value_ids
     convs = [[{"role": "user", "content": q}] for q in ("how do i fix my plan ?", "tell me a kind thing", "why ?")]
-    a = cached.decode(convs, [1, 2, 3], parse_method("rmod", names, cfg))
-    b = oracle.decode(convs, [1, 2, 3], parse_method("rmod", names, cfg))
+    a = cached.decode(convs, [1, 2, 3], cached.method("rmod"))
+    b = oracle.decode(convs, [1, 2, 3], cached.method("rmod"))
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert sum(r.blocks for r in a) > 3  # several blocks, so the cache carried over
     assert np.allclose(sum((r.block_weights for r in a), []), sum((r.block_weights for r in b), []), atol=1e-4)
@@ -165,7 +167,7 @@ def test_rmod_guided_by_learned_values(tiny_policy_dir, tiny_generate_dir, value
 
 
 def test_existing_value_model_not_overwritten(tiny_policy_dir, tiny_generate_dir, value_dir):
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(UserError, match="--overwrite"):
         run(parse_config(ValuesConfig, values_args(tiny_policy_dir, tiny_generate_dir, value_dir)))
 
 
@@ -173,7 +175,7 @@ def test_overwrite_retrains_on_the_same_rollouts(tiny_policy_dir, tiny_generate_
     again = tmp_path / "again"
     shutil.copytree(value_dir, again)
     rollouts = (again / "rollouts.jsonl").read_text()
-    with pytest.raises(FileNotFoundError, match="normalization.json"):  # bad input: nothing is removed
+    with pytest.raises(UserError, match="normalization.json"):  # bad input: nothing is removed
         run(parse_config(ValuesConfig, values_args(tiny_policy_dir, tmp_path, again, "--overwrite")))
     assert (again / "value_report.json").exists() and (again / "heads.safetensors").exists()
     run(parse_config(ValuesConfig, values_args(tiny_policy_dir, tiny_generate_dir, again, "--overwrite",

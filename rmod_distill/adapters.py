@@ -1,8 +1,6 @@
 """Adapters you can hand to someone: verify, stage, and fetch them from any source.
 
-    rmod-distill download SOURCE --to DIR
-
-SOURCE is a local PEFT folder, a W&B offline run folder (the server-free route: distill
+A source (``rmod-distill download SOURCE``, ``policy.adapter``, eval's ``adapter``) is a local PEFT folder, a W&B offline run folder (the server-free route: distill
 keeps a hashed copy of the adapter in the run's files), a W&B artifact path
 ``entity/project/name:alias``, or a hub repo id ``org/name``. Every fetched adapter is
 checked: the config parses, the safetensors file opens and every tensor reads, and where a
@@ -12,17 +10,20 @@ a half-loaded model.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
+
+from rmod_distill.artifacts import is_local_path
+from rmod_distill.errors import UserError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"
-# The model card's results line until the eval stage fills in its figures (evaluate.update_model_card).
-CARD_PLACEHOLDER = "- Worst-case reward against RMOD and the baselines: see the eval stage's report.md."
+# What a copy of an adapter carries: the weights, the tokenizer, the card and the run marker
+# (eval reads the adapter's training prompts from it); never checkpoints or W&B folders.
+PORTABLE_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "run.json", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", MANIFEST)
 
 
 def _sha256(path: Path) -> str:
@@ -39,29 +40,29 @@ def check_adapter_folder(path: str | Path) -> Path:
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"adapter folder {path} does not exist")
+        raise UserError(f"adapter folder {path} does not exist")
     missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"adapter folder {path} is missing {', '.join(missing)}")
+        raise UserError(f"adapter folder {path} is missing {', '.join(missing)}")
     try:
         config = json.loads((path / "adapter_config.json").read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}/adapter_config.json is corrupt: {exc}") from exc
+        raise UserError(f"{path}/adapter_config.json is corrupt: {exc}") from exc
     if "peft_type" not in config:
-        raise ValueError(f"{path}/adapter_config.json is not a PEFT adapter config (no peft_type)")
+        raise UserError(f"{path}/adapter_config.json is not a PEFT adapter config (no peft_type)")
     manifest = path / MANIFEST
     if manifest.exists():
         for name, digest in json.loads(manifest.read_text())["sha256"].items():
             if not (path / name).is_file():
-                raise FileNotFoundError(f"adapter folder {path} is missing {name} (listed in {MANIFEST})")
+                raise UserError(f"adapter folder {path} is missing {name} (listed in {MANIFEST})")
             if _sha256(path / name) != digest:
-                raise ValueError(f"{path}/{name} is corrupt: its sha256 does not match {MANIFEST}")
+                raise UserError(f"{path}/{name} is corrupt: its sha256 does not match {MANIFEST}")
     try:
         with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
             for key in f.keys():
                 f.get_tensor(key)
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise ValueError(f"{path}/adapter_model.safetensors is corrupt: {exc}") from exc
+        raise UserError(f"{path}/adapter_model.safetensors is corrupt: {exc}") from exc
     return path
 
 
@@ -97,7 +98,7 @@ def fetch_adapter(source: str, to: str | Path | None = None) -> Path:
     if path.exists():
         staged = _offline_run_adapter(path) if not (path / "adapter_config.json").exists() else path
         if staged is None:
-            raise FileNotFoundError(
+            raise UserError(
                 f"{source}: not a PEFT adapter folder (missing adapter_config.json), nor a W&B run folder "
                 "holding a staged adapter"
             )
@@ -106,11 +107,18 @@ def fetch_adapter(source: str, to: str | Path | None = None) -> Path:
             return staged
         to = Path(to)
         if to.exists() and any(to.iterdir()):
-            raise FileExistsError(f"--to {to} exists and is not empty")
-        shutil.copytree(staged, to, dirs_exist_ok=True)
+            raise UserError(f"--to {to} exists and is not empty")
+        to.mkdir(parents=True, exist_ok=True)
+        for name in PORTABLE_FILES:
+            if (staged / name).is_file():
+                shutil.copy2(staged / name, to / name)
         return check_adapter_folder(to)
+    # "runs/distil" is a typo of a local folder, not a hub repo: its first component exists here.
+    if is_local_path(source):
+        raise UserError(f"adapter folder {source} does not exist")
     if to is None:
-        raise ValueError(f"adapter {source!r} is not a local folder; download it first with `rmod-distill download`")
+        raise UserError(f"adapter {source!r} is not a local folder; fetch it first with "
+                        f"`rmod-distill download {source} --to DIR` and pass DIR")
     to = Path(to)
     if source.count("/") == 2 and ":" in source:
         import wandb  # needs a W&B server and login
@@ -121,27 +129,8 @@ def fetch_adapter(source: str, to: str | Path | None = None) -> Path:
 
         snapshot_download(repo_id=source, local_dir=str(to))
     else:
-        raise ValueError(
+        raise UserError(
             f"adapter source {source!r}: expected a local folder, a W&B offline run folder, a W&B artifact "
             "'entity/project/name:alias' or a hub repo id 'org/name'"
         )
     return check_adapter_folder(to)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``rmod-distill download SOURCE --to DIR``."""
-    parser = argparse.ArgumentParser(prog="rmod-distill download", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="PEFT folder, W&B offline run folder, W&B artifact path or hub repo id")
-    parser.add_argument("--to", required=True, help="Folder to write the adapter to (must be empty or new)")
-    args = parser.parse_args(argv)
-    dest = fetch_adapter(args.source, args.to)
-    config = json.loads((dest / "adapter_config.json").read_text())
-    base = config.get("base_model_name_or_path") or "BASE_MODEL"
-    print(f"adapter verified -> {dest}")
-    print("use it:")
-    print(f"  rmod-distill eval --config recipes/default/eval.yaml --adapter {dest}")
-    print(f"  python -c \"from rmod_distill.policy import load_policy; load_policy('{base}', adapter='{dest}')\"")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -4,11 +4,12 @@ import json
 
 import pytest
 
+from rmod_distill.errors import UserError
 from rmod_distill.artifacts import read_jsonl
 from rmod_distill.config import parse_config
 from rmod_distill.distill import DistillConfig
 from rmod_distill.distill import run as distill_run
-from rmod_distill.evaluate import EvalConfig, run
+from rmod_distill.eval import EvalConfig, run
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def adapter(tiny_policy_dir, tiny_generate_dir, tmp_path_factory):
     distill_run(parse_config(DistillConfig, [
         "--model", str(tiny_policy_dir), "--generate_dir", str(tiny_generate_dir), "--output_dir", str(out),
         "--max_steps", "3", "--per_device_train_batch_size", "4", "--lora_r", "4", "--use_cpu",
-        "--eval_strategy", "no", "--activation_checkpointing", "false", "--wandb_mode", "disabled", "--sample_prompts", "1",
+        "--eval_strategy", "no", "--activation_checkpointing", "false", "--wandb.mode", "disabled", "--sample_prompts", "1",
     ]))
     return out
 
@@ -56,7 +57,7 @@ def test_eval_writes_metrics_report_and_plots(tiny_policy_dir, tiny_generate_dir
     card = (adapter / "README.md").read_text()
     assert "see the eval stage's report.md" not in card and "| `distilled` | " in card  # the card is filled in
     assert f"{methods['rmod']['worst_case_reward']:+.3f}" in card
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(UserError, match="--overwrite"):
         run(parse_config(EvalConfig, eval_args(tiny_policy_dir, tiny_generate_dir, adapter, out)))
 
 

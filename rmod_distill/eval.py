@@ -14,20 +14,22 @@ worst-case reward, plots, side-by-side samples), ``plots/*.png`` and ``generatio
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from rmod_distill.artifacts import atomic_write_text, provenance, read_jsonl, write_json
+from rmod_distill.adapters import MANIFEST, fetch_adapter
+from rmod_distill.artifacts import RunFolder, atomic_write_text, provenance, read_json, write_json, write_jsonl
+from rmod_distill.cards import adapter_card
 from rmod_distill.config import parse_config, to_dict
-from rmod_distill.decoding import DecodingConfig
-from rmod_distill.generate import GenerateConfig, default_objectives
-from rmod_distill.generate import run as generate_run
+from rmod_distill.engine.decoding import DecodingConfig
+from rmod_distill.engine.runs import decode_methods, merged_rows, process_state
+from rmod_distill.engine.setup import build_decoder, check_decoding_inputs
+from rmod_distill.errors import UserError
 from rmod_distill.metrics import method_metrics
-from rmod_distill.objectives import Normalizer, ObjectiveSpec
+from rmod_distill.objectives import Normalizer, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig
 from rmod_distill.prompts import PromptsConfig, load_prompts
 from rmod_distill.tracking import Tracker, WandbConfig
@@ -69,14 +71,14 @@ class EvalConfig:
 
 def check_no_overlap(adapter_dir: Path, prompt_ids: list[str]) -> None:
     """Fail when an eval prompt was among the adapter's training prompts."""
-    info_path = adapter_dir / "distill_config.json"
+    info_path = adapter_dir / "run.json"
     if not info_path.exists():
         print(f"eval: warning: {info_path} is missing; cannot check the adapter's training prompts")
         return
-    trained = set(json.loads(info_path.read_text()).get("train_prompt_ids", []))
+    trained = set(read_json(info_path, "adapter run marker").get("train_prompt_ids", []))
     overlap = sorted(trained & set(prompt_ids))
     if overlap:
-        raise ValueError(
+        raise UserError(
             f"{len(overlap)} eval prompts were used to train the adapter in {adapter_dir} (first: {overlap[0]}); "
             "evaluate on held-out prompts (prompts.split: eval)"
         )
@@ -208,65 +210,79 @@ def write_report(cfg: EvalConfig, metrics: dict, names: list[str], rows: list[di
     return text
 
 
-def update_model_card(adapter_dir: Path, metrics: dict, report: Path) -> bool:
-    """Fill the distilled adapter's model card with the eval figures, once they are known.
+def update_model_card(adapter_dir: Path, metrics: dict, report: Path, prompts: str) -> bool:
+    """Write the distilled adapter's model card again, now with the eval figures.
 
     Only a distill output folder is touched (not a hashed download copy, whose manifest
-    would then fail), and only its results placeholder line is replaced.
+    would then fail).
     """
-    from rmod_distill.hub import CARD_PLACEHOLDER, MANIFEST
-
-    card = adapter_dir / "README.md"
-    if (adapter_dir / MANIFEST).exists() or not card.exists() or CARD_PLACEHOLDER not in card.read_text():
+    info_path = adapter_dir / "run.json"
+    if (adapter_dir / MANIFEST).exists() or not info_path.exists():
         return False
-    lines = [f"- Eval ({metrics['distilled']['prompts']} held-out prompts, `{report}`): worst-case reward "
-             "(mean over prompts of the lowest z-normalised objective), 95% bootstrap interval, cost:", "",
-             "| method | worst-case reward | tokens sampled / response | s / response |", "|---|---|---|---|"]
-    for method in ("distilled", "rmod", "reference"):
-        if method in metrics:
-            m = metrics[method]
-            lo, hi = m["worst_case_reward_ci"]
-            lines.append(f"| `{method}` | {m['worst_case_reward']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
-                         f"{m['tokens_sampled_per_response']:.0f} | {m['seconds_per_response']:.2f} |")
-    atomic_write_text(card, card.read_text().replace(CARD_PLACEHOLDER, "\n".join(lines)))
+    info = read_json(info_path, "adapter run marker")
+    if info.get("stage") != "distill" or not info.get("complete"):
+        return False
+    card = adapter_card(info, metrics, str(report), prompts)
+    atomic_write_text(adapter_dir / "README.md", str(card))
     return True
+
+
+def check_objectives(cfg: EvalConfig, norm_path: Path) -> Normalizer:
+    """The recipe's objectives must be the generate run's, spec for spec, and match its normalisation."""
+    normalizer = Normalizer.load(norm_path)
+    normalizer.check_names([o.name for o in cfg.objectives], str(norm_path))
+    gen_json = Path(cfg.generate_dir) / "run.json"
+    if gen_json.exists():
+        made = read_json(gen_json, "generate run marker").get("objective_specs")
+        mine = to_dict(cfg.objectives)
+        if made is not None and made != mine:
+            diff = next((m, g) for m, g in zip(mine, made) if m != g)
+            keys = sorted(k for k in set(diff[0]) | set(diff[1]) if diff[0].get(k) != diff[1].get(k))
+            raise UserError(
+                f"objective {diff[0]['name']!r}: the recipe's spec differs from the one {cfg.generate_dir} was "
+                f"normalised with (keys {keys}); scores would be read against another objective's statistics"
+            )
+    return normalizer
 
 
 def run(cfg: EvalConfig) -> Path:
     """Run the eval stage; returns the output folder."""
-    out = Path(cfg.output_dir)
-    if (out / "metrics.json").exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} already holds an eval report; pass --overwrite or set output_dir")
+    state = process_state()
+    folder = RunFolder(cfg.output_dir, "eval", to_dict(cfg), cfg.overwrite)
 
-    # ------------------------------------------------------------------ checks
+    # ------------------------------------------------------------------ check every input first
+    folder.check()
     norm_path = Path(cfg.generate_dir) / "normalization.json"
-    normalizer = Normalizer.load(norm_path)
-    normalizer.check_names([o.name for o in cfg.objectives], str(norm_path))
-    prompt_ids = [p.id for p in load_prompts(cfg.prompts)]
+    normalizer = check_objectives(cfg, norm_path)
+    prompts = load_prompts(cfg.prompts)
+    objectives = ObjectiveSet.from_specs(cfg.objectives)
+    objectives.set_normalizer(normalizer, str(norm_path))
+    objectives.probe(prompts[0].messages)
+    check_decoding_inputs(cfg.decoding, objectives)
+    cfg.policy.check()
     adapter = None
     if "distilled" in cfg.methods:
-        from rmod_distill.hub import fetch_adapter
-
         adapter = fetch_adapter(cfg.adapter)
-        check_no_overlap(adapter, prompt_ids)
+        check_no_overlap(adapter, [p.id for p in prompts])
+    cfg.wandb.check()
 
-    # ------------------------------------------------------------------ decode (the generate engine)
-    gen_cfg = GenerateConfig(
-        policy=PolicyConfig(cfg.policy.model, str(adapter) if adapter else None, cfg.policy.dtype, cfg.policy.device),
-        prompts=cfg.prompts, objectives=cfg.objectives, decoding=cfg.decoding, methods=cfg.methods,
-        batch_size=cfg.batch_size, seed=cfg.seed, normalization=str(norm_path),
-        output_dir=str(out / "generations"), overwrite=cfg.overwrite, wandb=WandbConfig(mode="disabled"),
-    )
-    gen_run = out / "generations" / "run.json"
-    finished = gen_run.exists() and json.loads(gen_run.read_text()).get("complete")
-    if finished and json.loads(gen_run.read_text())["config"] == to_dict(gen_cfg):
-        print(f"eval: reusing the finished generations in {gen_run.parent}")
-    else:
-        generate_run(gen_cfg)
-    rows = read_jsonl(out / "generations" / "samples.jsonl")
+    # ------------------------------------------------------------------ decode (the engine)
+    state.wait_for_everyone()
+    out = folder.begin(state.is_main_process)
+    state.wait_for_everyone()
+    policy = PolicyConfig(cfg.policy.model, str(adapter) if adapter else None, cfg.policy.dtype, cfg.policy.device)
+    device = str(state.device) if state.num_processes > 1 else None
+    model, tokenizer = policy.load(device)
+    decoder = build_decoder(model, tokenizer, cfg.decoding, objectives, device or cfg.policy.device)
+    decode_methods(decoder, model, objectives, prompts, cfg.methods, cfg.seed, cfg.batch_size,
+                   out / "generations" / "shards", state)
+    if not state.is_main_process:
+        return folder.path
+    rows = merged_rows(out / "generations" / "shards", cfg.methods, prompts)
+    write_jsonl(out / "generations" / "samples.jsonl", rows)
 
     # ------------------------------------------------------------------ metrics
-    names = [o.name for o in cfg.objectives]
+    names = objectives.names
     z = {m: np.array([[r["normalized"][g] for g in names] for r in rows if r["method"] == m]) for m in cfg.methods}
     metrics = {}
     for method in cfg.methods:
@@ -283,7 +299,7 @@ def run(cfg: EvalConfig) -> Path:
     plots = make_plots(metrics, names, rows, out / "plots")
     report = write_report(cfg, metrics, names, rows, plots, out)
     write_json(out / "metrics.json", dict(provenance(to_dict(cfg)), objectives=names, methods=metrics))
-    tracker = Tracker(cfg.wandb, f"eval-{out.parent.name}", to_dict(cfg), out, "eval")
+    tracker = Tracker(cfg.wandb, f"eval-{folder.path.parent.name}", to_dict(cfg), out, "eval")
     columns = ["method", "worst_case_reward", "worst_objective", "worst_case_win_rate", "seconds_per_response",
                "tokens_sampled_per_response", *[f"mean/{g}" for g in names]]
     tracker.table("eval/summary", columns, [
@@ -294,11 +310,12 @@ def run(cfg: EvalConfig) -> Path:
                   [[r["prompt_id"], r["method"], r["prompt"], r["completion"], r["worst_case"]] for r in rows])
     tracker.summary({f"{m}/worst_case_reward": v["worst_case_reward"] for m, v in metrics.items()})
     tracker.finish()
-    if adapter is not None and update_model_card(adapter, metrics, out / "report.md"):
+    path = folder.finish({"objectives": names, "methods": {m: v["worst_case_reward"] for m, v in metrics.items()}})
+    if adapter is not None and update_model_card(adapter, metrics, path / "report.md", cfg.prompts.path):
         print(f"eval: filled in the eval figures of the model card {adapter / 'README.md'}")
     print(report.split("\n## Samples")[0].split("![")[0].rstrip())
-    print(f"\neval: report -> {out / 'report.md'}")
-    return out
+    print(f"\neval: report -> {path / 'report.md'}")
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,65 @@
+"""The distilled adapter's model card (``README.md``), from a template file.
+
+Distill writes it from the adapter's ``run.json``; eval writes it again with the worst-case
+figures it measured (in the card's text and as ``model-index`` results), from the same
+template and the same ``run.json``, so no stage edits another's text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rmod_distill.policy import base_model_name
+
+TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+SHOWN_RESULTS = ("train_loss", "eval_loss", "eval_mean_token_accuracy", "train_rows")
+
+
+def _eval_table(metrics: dict) -> str:
+    lines = ["| method | worst-case reward | tokens sampled / response | s / response |", "|---|---|---|---|"]
+    for method in ("distilled", "rmod", "reference"):
+        if method in metrics:
+            m = metrics[method]
+            lo, hi = m["worst_case_reward_ci"]
+            lines.append(f"| `{method}` | {m['worst_case_reward']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                         f"{m['tokens_sampled_per_response']:.0f} | {m['seconds_per_response']:.2f} |")
+    return "\n".join(lines)
+
+
+def adapter_card(info: dict, eval_metrics: dict | None = None, eval_report: str | None = None,
+                 eval_prompts: str | None = None):
+    """A ``huggingface_hub.ModelCard`` for the adapter whose distill ``run.json`` is ``info``."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    cfg = info["config"]
+    base = base_model_name(cfg["model"])
+    results = []
+    if eval_metrics:
+        for method in ("distilled", "rmod", "reference"):
+            if method in eval_metrics:
+                results.append(EvalResult(
+                    task_type="text-generation", dataset_type="rmod-distill-prompts",
+                    dataset_name=eval_prompts or "held-out prompts", dataset_split="eval",
+                    metric_type="worst_case_reward", metric_name=f"worst-case reward ({method})",
+                    metric_value=round(eval_metrics[method]["worst_case_reward"], 4),
+                ))
+    data = ModelCardData(
+        library_name="peft", base_model=base, tags=["rmod", "robust-multi-objective-decoding", "lora", "trl", "sft"],
+        model_name=f"rmod-distilled-{Path(cfg['output_dir']).name}" if results else None,
+        eval_results=results or None,
+    )
+    return ModelCard.from_template(
+        data, template_path=str(TEMPLATE), base_model=base, model=cfg["model"],
+        generate_dir=cfg["generate_dir"], methods=cfg["methods"], min_worst_case=cfg["min_worst_case"],
+        objectives=", ".join(info.get("objectives") or []) or "n/a", decoding=info.get("decoding", {}),
+        train_rows=info["rows"]["train"], eval_rows=info["rows"]["held_out"],
+        lora={"r": cfg["lora_r"], "alpha": cfg["lora_alpha"], "dropout": cfg["lora_dropout"],
+              "modules": cfg["lora_target_modules"]},
+        training={"learning_rate": cfg["learning_rate"], "epochs": cfg["num_train_epochs"],
+                  "batch": cfg["per_device_train_batch_size"], "accumulation": cfg["gradient_accumulation_steps"],
+                  "max_length": cfg["max_length"]},
+        results={k: info["metrics"][k] for k in SHOWN_RESULTS if k in info["metrics"]},
+        eval_table=_eval_table(eval_metrics) if eval_metrics else None,
+        eval_prompts=eval_metrics["distilled"]["prompts"] if eval_metrics and "distilled" in eval_metrics else None,
+        eval_report=eval_report,
+    )
