@@ -14,7 +14,9 @@ the same script runs on a GPU machine (bf16 there). Rows:
    of block 8 over block 1 of a 128-token run;
 4. the weight solvers on 1024 problems of K=16, G=10;
 5. scaling of time per response with N, K and G, and peak memory;
-6. distillation's payoff, read from the default eval report when it exists.
+6. distillation's payoff, read from the default eval report when it exists;
+7. RMOD's selection overhead per block on the default recipe: the share of a block's time
+   outside the policy's forward passes and the objectives.
 
 Sequences never stop early here (no stop tokens), so every method samples the same number
 of tokens and the ratios measure overhead, not luck.
@@ -130,6 +132,69 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def block_overhead(model, tok, decoder_for, convs, method: str, seeds) -> dict:
+    """Seconds per block in the policy's forward passes, in scoring, and everything else.
+
+    ``decoder_for(value_fn)`` builds the decoder; forward time is taken by hooks on the model
+    and scoring time by wrapping the value function, so the same measurement applies to any
+    engine version. What is left (sampling arithmetic, the stop check, bookkeeping, decoding
+    candidates to text, the weight solve) is the selection overhead.
+    """
+    times = {"forward": 0.0, "scoring": 0.0}
+    starts = []
+
+    def pre(module, args, kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        starts.append(time.perf_counter())
+
+    def post(module, args, kwargs, output):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times["forward"] += time.perf_counter() - starts.pop()
+
+    value_fn, names = embedded_values(ROOT / "runs" / "default" / "generate" / "normalization.json")
+
+    def timed_values(prompts, responses):
+        t0 = time.perf_counter()
+        out = value_fn(prompts, responses)
+        times["scoring"] += time.perf_counter() - t0
+        return out
+
+    blocks = []
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+               model.register_forward_hook(post, with_kwargs=True)]
+    try:
+        decoder = decoder_for(timed_values, names)
+        decoder.decode(convs[:2], seeds[:2], decoder.method(method))  # warm-up
+        times.update(forward=0.0, scoring=0.0)
+        t0 = time.perf_counter()
+        results = decoder.decode(convs, seeds, decoder.method(method), on_block=blocks.append)
+        total = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    n_blocks = max(len(blocks), 1)
+    other = total - times["forward"] - times["scoring"]
+    return {"blocks": n_blocks, "seconds_per_block": total / n_blocks, "forward_share": times["forward"] / total,
+            "scoring_share": times["scoring"] / total, "overhead_share": other / total,
+            "overhead_ms_per_block": 1e3 * other / n_blocks, "tokens": sum(r.tokens_sampled for r in results)}
+
+
+def bench_overhead(prompts) -> dict:
+    """Row 7: RMOD's selection overhead per block on the default recipe (16 prompts, K=4, B=16, 64 tokens)."""
+    model, tok = load_model("embedded")
+    cfg = DecodingConfig(num_candidates=4, block_size=16, max_new_tokens=64, temperature=0.7, top_p=0.9)
+    convs = [p.messages for p in prompts[:16]]
+    seeds = [prompt_seed(1, p.id, "rmod") for p in prompts[:16]]
+    out = block_overhead(model, tok, lambda fn, names: BlockwiseDecoder.from_model(model, tok, cfg, fn, names),
+                         convs, "rmod", seeds)
+    print(f"7. rmod block: {1e3 * out['seconds_per_block']:.0f} ms; forward {out['forward_share']:.0%}, scoring "
+          f"{out['scoring_share']:.0%}, selection overhead {out['overhead_share']:.1%} "
+          f"({out['overhead_ms_per_block']:.1f} ms/block)", flush=True)
+    return out
 
 
 def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
@@ -280,6 +345,11 @@ def format_table(report: dict) -> str:
     solver = (f"exact {s['exact_ms']:.1f} ms (max KKT gap {s['exact_max_kkt_gap']:.1e}), reference "
               f"{s['reference_ms']:.1f} ms, closes {s['reference_share_of_gap_closed_median']:.0%} of the gap")
     rows.append(["4. solver, 1024 problems K=16 G=10", "", solver] + [""] * (len(models) - 1))
+    o = report.get("overhead")
+    if o:
+        text = (f"{1e3 * o['seconds_per_block']:.0f} ms/block: forward {o['forward_share']:.0%}, scoring "
+                f"{o['scoring_share']:.0%}, overhead {o['overhead_share']:.1%} ({o['overhead_ms_per_block']:.1f} ms)")
+        rows.append(["7. rmod selection overhead per block (default recipe)", "", text] + [""] * (len(models) - 1))
     d = report.get("distillation")
     if d:
         text = (f"{d['distilled_seconds']:.2f} vs {d['rmod_seconds']:.2f} s/resp "
@@ -308,6 +378,7 @@ def main(argv=None) -> None:
         "solver": bench_solver(args.reps),
         "models": [bench_model(m, prompts, args.reps, quick=(m != "embedded" and device.type == "cpu"))
                    for m in args.models.split(",")],
+        "overhead": bench_overhead(prompts) if "embedded" in args.models.split(",") else None,
         "distillation": distillation_payoff(),
     }
     table = format_table(report)
