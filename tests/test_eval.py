@@ -51,6 +51,11 @@ def test_eval_writes_metrics_report_and_plots(tiny_policy_dir, tiny_generate_dir
     wc = [float(line.split("|")[2].split()[0]) for line in table]
     assert len(table) == 6 and wc == sorted(wc, reverse=True)
     assert "**Distillation:**" in report and "## Samples" in report
+    assert "recovery of RMOD's lift by the adapter, by median" in report and "`rmod - cd`" in report
+    recovery = metrics["paired"]["recovery"]["mean"]
+    lift = methods["rmod"]["worst_case_reward"] - methods["reference"]["worst_case_reward"]
+    got = methods["distilled"]["worst_case_reward"] - methods["reference"]["worst_case_reward"]
+    assert recovery["value"] == pytest.approx(got / lift)
     for name in ("objective_means", "worst_case_vs_cost", "rmod_weights"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
         assert f"plots/{name}.png" in report

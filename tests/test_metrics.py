@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from rmod_distill.metrics import (
-    bootstrap_interval, method_metrics, win_rates, worst_case_reward, worst_case_win_rate, worst_objective,
+    bootstrap_interval, method_metrics, min_objective_win_rate, paired_comparisons, win_rates, worst_case_reward,
+    worst_case_win_rate, worst_objective,
 )
 
 # Three prompts, two objectives.
@@ -17,7 +18,25 @@ def test_hand_computed_values():
     assert worst_objective(Z) == pytest.approx(min(4 / 3, 1.5 / 3))
     # objective 0: win, loss, win -> 2/3; objective 1: tie, win, loss -> 1.5/3
     assert win_rates(Z, REF).tolist() == pytest.approx([2 / 3, 0.5])
-    assert worst_case_win_rate(Z, REF) == pytest.approx(0.5)
+    assert min_objective_win_rate(Z, REF) == pytest.approx(0.5)
+    # The paper's WCWR compares worst objectives: minima -1, 0, 0.5 against -1, 1, 1: tie, loss, loss.
+    assert worst_case_win_rate(Z, REF) == pytest.approx(0.5 / 3)
+
+
+def test_paired_comparisons_and_recovery():
+    ref = np.array([[0.0, -2.0], [1.0, -1.0], [0.0, 0.0], [-3.0, 1.0]])
+    rmod = ref + 1.0
+    half = ref + 0.5
+    out = paired_comparisons({"reference": ref, "rmod": rmod, "distilled": half, "cd": ref}, resamples=200)
+    assert out["recovery"]["mean"]["value"] == pytest.approx(0.5)
+    assert out["recovery"]["median"]["value"] == pytest.approx(0.5)
+    # Every prompt moves by the same amount, so every paired resample gives the same answer.
+    assert out["recovery"]["mean"]["ci"] == pytest.approx((0.5, 0.5))
+    assert out["differences"]["rmod - reference"]["mean"] == pytest.approx(1.0)
+    assert out["differences"]["rmod - reference"]["ci"] == pytest.approx((1.0, 1.0))
+    assert out["differences"]["distilled - rmod"]["mean"] == pytest.approx(-0.5)
+    assert set(out["differences"]) == {"rmod - reference", "distilled - reference", "cd - reference",
+                                       "rmod - cd", "distilled - rmod"}
 
 
 def test_intervals_contain_the_estimate():
@@ -25,7 +44,7 @@ def test_intervals_contain_the_estimate():
     z = rng.normal(size=(60, 3))
     ref = rng.normal(size=(60, 3))
     m = method_metrics(z, ["a", "b", "c"], ref, resamples=300)
-    for key in ("worst_case_reward", "worst_objective", "worst_case_win_rate"):
+    for key in ("worst_case_reward", "worst_objective", "worst_case_win_rate", "min_objective_win_rate"):
         lo, hi = m[f"{key}_ci"]
         assert lo <= m[key] <= hi and hi - lo > 0
     for g in "abc":
