@@ -28,8 +28,8 @@ from rmod_distill.engine.decoding import DecodingConfig
 from rmod_distill.engine.runs import decode_methods, merged_rows, process_state
 from rmod_distill.engine.setup import build_decoder, check_decoding_inputs
 from rmod_distill.errors import UserError
-from rmod_distill.metrics import method_metrics, paired_comparisons
-from rmod_distill.objectives import Normalizer, ObjectiveSet, ObjectiveSpec, default_objectives
+from rmod_distill.metrics import bootstrap_interval, method_metrics, paired_comparisons, worst_case_win_rate
+from rmod_distill.objectives import SCALES, Normalizer, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig
 from rmod_distill.prompts import PromptsConfig, load_prompts
 from rmod_distill.tracking import Tracker, WandbConfig
@@ -53,6 +53,12 @@ class EvalConfig:
     prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(split="eval"))
     objectives: list[ObjectiveSpec] = field(default_factory=default_objectives)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    scale: str = field(
+        default="zscore",
+        metadata={"help": "How rewards of different objectives are put on one scale for decoding and metrics: zscore "
+                          "(mean/std of reference samples) | quantile (the reference samples' CDF mapped to normal "
+                          "quantiles: bounded, so an outlier cannot own the mean)."},
+    )
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"help": "Methods compared."})
     batch_size: int = field(default=16, metadata={"help": "Prompts decoded together."})
     seed: int = field(default=1, metadata={"help": "Run seed (differs from generate's, so samples are fresh)."})
@@ -67,6 +73,10 @@ class EvalConfig:
             raise ValueError("method 'distilled' needs `adapter`; set it or drop 'distilled' from methods")
         if "reference" not in self.methods:
             raise ValueError("methods must include 'reference': win rates are measured against it")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
+        if self.scale != "zscore" and self.decoding.values == "learned":
+            raise ValueError("decoding.values: learned value models are trained on z-scores; use scale: zscore")
 
 
 def check_no_overlap(adapter_dir: Path, prompt_ids: list[str]) -> None:
@@ -174,8 +184,43 @@ def _paired_lines(paired: dict) -> list[str]:
     return lines + [""]
 
 
+def scale_summary(z: dict[str, np.ndarray], paired: dict, cfg: EvalConfig) -> dict:
+    """The headline figures of every method on one scale: worst case by mean and median, the paper's WCWR."""
+    out = {}
+    for method, v in z.items():
+        worst = v.min(1)
+        lo, hi = bootstrap_interval(lambda i, w=worst: float(w[i].mean()), len(worst), cfg.bootstrap_resamples,
+                                    cfg.seed)
+        out[method] = {"worst_case_reward": float(worst.mean()), "worst_case_reward_ci": [lo, hi],
+                       "median_worst_case": float(np.median(worst)),
+                       "worst_case_win_rate": worst_case_win_rate(v, z["reference"])}
+    return {"methods": out, "recovery": paired.get("recovery")}
+
+
+def _scales_lines(scales: dict) -> list[str]:
+    lines = ["Every scale (the same answers; quantile maps each raw reward through the reference samples' CDF to a "
+             "normal quantile, so no single answer can own a mean):", "",
+             "| method | " + " | ".join(f"{s}: worst case [95% CI] | {s}: median worst case | {s}: WCWR (paper)"
+                                         for s in scales) + " |",
+             "|---|" + "---|---|---|" * len(scales)]
+    methods = list(next(iter(scales.values()))["methods"])
+    for method in methods:
+        cells = []
+        for s in scales.values():
+            m = s["methods"][method]
+            lo, hi = m["worst_case_reward_ci"]
+            wcwr = "-" if method == "reference" else f"{100 * m['worst_case_win_rate']:.1f}%"
+            cells += [f"{m['worst_case_reward']:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{m['median_worst_case']:+.3f}", wcwr]
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    rec = [f"{name}: by mean {s['recovery']['mean']['value']:.0%}, by median {s['recovery']['median']['value']:.0%}"
+           for name, s in scales.items() if s.get("recovery")]
+    if rec:
+        lines += ["", "Recovery of RMOD's worst-case lift by the adapter, " + "; ".join(rec) + "."]
+    return lines + [""]
+
+
 def write_report(cfg: EvalConfig, metrics: dict, names: list[str], rows: list[dict], plots: dict, out: Path,
-                 paired: dict | None = None) -> str:
+                 paired: dict | None = None, scales: dict | None = None) -> str:
     """report.md: the table, how to read it, the plots and side-by-side samples."""
     ref, rmod = metrics.get("reference"), metrics.get("rmod")
     lines = [
@@ -193,6 +238,8 @@ def write_report(cfg: EvalConfig, metrics: dict, names: list[str], rows: list[di
     ]
     if paired:
         lines += _paired_lines(paired)
+    if scales and len(scales) > 1:
+        lines += _scales_lines(scales)
     if cfg.decoding.solver == "reference":
         lines += ["Note: the `reference` solver (10 clipped gradient steps, as the public implementation) stops "
                   "far from the argmin of the weight problem and inverts the lambda trend.", ""]
@@ -273,7 +320,9 @@ def run(cfg: EvalConfig) -> Path:
     normalizer = check_objectives(cfg, norm_path)
     prompts = load_prompts(cfg.prompts)
     objectives = ObjectiveSet.from_specs(cfg.objectives)
-    objectives.set_normalizer(normalizer, str(norm_path))
+    objectives.set_normalizer(normalizer.with_scale(cfg.scale, str(norm_path)), str(norm_path))
+    other_scale = next(s for s in SCALES if s != cfg.scale)
+    other = normalizer.with_scale(other_scale, str(norm_path)) if normalizer.samples else None
     objectives.probe(prompts[0].messages)
     check_decoding_inputs(cfg.decoding, objectives)
     cfg.policy.check()
@@ -314,10 +363,17 @@ def run(cfg: EvalConfig) -> Path:
 
     # ------------------------------------------------------------------ report
     paired = paired_comparisons(z, cfg.bootstrap_resamples, cfg.seed)
+    # The same answers on the other scale: a figure that holds on both is not an artefact of one.
+    scales = {cfg.scale: scale_summary(z, paired, cfg)}
+    if other is not None:
+        z_other = {m: other(np.array([[r["rewards"][g] for g in names] for r in rows if r["method"] == m]))
+                   for m in cfg.methods}
+        scales[other_scale] = scale_summary(z_other, paired_comparisons(z_other, cfg.bootstrap_resamples, cfg.seed),
+                                            cfg)
     plots = make_plots(metrics, names, rows, out / "plots")
-    report = write_report(cfg, metrics, names, rows, plots, out, paired)
+    report = write_report(cfg, metrics, names, rows, plots, out, paired, scales)
     write_json(out / "metrics.json", dict(provenance(to_dict(cfg)), objectives=names, methods=metrics,
-                                          paired=paired))
+                                          paired=paired, scales=scales))
     tracker = Tracker(cfg.wandb, f"eval-{folder.path.parent.name}", to_dict(cfg), out, "eval")
     columns = ["method", "worst_case_reward", "worst_objective", "worst_case_win_rate", "seconds_per_response",
                "tokens_sampled_per_response", *[f"mean/{g}" for g in names]]

@@ -28,7 +28,7 @@ from rmod_distill.engine.decoding import DecodingConfig, adapter_enabled
 from rmod_distill.engine.runs import decode_methods, decode_rows, merged_rows, process_state
 from rmod_distill.engine.setup import build_decoder, check_decoding_inputs
 from rmod_distill.metrics import method_metrics
-from rmod_distill.objectives import Normalizer, ObjectiveSet, ObjectiveSpec, default_objectives
+from rmod_distill.objectives import SCALES, Normalizer, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig, policy_fingerprint
 from rmod_distill.prompts import Prompt, PromptsConfig, base_prompt_id, load_prompts
 from rmod_distill.tracking import Tracker, WandbConfig
@@ -56,6 +56,12 @@ class GenerateConfig:
     normalization: str | None = field(
         default=None, metadata={"help": "Reuse this normalization.json instead of measuring it."}
     )
+    scale: str = field(
+        default="zscore",
+        metadata={"help": "How rewards of different objectives are put on one scale for decoding and metrics: zscore "
+                          "(mean/std of reference samples) | quantile (the reference samples' CDF mapped to normal "
+                          "quantiles: bounded, so an outlier cannot own the mean)."},
+    )
     normalization_prompts: int = field(
         default=48, metadata={"help": "Prompts whose reference samples measure the normalisation."}
     )
@@ -77,6 +83,10 @@ class GenerateConfig:
         if min(self.batch_size, self.samples_per_prompt, self.normalization_prompts, self.normalization_samples) < 1:
             raise ValueError(
                 "batch_size, samples_per_prompt, normalization_prompts and normalization_samples must be >= 1")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
+        if self.scale != "zscore" and self.decoding.values == "learned":
+            raise ValueError("decoding.values: learned value models are trained on z-scores; use scale: zscore")
         if self.normalization_prompts * self.normalization_samples < 2:
             raise ValueError("normalisation needs at least 2 reference samples")
 
@@ -137,7 +147,7 @@ def run(cfg: GenerateConfig) -> Path:
     objectives.probe(prompts[0].messages)
     normalizer = None
     if cfg.normalization:
-        normalizer = Normalizer.load(cfg.normalization)
+        normalizer = Normalizer.load(cfg.normalization).with_scale(cfg.scale, cfg.normalization)
         objectives.set_normalizer(normalizer, cfg.normalization)
     check_decoding_inputs(cfg.decoding, objectives)
     cfg.policy.check()
@@ -160,7 +170,7 @@ def run(cfg: GenerateConfig) -> Path:
             with adapter_enabled(model, False):
                 measure_normalization(cfg, decoder, objectives, calibration_prompts, out)
         state.wait_for_everyone()
-        objectives.set_normalizer(Normalizer.load(norm_path), str(norm_path))
+        objectives.set_normalizer(Normalizer.load(norm_path).with_scale(cfg.scale, str(norm_path)), str(norm_path))
     check_decoding_inputs(cfg.decoding, objectives)
 
     # ------------------------------------------------------------------ decode what is missing

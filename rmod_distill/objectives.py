@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -349,6 +350,9 @@ class _Signed(Objective):
         return self.sign * np.asarray(self.inner.score_batch(prompts, responses), dtype=np.float64)
 
 
+SCALES = ("zscore", "quantile")
+
+
 def default_objectives() -> list[ObjectiveSpec]:
     """The embedded objectives of the default recipe."""
     return [ObjectiveSpec(name) for name in EMBEDDED_SCORERS]
@@ -359,25 +363,55 @@ def default_objectives() -> list[ObjectiveSpec]:
 
 @dataclass
 class Normalizer:
-    """Per-objective mean and std, measured on reference-policy samples."""
+    """Per-objective statistics of reference-policy samples, and the scale they define.
+
+    ``zscore`` (the default): ``(r - mean) / std``. ``quantile``: each raw reward is mapped
+    through the reference samples' empirical CDF (mid-ranks, ``(rank + 0.5) / (n + 1)``) to a
+    standard-normal quantile, so it is bounded by the sample size (about +-2.4 for 64
+    samples) and one outlier cannot own a mean: a reward a heavy-tailed scorer rates far
+    below every reference sample is simply the lowest quantile.
+    """
 
     names: list[str]
     mean: list[float]
     std: list[float]
     num_samples: int = 0
+    samples: list[list[float]] | None = None  # per objective: the sorted raw rewards measured on
+    scale: str = field(default="zscore", metadata={"help": "zscore | quantile (not saved: a recipe's choice)"})
 
     @classmethod
     def fit(cls, names: list[str], rewards: np.ndarray) -> "Normalizer":
-        """Measure mean and std of raw rewards ``[n, G]``; a constant objective gets std 1."""
+        """Measure mean and std of raw rewards ``[n, G]`` (a constant objective gets std 1) and keep them sorted."""
         if rewards.ndim != 2 or rewards.shape[1] != len(names) or rewards.shape[0] < 2:
             raise ValueError(f"normalisation needs at least 2 rows of {len(names)} rewards, got {rewards.shape}")
         std = rewards.std(axis=0, ddof=1)
         std = np.where(std > 1e-8, std, 1.0)
-        return cls(list(names), rewards.mean(axis=0).tolist(), std.tolist(), int(rewards.shape[0]))
+        samples = [sorted(map(float, rewards[:, g])) for g in range(rewards.shape[1])]
+        return cls(list(names), rewards.mean(axis=0).tolist(), std.tolist(), int(rewards.shape[0]), samples)
+
+    def with_scale(self, scale: str, source: str = "normalisation") -> "Normalizer":
+        """The same statistics on another scale; ``quantile`` needs the samples (files written since it exists)."""
+        if scale not in SCALES:
+            raise UserError(f"scale must be one of {SCALES}, got {scale!r}")
+        if scale == "quantile" and not self.samples:
+            raise UserError(f"{source}: scale quantile needs the reference samples in the normalisation file; "
+                            "measure it again with this version (generate with --overwrite)")
+        return dataclasses.replace(self, scale=scale)
 
     def __call__(self, rewards: np.ndarray) -> np.ndarray:
-        """z-normalise raw rewards ``[..., G]``."""
-        return (rewards - np.asarray(self.mean)) / np.asarray(self.std)
+        """Normalise raw rewards ``[..., G]`` on this normaliser's scale."""
+        rewards = np.asarray(rewards, dtype=np.float64)
+        if self.scale == "zscore":
+            return (rewards - np.asarray(self.mean)) / np.asarray(self.std)
+        from scipy.special import ndtri
+
+        out = np.empty_like(rewards)
+        for g, ref in enumerate(self.samples):
+            ref = np.asarray(ref)
+            x = rewards[..., g]
+            rank = (np.searchsorted(ref, x, side="left") + np.searchsorted(ref, x, side="right")) / 2
+            out[..., g] = ndtri((rank + 0.5) / (len(ref) + 1))
+        return out
 
     def check_names(self, names: list[str], source: str) -> None:
         """Refuse statistics measured for other objectives or another order."""
@@ -387,8 +421,10 @@ class Normalizer:
             )
 
     def save(self, path: str | Path) -> None:
-        """Write the statistics as JSON."""
-        write_json(path, asdict(self))
+        """Write the statistics as JSON (the scale is the recipe's, not the file's)."""
+        data = asdict(self)
+        data.pop("scale")
+        write_json(path, data)
 
     @classmethod
     def load(cls, path: str | Path) -> "Normalizer":
@@ -398,8 +434,10 @@ class Normalizer:
             raise UserError(f"normalisation file {path} does not exist (the generate stage writes it)")
         data = read_json(path, "normalisation file")
         try:
+            samples = data.get("samples")
             norm = cls(list(data["names"]), [float(x) for x in data["mean"]], [float(x) for x in data["std"]],
-                       int(data.get("num_samples", 0)))
+                       int(data.get("num_samples", 0)),
+                       [sorted(map(float, col)) for col in samples] if samples is not None else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"normalisation file {path}: expected names, mean and std lists ({exc})") from None
         if not len(norm.names) == len(norm.mean) == len(norm.std) or not all(

@@ -47,15 +47,20 @@ def test_eval_writes_metrics_report_and_plots(tiny_policy_dir, tiny_generate_dir
     rows = read_jsonl(out / "generations" / "samples.jsonl")
     assert len(rows) == 6 * 4 and {r["split"] for r in rows} == {"eval"}
     report = (out / "report.md").read_text()
-    table = [line for line in report.splitlines() if line.startswith("| `")]
+    lines = report.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| `"))
+    table = [line for line in lines[first:first + 6] if line.startswith("| `")]  # the main table
     wc = [float(line.split("|")[2].split()[0]) for line in table]
     assert len(table) == 6 and wc == sorted(wc, reverse=True)
+    assert len(lines) > first + 6 and not lines[first + 6].startswith("| `")  # exactly six methods
     assert "**Distillation:**" in report and "## Samples" in report
     assert "recovery of RMOD's lift by the adapter, by median" in report and "`rmod - cd`" in report
     recovery = metrics["paired"]["recovery"]["mean"]
     lift = methods["rmod"]["worst_case_reward"] - methods["reference"]["worst_case_reward"]
     got = methods["distilled"]["worst_case_reward"] - methods["reference"]["worst_case_reward"]
     assert recovery["value"] == pytest.approx(got / lift)
+    assert set(metrics["scales"]) == {"zscore", "quantile"} and "quantile: worst case" in report
+    assert metrics["scales"]["zscore"]["methods"]["rmod"]["worst_case_reward"] == methods["rmod"]["worst_case_reward"]
     for name in ("objective_means", "worst_case_vs_cost", "rmod_weights"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
         assert f"plots/{name}.png" in report

@@ -128,3 +128,27 @@ def test_objectives_of_one_reward_model_share_it(tmp_path):
     assert raw[:, 0] == pytest.approx(full[:, 6].numpy(), abs=1e-6)
     assert raw[:, 4] == pytest.approx(-full[:, 4].numpy(), abs=1e-6)
     assert next(model.parameters()).device.type == "cpu"  # offloaded between calls
+
+
+def test_quantile_scale_is_bounded_monotone_and_saved(tmp_path):
+    from rmod_distill.errors import UserError
+    from rmod_distill.objectives import Normalizer
+
+    rng = np.random.default_rng(0)
+    raw = np.stack([rng.normal(size=63), rng.exponential(size=63)], axis=1)
+    norm = Normalizer.fit(["a", "b"], raw)
+    q = norm.with_scale("quantile")
+    x = np.array([[-1e9, -1e9], [0.0, 0.5], [1e9, 1e9]])
+    z = q(x)
+    bound = float(__import__("scipy.special", fromlist=["ndtri"]).ndtri(0.5 / 64))
+    assert z[0] == pytest.approx([bound, bound]) and z[2] == pytest.approx([-bound, -bound])
+    assert (np.diff(q(np.sort(raw, axis=0)), axis=0) > 0).all()  # strictly increasing through the samples
+    # The median reference sample maps to 0; z-scores are untouched by the new field.
+    assert q(np.median(raw, axis=0, keepdims=True)) == pytest.approx(np.zeros((1, 2)), abs=1e-12)
+    assert norm(x)[1] == pytest.approx((x[1] - np.array(norm.mean)) / np.array(norm.std))
+    norm.save(tmp_path / "n.json")
+    again = Normalizer.load(tmp_path / "n.json")
+    assert again.scale == "zscore" and np.array_equal(again.with_scale("quantile")(x), z)
+    bare = Normalizer(["a", "b"], [0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(UserError, match="needs the reference samples"):
+        bare.with_scale("quantile")
