@@ -34,6 +34,9 @@ from rmod_distill.prompts import base_prompt_id, held_out
 from rmod_distill.tracking import WandbConfig
 
 
+OBJECTIVES = ("sft", "dpo", "sft+dpo")
+
+
 @dataclass
 class DistillConfig(SFTConfig):
     """TRL's ``SFTConfig`` plus what distillation adds: the data source, filtering, LoRA and W&B."""
@@ -54,6 +57,23 @@ class DistillConfig(SFTConfig):
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "Modules given adapters."}
     )
+    objective: str = field(
+        default="sft",
+        metadata={"help": "sft (learn RMOD's answers) | dpo (prefer RMOD's answers, TRL's DPOTrainer; the reference "
+                          "model is the adapter's starting point, no second copy) | sft+dpo (SFT, then DPO from it)."},
+    )
+    pairs: str = field(
+        default="reference",
+        metadata={"help": "DPO pairs: reference (a prompt's RMOD answer over its reference answer: generate needs "
+                          "`reference` in its methods) | samples (a prompt's best RMOD sample over its worst, by "
+                          "worst case: samples_per_prompt >= 2) | both."},
+    )
+    pair_margin: float = field(
+        default=0.0, metadata={"help": "Keep a pair only if the chosen answer's worst case beats the other's by more."}
+    )
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta (TRL's default): how far from the reference."})
+    dpo_learning_rate: float | None = field(default=None, metadata={"help": "DPO's learning rate (null: learning_rate)."})
+    dpo_epochs: float | None = field(default=None, metadata={"help": "DPO's epochs (null: num_train_epochs)."})
     sample_prompts: int = field(default=8, metadata={"help": "Held-out prompts sampled after training for the card."})
     wandb: WandbConfig = field(
         default_factory=WandbConfig,
@@ -64,6 +84,12 @@ class DistillConfig(SFTConfig):
     def __post_init__(self):
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.pairs not in ("reference", "samples", "both"):
+            raise ValueError(f"pairs must be reference, samples or both, got {self.pairs!r}")
+        if not self.dpo_beta > 0:
+            raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
         if isinstance(self.wandb, dict):
             self.wandb = WandbConfig(**self.wandb)
         super().__post_init__()
@@ -90,6 +116,13 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
     missing = [m for m in cfg.methods if m not in available]
     if missing:
         raise UserError(f"generate_dir {gen}: no rows for method {missing[0]!r} (methods there: {available})")
+    if "dpo" in cfg.objective and cfg.pairs in ("reference", "both") and "reference" not in available:
+        raise UserError(f"generate_dir {gen}: DPO pairs '{cfg.pairs}' need reference answers; generate with "
+                        f"`reference` among its methods (methods there: {available}) or set pairs: samples")
+    if "dpo" in cfg.objective and cfg.pairs in ("samples", "both") and (
+            info.get("config", {}).get("samples_per_prompt", 1) < 2):
+        raise UserError(f"generate_dir {gen}: DPO pairs '{cfg.pairs}' need several RMOD samples per prompt; "
+                        "generate with samples_per_prompt >= 2 or set pairs: reference")
     if not (gen / "dataset").is_dir():
         raise UserError(f"generate_dir {gen}: no dataset/ folder; the run is damaged, rerun generate with --overwrite")
     return info
@@ -116,6 +149,7 @@ def load_generated(cfg: DistillConfig, tokenizer, info: dict):
     except Exception as exc:  # datasets raises several types for a damaged folder
         raise UserError(f"generate_dir {gen}/dataset could not be read ({type(exc).__name__}: {exc}); "
                         "rerun generate with --overwrite") from None
+    everything = ds
     ds = ds.filter(lambda r: r["method"] in cfg.methods, keep_in_memory=True)
     if cfg.min_worst_case is not None:
         ds = ds.filter(lambda r: r["worst_case"] >= cfg.min_worst_case, keep_in_memory=True)
@@ -127,7 +161,44 @@ def load_generated(cfg: DistillConfig, tokenizer, info: dict):
     train = ds.filter(lambda r: not held_out(r["prompt_id"], cfg.eval_fraction), keep_in_memory=True)
     if len(train) == 0:
         raise UserError(f"generate_dir {gen}: every row is held out (eval_fraction {cfg.eval_fraction}); lower it")
-    return train, (held if len(held) else None)
+    return train, (held if len(held) else None), everything
+
+
+def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
+    """DPO pairs in TRL's conversational preference format, from one generate run's rows.
+
+    ``reference``: a prompt's RMOD answer over its reference answer (same prompt id and
+    sample); ``samples``: a prompt's RMOD sample with the best worst case over the one with
+    the worst. A pair is kept only when the chosen answer's worst case is higher by more
+    than ``pair_margin``, so no pair teaches the opposite of what RMOD's objective says.
+    """
+    rows = [r for r in ds if r["completion"][0]["content"].strip()]
+    by_id = {(r["method"], r["prompt_id"]): r for r in rows}
+    pairs = []
+
+    def add(chosen, rejected):
+        if chosen["worst_case"] - rejected["worst_case"] > cfg.pair_margin:
+            pairs.append({"prompt_id": chosen["prompt_id"], "prompt": chosen["prompt"],
+                          "chosen": chosen["completion"], "rejected": rejected["completion"],
+                          "margin": chosen["worst_case"] - rejected["worst_case"]})
+
+    if cfg.pairs in ("reference", "both"):
+        for (method, pid), r in by_id.items():
+            if method == "rmod" and ("reference", pid) in by_id:
+                add(r, by_id[("reference", pid)])
+    if cfg.pairs in ("samples", "both"):
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["method"] == "rmod":
+                groups.setdefault(base_prompt_id(r["prompt_id"]), []).append(r)
+        for group in groups.values():
+            if len(group) > 1:
+                ranked = sorted(group, key=lambda r: r["worst_case"])
+                add(ranked[-1], ranked[0])
+    if not pairs:
+        raise UserError(f"generate_dir {cfg.generate_dir}: no DPO pairs ({cfg.pairs}) with a worst-case margin above "
+                        f"{cfg.pair_margin}")
+    return pairs
 
 
 def _check_saved_adapter(path: Path) -> None:
@@ -166,6 +237,48 @@ def sample_completions(model, tokenizer, rows, max_new_tokens: int, seed: int) -
     ]
 
 
+def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, metrics: dict):
+    """DPO with TRL's DPOTrainer on :func:`preference_pairs`; returns the trainer.
+
+    ``model`` is the base policy (a fresh adapter from ``peft_config``) or the SFT-trained
+    PEFT model, in which case TRL keeps a frozen copy of its adapter as the reference.
+    """
+    import dataclasses
+
+    import datasets
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import DPOConfig, DPOTrainer
+
+    pairs = preference_pairs(cfg, ds)
+    held = [p for p in pairs if held_out(p["prompt_id"], cfg.eval_fraction)]
+    train = [p for p in pairs if not held_out(p["prompt_id"], cfg.eval_fraction)]
+    if not train:
+        raise UserError(f"generate_dir {cfg.generate_dir}: every DPO pair is held out; lower eval_fraction")
+    print(f"distill: DPO on {len(train)} pairs ({cfg.pairs}), {len(held)} held out")
+    # The run's TrainingArguments carry over (batch, schedule, precision, logging); DPO's own keys on top.
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    args = DPOConfig(**dict(
+        shared, output_dir=str(out / "dpo"), beta=cfg.dpo_beta, max_length=cfg.max_length,
+        learning_rate=cfg.dpo_learning_rate or cfg.learning_rate,
+        num_train_epochs=cfg.dpo_epochs or cfg.num_train_epochs,
+        eval_strategy=cfg.eval_strategy if held else "no",
+    ))
+    columns = ["prompt", "chosen", "rejected"]
+    trainer = DPOTrainer(
+        model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
+        train_dataset=datasets.Dataset.from_list([{k: p[k] for k in columns} for p in train]),
+        eval_dataset=datasets.Dataset.from_list([{k: p[k] for k in columns} for p in held]) if held else None,
+    )
+    resume = get_last_checkpoint(str(out / "dpo")) if (out / "dpo").is_dir() else None
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics.update(dpo_pairs=len(train), dpo_train_loss=float(result.training_loss))
+    if held:
+        metrics.update({f"dpo_{k}": float(v) for k, v in trainer.evaluate().items()
+                        if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")})
+    return trainer
+
+
 def run(cfg: DistillConfig) -> Path:
     """Run the distill stage; returns the adapter folder."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -196,32 +309,42 @@ def run(cfg: DistillConfig) -> Path:
     # ------------------------------------------------------------------ model and data
     device = "cpu" if cfg.use_cpu else "auto"
     model, tokenizer = load_policy(cfg.model, dtype=cfg.dtype, device=device)
-    train, held = load_generated(cfg, tokenizer, gen_info)
+    train, held, everything = load_generated(cfg, tokenizer, gen_info)
     print(f"distill: {len(train)} train rows, {len(held) if held else 0} held-out rows from {cfg.generate_dir}")
     peft_config = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
     )
-    keep = ["prompt", "completion"]
-    trainer = SFTTrainer(
-        model=model,
-        args=cfg,
-        train_dataset=train.select_columns(keep),
-        eval_dataset=held.select_columns(keep) if held is not None else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
+    metrics: dict = {"train_rows": len(train)}
 
-    # ------------------------------------------------------------------ train
-    if resume:
-        print(f"distill: resuming from {resume}")
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {"train_loss": float(result.training_loss), "train_rows": len(train)}
-    if held is not None:
-        metrics.update({k: float(v) for k, v in trainer.evaluate().items() if k.startswith("eval_")})
+    # ------------------------------------------------------------------ train: SFT
+    trainer = None
+    if "sft" in cfg.objective:
+        keep = ["prompt", "completion"]
+        trainer = SFTTrainer(
+            model=model,
+            args=cfg,
+            train_dataset=train.select_columns(keep),
+            eval_dataset=held.select_columns(keep) if held is not None else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
+        if resume:
+            print(f"distill: resuming from {resume}")
+        result = trainer.train(resume_from_checkpoint=resume)
+        metrics["train_loss"] = float(result.training_loss)
+        if held is not None:
+            metrics.update({k: float(v) for k, v in trainer.evaluate().items() if k.startswith("eval_")})
+
+    # ------------------------------------------------------------------ train: DPO
+    if "dpo" in cfg.objective:
+        trainer = train_dpo(cfg, trainer.model if trainer is not None else model, tokenizer, everything,
+                            None if trainer is not None else peft_config, out, metrics)
 
     # ------------------------------------------------------------------ save
     if trainer.is_world_process_zero():
+        if "ref" in getattr(trainer.model, "peft_config", {}):
+            trainer.model.delete_adapter("ref")  # DPO's frozen copy of the SFT adapter is not part of the result
         trainer.save_model(str(out))
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():

@@ -81,7 +81,7 @@ def test_only_completion_tokens_carry_loss(tiny_policy_dir, tiny_generate_dir):
 
     cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, "/tmp/unused-distill"))
     model, tok = load_policy(str(tiny_policy_dir), device="cpu")
-    train, _ = load_generated(cfg, tok, check_generate_dir(cfg))
+    train, _, _ = load_generated(cfg, tok, check_generate_dir(cfg))
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=train.select_columns(["prompt", "completion"]),
                          processing_class=tok, peft_config=LoraConfig(r=4, task_type="CAUSAL_LM"))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
@@ -213,3 +213,46 @@ def test_zero3_config_gathers_and_empty_adapter_is_refused(distilled, tmp_path):
     save_file({k: torch.empty(0, dtype=v.dtype) for k, v in tensors.items()}, str(sharded / "adapter_model.safetensors"))
     with pytest.raises(RuntimeError, match="holds no LoRA weights.*zero3_save_16bit_model"):
         _check_saved_adapter(sharded)
+
+
+def test_preference_pairs_follow_the_worst_case(tiny_policy_dir, tiny_generate_dir):
+    import datasets
+
+    from rmod_distill.distill import preference_pairs
+
+    cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, "/tmp/unused-distill",
+                                                   "--objective", "dpo", "--pair_margin", "0.1"))
+    ds = datasets.load_from_disk(str(tiny_generate_dir / "dataset"))
+    rows = {(r["method"], r["prompt_id"]): r for r in ds}
+    pairs = preference_pairs(cfg, ds)
+    assert pairs and len(pairs) <= 12
+    for p in pairs:
+        chosen, rejected = rows[("rmod", p["prompt_id"])], rows[("reference", p["prompt_id"])]
+        assert p["chosen"] == chosen["completion"] and p["rejected"] == rejected["completion"]
+        assert chosen["worst_case"] - rejected["worst_case"] > 0.1
+    kept = {p["prompt_id"] for p in pairs}
+    assert all(rows[("rmod", pid)]["worst_case"] - rows[("reference", pid)]["worst_case"] <= 0.1
+               for (m, pid) in rows if m == "rmod" and pid not in kept)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "sft+dpo"])
+def test_dpo_trains_an_adapter(tiny_policy_dir, tiny_generate_dir, tmp_path, objective):
+    from safetensors.torch import load_file
+
+    out = tmp_path / objective
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", objective,
+                                                 "--max_steps", "3", "--eval_fraction", "0.0")))
+    check_adapter_folder(out)
+    assert not (out / "ref").exists()  # DPO's frozen reference adapter is not saved
+    info = json.loads((out / "run.json").read_text())
+    assert info["metrics"]["dpo_pairs"] > 0 and ("train_loss" in info["metrics"]) == (objective == "sft+dpo")
+    lora_b = [v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
+
+
+def test_dpo_needs_reference_rows(tiny_policy_dir, tiny_generate_dir, tmp_path):
+    from rmod_distill.errors import UserError
+
+    with pytest.raises(UserError, match="need several RMOD samples per prompt"):
+        run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x",
+                                                     "--objective", "dpo", "--pairs", "samples")))
