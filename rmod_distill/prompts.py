@@ -51,8 +51,19 @@ class PromptsConfig:
         default=None, metadata={"help": "Path to a text file used as the system message of every prompt."}
     )
     limit: int | None = field(default=None, metadata={"help": "Keep only the first N prompts after filtering."})
+    subset: str = field(
+        default="all",
+        metadata={"help": "all | fit | validation: carve a validation split out of the selected prompts by a "
+                          "stable hash of the id (held_out; the same split distill holds out for its eval loss), "
+                          "so settings are chosen without touching the eval split."},
+    )
+    validation_fraction: float = field(default=0.15, metadata={"help": "subset: share of prompts in validation."})
 
     def __post_init__(self):
+        if self.subset not in ("all", "fit", "validation"):
+            raise ValueError(f"prompts.subset must be all, fit or validation, got {self.subset!r}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"prompts.validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.text_format not in ("plain", "hh_first_turn", "hh_dialogue"):
             raise ValueError(f"prompts.text_format must be plain, hh_first_turn or hh_dialogue, got {self.text_format!r}")
         if self.limit is not None and self.limit < 1:
@@ -198,7 +209,10 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
         split = str(row.get(cfg.split_column, "")) if cfg.split_column in row else ""
         if cfg.split is not None and split != cfg.split:
             continue
+        if cfg.subset != "all" and held_out(pid, cfg.validation_fraction) != (cfg.subset == "validation"):
+            continue
         prompts.append(Prompt(pid, messages, str(row.get(cfg.category_column) or ""), split))
     if not prompts:
-        raise UserError(f"{source}: no prompts with {cfg.split_column} == {cfg.split!r}")
+        raise UserError(f"{source}: no prompts with {cfg.split_column} == {cfg.split!r}"
+                        + (f" in subset {cfg.subset}" if cfg.subset != "all" else ""))
     return prompts

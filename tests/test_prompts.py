@@ -90,3 +90,18 @@ def test_hh_transcripts(tmp_path):
     with pytest.raises(ValueError, match="row 2 .*not an HH transcript"):
         load_prompts(PromptsConfig(path=str(path), split=None, id_column=None, text_column="chosen",
                                    text_format="hh_dialogue"))
+
+
+def test_validation_subset_is_carved_from_the_split(tmp_path):
+    from rmod_distill.prompts import held_out
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"question {i}", "split": "train"}) + "\n"
+                            for i in range(200)))
+    every = load_prompts(PromptsConfig(path=str(path)))
+    fit = load_prompts(PromptsConfig(path=str(path), subset="fit", validation_fraction=0.2))
+    val = load_prompts(PromptsConfig(path=str(path), subset="validation", validation_fraction=0.2))
+    assert sorted(p.id for p in fit + val) == sorted(p.id for p in every) and not {p.id for p in fit} & {p.id for p in val}
+    assert 20 < len(val) < 60 and all(held_out(p.id, 0.2) for p in val)
+    # distill holds out (for its eval loss) a part of the same validation prompts, never a fit prompt
+    assert all(not held_out(p.id, 0.1) for p in fit)
