@@ -154,3 +154,83 @@ def test_nucleus_sampling_matches_full_sort(scale):
     cdf = sorted_p.double().cumsum(-1)
     idx = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True).squeeze(-1)
     assert torch.equal(sample_tokens(logits, u, cfg.sampling), order.gather(-1, idx[:, None]).squeeze(-1))
+
+
+def test_shorter_last_block(tiny_policy):
+    """max_new_tokens=10, B=4: blocks of 4, 4 and 2 tokens, the last one marked last."""
+    model, tok = tiny_policy
+    cfg = DecodingConfig(num_candidates=3, block_size=4, max_new_tokens=10, temperature=1.0)
+    dec = BlockwiseDecoder.from_model(model, tok, cfg, values, NAMES, stop_ids=[])
+    calls = []
+    sample = dec.sampler.sample
+
+    def recording(seeds, block, K, steps, last):
+        calls.append((block, K, steps, last))
+        return sample(seeds, block, K, steps, last)
+
+    dec.sampler.sample = recording
+    for method in ("rmod", "cd"):
+        calls.clear()
+        results = run(dec, method)
+        assert calls == [(0, 3, 4, False), (1, 3, 4, False), (2, 3, 2, True)]
+        for r in results:
+            assert r.blocks == 3 and len(r.block_weights) == 3
+            assert len(r.token_ids) == 10 and not r.finished
+            assert r.tokens_sampled == 3 * 10
+
+
+def lora_policy(tiny_policy_dir):
+    """The tiny policy wrapped in a LoRA adapter whose random weights change its logits."""
+    from peft import LoraConfig, get_peft_model
+
+    from rmod_distill.policy import load_policy
+
+    base, tok = load_policy(str(tiny_policy_dir), device="cpu")
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+    return get_peft_model(base, config).eval(), tok
+
+
+def test_only_distilled_decodes_with_the_adapter(tiny_policy_dir, tmp_path):
+    """Every method but `distilled` samples from the base policy with the adapter switched off."""
+    from rmod_distill.engine.runs import decode_methods, done_rows, process_state
+    from rmod_distill.objectives import Normalizer, Objective, ObjectiveSet
+    from rmod_distill.policy import load_policy
+    from rmod_distill.prompts import Prompt
+
+    class Words(Objective):
+        def __init__(self, name, fn):
+            super().__init__(name)
+            self.fn = fn
+
+        def score_batch(self, prompts, responses):
+            return self.fn(responses)
+
+    objectives = ObjectiveSet(
+        [Words("kind", lambda rs: [sum(w in GOOD for w in r.split()) for r in rs]),
+         Words("short", lambda rs: [-len(r.split()) / 8 for r in rs])],
+        Normalizer(NAMES, [0.0, 0.0], [1.0, 1.0]),
+    )
+    prompts = [Prompt(id=f"p{i}", messages=c) for i, c in enumerate(CONVS)]
+    methods = ["reference", "cd", "rmod", "best-of-n", "best-of-n-maxmin", "distilled"]
+    cfg = DecodingConfig(num_candidates=3, block_size=4, max_new_tokens=12, temperature=1.0)
+
+    def decode(model, tok, name):
+        dec = BlockwiseDecoder.from_model(model, tok, cfg, lambda p, r: objectives.score(p, r)[1], NAMES)
+        decode_methods(dec, model, objectives, prompts, methods, 0, 2, tmp_path / name, process_state())
+        return {key: (r["completion"], r["block_weights"], r["tokens_sampled"])
+                for key, r in done_rows(tmp_path / name).items()}
+
+    base_model, tok = load_policy(str(tiny_policy_dir), device="cpu")
+    peft_model, _ = lora_policy(tiny_policy_dir)
+    ids = tok("how do i fix my plan ?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert not torch.allclose(peft_model(ids).logits, base_model(ids).logits, atol=1e-2)
+
+    base, adapted = decode(base_model, tok, "base"), decode(peft_model, tok, "peft")
+    assert len(base) == len(adapted) == len(methods) * len(prompts)
+    for (method, pid), row in base.items():
+        if method != "distilled":
+            assert adapted[method, pid] == row, (method, pid)
+    assert any(adapted["distilled", p.id] != base["distilled", p.id] for p in prompts)

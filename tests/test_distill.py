@@ -1,4 +1,4 @@
-"""The distill stage on the tiny policy: training, masking, saving, W&B, download, ZeRO-2."""
+"""The distill stage on the tiny policy: training, masking, saving, W&B, download, ZeRO-2 and ZeRO-3."""
 
 import json
 import os
@@ -182,29 +182,63 @@ def test_offline_wandb_run_logs_and_downloads(tiny_policy_dir, tiny_generate_dir
         fetch_adapter(str(runs[0]), tmp_path / "again")
 
 
-def test_zero2_one_cpu_process(tiny_policy_dir, tiny_generate_dir, tmp_path):
+def launch_deepspeed(config: str, policy, generate_dir, out: Path) -> None:
+    """Distill for 3 steps under ``accelerate launch`` with one of the CPU DeepSpeed launchers."""
     pytest.importorskip("deepspeed")
-    out = tmp_path / "z2"
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(ROOT / "recipes" / "accelerate_configs" / "zero2_cpu.yaml"),
-           "-m", "rmod_distill.distill", *distill_args(tiny_policy_dir, tiny_generate_dir, out, "--max_steps", "3")]
-    env = dict(os.environ, DS_BUILD_OPS="0", PYTHONPATH=f"{Path(__file__).parent}")
+           "--config_file", str(ROOT / "recipes" / "accelerate_configs" / config),
+           "-m", "rmod_distill.distill", *distill_args(policy, generate_dir, out, "--max_steps", "3")]
+    env = dict(os.environ, DS_BUILD_OPS="0", PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(ROOT)]))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def deepspeed_checkpoint_stage(checkpoint: Path) -> int:
+    """The ZeRO stage DeepSpeed wrote into a Trainer checkpoint; fails if DeepSpeed wrote none."""
+    assert (checkpoint / "latest").read_text().strip() == "global_step3", "no DeepSpeed checkpoint"
+    step = checkpoint / "global_step3"
+    optim = sorted(step.glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    assert optim and sorted(step.glob("*mp_rank_00_model_states.pt")), sorted(p.name for p in step.iterdir())
+    state = torch.load(optim[0], map_location="cpu", weights_only=False)
+    return int(state["optimizer_state_dict"]["zero_stage"])
+
+
+def lora_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(folder / "adapter_model.safetensors")).items() if "lora_" in k}
+
+
+def test_zero2_one_cpu_process(tiny_policy_dir, tiny_generate_dir, tmp_path):
+    """DeepSpeed really trains (its ZeRO-2 optimizer states are in the checkpoint) and the adapter is whole."""
+    out = tmp_path / "z2"
+    launch_deepspeed("zero2_cpu.yaml", tiny_policy_dir, tiny_generate_dir, out)
     check_adapter_folder(out)
-    assert "zero_optimization" in proc.stderr + proc.stdout or (out / "checkpoint-3").is_dir()
+    assert deepspeed_checkpoint_stage(out / "checkpoint-3") == 2
+    assert any(v.abs().sum() > 0 for k, v in lora_tensors(out).items() if "lora_B" in k)
 
 
-def test_zero3_config_gathers_and_empty_adapter_is_refused(distilled, tmp_path):
+def test_zero3_one_cpu_process_saves_gathered_lora(tiny_policy_dir, tiny_generate_dir, tmp_path):
+    """Under ZeRO-3 the LoRA weights are sharded; zero3_save_16bit_model gathers them into a full file."""
+    out = tmp_path / "z3"
+    launch_deepspeed("zero3_cpu.yaml", tiny_policy_dir, tiny_generate_dir, out)
+    assert deepspeed_checkpoint_stage(out / "checkpoint-3") == 3
+    tensors = lora_tensors(out)
+    assert tensors and all(v.numel() > 0 for v in tensors.values())
+    assert any(v.abs().sum() > 0 for k, v in tensors.items() if "lora_B" in k)  # lora_B starts at zero
+    from rmod_distill.config import yaml_load
+
+    # The GPU launcher carries the same gathering setting as the one tested here.
+    zero3 = yaml_load((ROOT / "recipes" / "accelerate_configs" / "zero3.yaml").read_text())
+    assert zero3["deepspeed_config"]["zero3_save_16bit_model"] is True
+
+
+def test_empty_adapter_is_refused(distilled, tmp_path):
     """The ZeRO-3 trap: without gathering, each LoRA tensor is saved with 0 elements."""
     from safetensors.torch import load_file, save_file
 
-    from rmod_distill.config import yaml_load
     from rmod_distill.distill import _check_saved_adapter
 
-    zero3 = yaml_load((ROOT / "recipes" / "accelerate_configs" / "zero3.yaml").read_text())
-    assert zero3["deepspeed_config"]["zero_stage"] == 3
-    assert zero3["deepspeed_config"]["zero3_save_16bit_model"] is True
     _check_saved_adapter(distilled)  # a real adapter passes
     sharded = tmp_path / "sharded"
     shutil.copytree(distilled, sharded)
