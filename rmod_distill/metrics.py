@@ -42,11 +42,21 @@ def worst_case_win_rate(z: np.ndarray, z_ref: np.ndarray) -> float:
 def bootstrap_interval(
     stat: Callable[[np.ndarray], float], n: int, resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile interval of ``stat(idx)`` over prompt indices resampled with replacement."""
-    rng = np.random.default_rng(seed)
-    values = np.array([stat(rng.integers(0, n, n)) for _ in range(resamples)])
-    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    """Percentile interval of ``stat(idx)`` over prompt indices resampled with replacement.
+
+    ``scipy.stats.bootstrap`` with ``paired=True`` resamples the indices themselves, so one
+    statistic can read several aligned arrays (a method's rewards and the reference's).
+    """
+    if n < 2:  # scipy needs two observations; one prompt has no spread to resample
+        value = float(stat(np.arange(n)))
+        return value, value
+    from scipy.stats import bootstrap
+
+    result = bootstrap(
+        (np.arange(n),), stat, n_resamples=resamples, vectorized=False, paired=True, confidence_level=level,
+        method="percentile", rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def method_metrics(

@@ -58,3 +58,8 @@ def test_bootstrap_is_seeded_and_narrows_with_data():
     assert a == bootstrap_interval(lambda i: float(x[i].mean()), 400, seed=3)
     small = bootstrap_interval(lambda i: float(x[:25][i].mean()), 25, seed=3)
     assert (a[1] - a[0]) < (small[1] - small[0])
+
+
+def test_bootstrap_of_one_prompt_is_the_point():
+    # scipy's bootstrap needs two observations; a single prompt gives a zero-width interval.
+    assert bootstrap_interval(lambda i: float(Z[:1][i, 0].mean()), 1) == (1.0, 1.0)
