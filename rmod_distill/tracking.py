@@ -2,7 +2,8 @@
 
 ``mode: auto`` logs online when a W&B login is present (``WANDB_API_KEY`` or a netrc
 entry) and offline otherwise: offline runs are written under the stage's output folder
-and can be uploaded later with ``wandb sync``. ``mode: disabled`` logs nothing.
+and can be uploaded later with ``wandb sync``. ``mode: disabled`` logs nothing: it is
+W&B's own ``wandb.init(mode="disabled")``, a run whose methods do nothing.
 """
 
 from __future__ import annotations
@@ -54,15 +55,13 @@ def _logged_in() -> bool:
 
 
 class Tracker:
-    """A W&B run, or nothing when disabled; every method is safe to call either way."""
+    """A W&B run; with ``mode: disabled`` W&B's no-op run, so every method is safe to call."""
 
     def __init__(self, cfg: WandbConfig, name: str, config: dict, directory: str | Path, job_type: str):
-        self.mode = cfg.resolved_mode()
-        self.run = None
-        if self.mode == "disabled":
-            return
+        # Imported here, not at module level: `rmod-distill --help` should not pay for W&B.
         import wandb
 
+        self.mode = cfg.resolved_mode()
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, name=cfg.run_name or name, config=config,
@@ -71,44 +70,45 @@ class Tracker:
 
     @property
     def run_dir(self) -> Path | None:
-        """The run's local folder (offline runs live here until synced)."""
-        return Path(self.run.dir).parent if self.run is not None else None
+        """The run's local folder (offline runs live here until synced); None when disabled."""
+        return None if self.run.disabled else Path(self.run.dir).parent
 
     def log(self, data: dict, step: int | None = None) -> None:
         """Log scalars (and W&B media objects)."""
-        if self.run is not None:
-            self.run.log(data, step=step)
+        self.run.log(data, step=step)
 
     def table(self, key: str, columns: list[str], rows: list[list]) -> None:
         """Log a table."""
-        if self.run is not None:
-            import wandb
+        import wandb
 
-            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+        self.run.log({key: wandb.Table(columns=columns, data=rows)})
 
     def images(self, paths: dict[str, str | Path]) -> None:
         """Log image files by key."""
-        if self.run is not None:
-            import wandb
+        import wandb
 
-            self.run.log({k: wandb.Image(str(p)) for k, p in paths.items()})
+        self.run.log({k: wandb.Image(str(p)) for k, p in paths.items()})
 
     def summary(self, data: dict) -> None:
         """Set run summary values."""
-        if self.run is not None:
-            self.run.summary.update(data)
+        self.run.summary.update(data)
 
     def artifact(self, path: str | Path, name: str, kind: str, metadata: dict | None = None) -> None:
         """Log a folder as an artifact (staged locally when offline)."""
-        if self.run is not None:
-            import wandb
+        import wandb
 
-            art = wandb.Artifact(name, type=kind, metadata=metadata or {})
-            art.add_dir(str(path))
-            self.run.log_artifact(art)
+        art = wandb.Artifact(name, type=kind, metadata=metadata or {})
+        art.add_dir(str(path))
+        self.run.log_artifact(art)
 
     def finish(self) -> None:
-        """Close the run."""
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
+        """Close the run and end W&B's session in this process.
+
+        W&B reads its ``WANDB_*`` variables once per session, even for a disabled run; a later
+        stage in the same process (distill's Trainer integration sets ``WANDB_MODE`` and
+        ``WANDB_DIR``) must start a fresh session that sees them.
+        """
+        import wandb
+
+        self.run.finish()
+        wandb.teardown()
