@@ -10,7 +10,10 @@
 2. Training: one value model with G heads on a backbone (the policy by default) with
    LoRA, by Monte-Carlo regression (rmod.md, the CD-FUDGE loss): every response position
    regresses onto the final normalised rewards, prompt and padding masked, averaged per
-   sequence then over the batch; random prefix truncation as augmentation.
+   sequence then over the batch; random prefix truncation as augmentation (a seeded data
+   collator). ``transformers.Trainer`` runs it (warm-up and cosine schedule, gradient
+   clipping, W&B through the recipe's ``wandb`` section); a killed run resumes from its
+   last ``checkpoint-*`` folder, which are removed once the model is saved.
 3. Saved as ``backbone/`` (PEFT adapter), ``heads.safetensors``, the tokenizer and
    ``value_config.json`` (objectives in order, normalisation, tokenizer fingerprint), so
    generate and eval load it with ``decoding.values: learned`` and ``decoding.value_model``.
@@ -20,8 +23,8 @@
 
 from __future__ import annotations
 
-import math
 import random
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -67,9 +70,16 @@ class ValuesConfig:
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (reference setup: 1e-4)."})
     epochs: int = field(default=1, metadata={"help": "Passes over the rollouts."})
     train_batch_size: int = field(default=8, metadata={"help": "Sequences per optimiser step."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Learning-rate schedule after warm-up (a transformers scheduler name)."}
+    )
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of the steps spent warming up, in [0, 1)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
     truncate_prob: float = field(default=0.5, metadata={"help": "Chance a response is cut at a random length."})
     eval_fraction: float = field(default=0.15, metadata={"help": "Share of prompts held out for validation."})
-    checkpoint_steps: int = field(default=20, metadata={"help": "Save a resumable checkpoint every N steps."})
+    checkpoint_steps: int = field(
+        default=20, metadata={"help": "Save a resumable checkpoint-* folder every N steps (removed once saved)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed for rollouts, split, shuffling and truncation."})
     output_dir: str = field(default="runs/default/values", metadata={"help": "Where the value model is written."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished value model in output_dir."})
@@ -78,6 +88,9 @@ class ValuesConfig:
     def __post_init__(self):
         if not 0 <= self.truncate_prob <= 1 or not 0 < self.eval_fraction < 1:
             raise ValueError("truncate_prob must be in [0, 1] and eval_fraction in (0, 1)")
+        if not 0 <= self.warmup_ratio < 1 or self.max_grad_norm < 0:
+            raise ValueError(f"warmup_ratio must be in [0, 1) and max_grad_norm >= 0, got {self.warmup_ratio} and "
+                             f"{self.max_grad_norm}")
         if min(self.rollouts_per_prompt, self.epochs, self.train_batch_size, self.batch_size, self.checkpoint_steps,
                self.lora_r) < 1 or self.head_hidden < 0:
             raise ValueError("rollouts_per_prompt, epochs, train_batch_size, batch_size, checkpoint_steps and lora_r "
@@ -176,29 +189,104 @@ def build_value_model(cfg: ValuesConfig, num_objectives: int):
     return model, tokenizer, name
 
 
-def _examples(rows, tokenizer, names, rng: random.Random | None, truncate_prob: float):
+def _features(rows: list[dict], tokenizer, names: list[str]) -> list[dict]:
+    """Rollouts as value-model examples: prompt and response token ids and the targets.
+
+    The value model's own tokenizer: the backbone may tokenise differently from the policy.
+    Rows whose response is empty have no position to regress and are left out.
+    """
     out = []
     for r in rows:
-        # The value model's own tokenizer: the backbone may tokenise differently from the policy.
         response = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
-        if rng is not None and len(response) > 1 and rng.random() < truncate_prob:
-            response = response[: rng.randint(1, len(response))]
-        seq, start = encode(tokenizer, r["messages"], response)
-        if len(seq) > start:
-            out.append((seq, start, [r["normalized"][g] for g in names]))
+        prompt_ids, _ = encode(tokenizer, r["messages"], [])
+        if response:
+            out.append({"index": len(out), "prompt_ids": prompt_ids, "response_ids": response,
+                        "targets": [r["normalized"][g] for g in names]})
     return out
 
 
-def evaluate_loss(model: ValueModel, tokenizer, examples, batch_size: int) -> np.ndarray:
+class TruncatingCollator:
+    """Pads a batch of value-model examples, first cutting each response at a random length
+    with chance ``truncate_prob`` (augmentation: the model regresses from every prefix length).
+
+    The cut depends only on the seed, the epoch and the example, so a run resumed from a
+    checkpoint truncates exactly as an uninterrupted one; :class:`EpochCallback` tells the
+    collator the epoch.
+    """
+
+    def __init__(self, pad_id: int, truncate_prob: float, seed: int):
+        self.pad_id, self.truncate_prob, self.seed, self.epoch = pad_id, truncate_prob, seed, 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        seqs, starts = [], []
+        for f in features:
+            response = f["response_ids"]
+            rng = random.Random(f"{self.seed}:{self.epoch}:{f['index']}")
+            if len(response) > 1 and rng.random() < self.truncate_prob:
+                response = response[: rng.randint(1, len(response))]
+            seqs.append(f["prompt_ids"] + response)
+            starts.append(len(f["prompt_ids"]))
+        ids, mask, response_mask = batch_tensors(self.pad_id, seqs, starts, "cpu")
+        targets = torch.tensor([f["targets"] for f in features], dtype=torch.float32)
+        return {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask, "targets": targets}
+
+
+def _trainer_classes():
+    """The Trainer subclass and callback (transformers is imported only when training)."""
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainerCallback
+
+    class EpochCallback(TrainerCallback):
+        """Tells the collator which epoch it is batching (the Trainer's own count, right after a resume too)."""
+
+        def __init__(self, collator: TruncatingCollator):
+            self.collator = collator
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self.collator.epoch = int(state.epoch or 0)
+
+    class ValueTrainer(Trainer):
+        """``Trainer`` with the CD-FUDGE loss; checkpoints hold only the trained weights (LoRA and heads)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            values = model(inputs["input_ids"], inputs["attention_mask"])
+            loss = value_loss(values, inputs["targets"], inputs["response_mask"])
+            return (loss, values) if return_outputs else loss
+
+        def _trained_keys(self) -> set[str]:
+            return {name for name, p in self.model.named_parameters() if p.requires_grad}
+
+        # The ValueModel is a plain nn.Module, so the Trainer would write its whole state dict
+        # (the frozen backbone included) into every checkpoint; only the trained weights are saved.
+        def _save(self, output_dir=None, state_dict=None):
+            keys = self._trained_keys()
+            super()._save(output_dir, {k: v for k, v in self.model.state_dict().items() if k in keys})
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            model = model if model is not None else self.model
+            state = load_file(str(Path(resume_from_checkpoint) / "model.safetensors"))
+            missing = sorted(self._trained_keys() - set(state))
+            unexpected = sorted(set(state) - set(model.state_dict()))
+            if missing or unexpected:
+                raise UserError(f"{resume_from_checkpoint} does not fit this value model (missing {missing[:2]}, "
+                                f"unexpected {unexpected[:2]}); delete the checkpoint-* folders to start again")
+            model.load_state_dict(state, strict=False)
+
+    return ValueTrainer, EpochCallback
+
+
+def evaluate_loss(model: ValueModel, pad_id: int, features: list[dict], batch_size: int) -> np.ndarray:
     """Validation loss per objective (mean over sequences of the per-position squared error)."""
     model.eval()
     totals, count = None, 0
+    device = next(model.parameters()).device
     with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            device = next(model.parameters()).device
-            ids, mask, response = batch_tensors(tokenizer.pad_token_id, [c[0] for c in chunk], [c[1] for c in chunk], device)
-            targets = torch.tensor([c[2] for c in chunk], device=ids.device)
+        for start in range(0, len(features), batch_size):
+            chunk = features[start : start + batch_size]
+            ids, mask, response = batch_tensors(
+                pad_id, [f["prompt_ids"] + f["response_ids"] for f in chunk], [len(f["prompt_ids"]) for f in chunk],
+                device)
+            targets = torch.tensor([f["targets"] for f in chunk], device=ids.device)
             err = ((model(ids, mask) - targets[:, None, :]) ** 2) * response[..., None]
             per = (err.sum(1) / response.sum(1, keepdim=True).clamp_min(1)).sum(0).cpu().numpy()
             totals = per if totals is None else totals + per
@@ -208,7 +296,11 @@ def evaluate_loss(model: ValueModel, tokenizer, examples, batch_size: int) -> np
 
 
 def train(cfg: ValuesConfig, rows: list[dict], names: list[str], out: Path, tracker: Tracker):
-    """Train the value model (resumable from ``checkpoint.pt``); returns model, tokenizer, backbone name, history."""
+    """Train the value model with ``transformers.Trainer``, resuming from the last ``checkpoint-*``
+    in ``out``; returns model, tokenizer, backbone name, history and the validation rows."""
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
     model, tokenizer, backbone_name = build_value_model(cfg, len(names))
     train_rows = [r for r in rows if not held_out(r["prompt_id"], cfg.eval_fraction)]
     val_rows = [r for r in rows if held_out(r["prompt_id"], cfg.eval_fraction)]
@@ -216,56 +308,40 @@ def train(cfg: ValuesConfig, rows: list[dict], names: list[str], out: Path, trac
         raise UserError(f"values: {len(train_rows)} train and {len(val_rows)} validation rollouts; both need rows "
                          f"(eval_fraction {cfg.eval_fraction} of {len(rows)} rollouts): change eval_fraction or "
                          "add prompts")
-    val = _examples(val_rows, tokenizer, names, None, 0.0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
-    steps_per_epoch = math.ceil(len(train_rows) / cfg.train_batch_size)
-    total = steps_per_epoch * cfg.epochs
-    step, history = 0, {"val_loss_before": evaluate_loss(model, tokenizer, val, cfg.train_batch_size).tolist()}
-    ckpt = out / "checkpoint.pt"
-    shape = {k: to_dict(cfg)[k] for k in ("backbone", "policy", "lora_r", "lora_alpha", "head_hidden",
-                                          "learning_rate", "epochs", "train_batch_size", "seed")}
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state.get("recipe") != shape:
-            raise UserError(f"{ckpt} was saved by a run with another recipe ({state.get('recipe')}); rerun with "
-                             "that recipe to resume, or delete the checkpoint to start again")
-        result = model.load_state_dict(state["model"], strict=False)
-        if result.unexpected_keys or any("lora_" in k or k.startswith("heads.") for k in result.missing_keys):
-            raise ValueError(f"{ckpt} does not fit this value model (missing {result.missing_keys[:2]}, "
-                             f"unexpected {result.unexpected_keys[:2]})")
-        opt.load_state_dict(state["optimizer"])
-        step, history = state["step"], state["history"]
-        print(f"values: resuming from step {step}")
-    from tqdm.auto import tqdm
+    train_set, val = _features(train_rows, tokenizer, names), _features(val_rows, tokenizer, names)
+    # The model is seeded before LoRA and the heads are made, so this is the same on a resumed run.
+    history = {"val_loss_before": evaluate_loss(model, tokenizer.pad_token_id, val, cfg.train_batch_size).tolist()}
 
-    bar = tqdm(total=total, initial=step, desc="value model", unit="step")
-    model.train()
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = list(range(len(train_rows)))
-        random.Random(cfg.seed + epoch).shuffle(order)
-        batch_rows = [train_rows[i] for i in order[offset * cfg.train_batch_size : (offset + 1) * cfg.train_batch_size]]
-        chunk = _examples(batch_rows, tokenizer, names, random.Random(f"{cfg.seed}:{step}"), cfg.truncate_prob)
-        ids, mask, response = batch_tensors(tokenizer.pad_token_id, [c[0] for c in chunk], [c[1] for c in chunk], next(model.parameters()).device)
-        targets = torch.tensor([c[2] for c in chunk], device=ids.device)
-        loss = value_loss(model(ids, mask), targets, response)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        tracker.log({"values/train_loss": loss.item()}, step=step)
-        if step % cfg.checkpoint_steps == 0 and step < total:
-            trainable = {k: v for k, v in model.state_dict().items() if "lora_" in k or k.startswith("heads.")}
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": trainable, "optimizer": opt.state_dict(), "step": step, "history": history,
-                        "recipe": shape}, tmp)
-            tmp.replace(ckpt)
-    bar.close()
-    history["val_loss_after"] = evaluate_loss(model, tokenizer, val, cfg.train_batch_size).tolist()
-    tracker.log({f"values/val_loss/{g}": v for g, v in zip(names, history["val_loss_after"])}, step=step)
+    collator = TruncatingCollator(tokenizer.pad_token_id, cfg.truncate_prob, cfg.seed)
+    ValueTrainer, EpochCallback = _trainer_classes()
+    args = TrainingArguments(
+        output_dir=str(out),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.train_batch_size,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a share of the total steps
+        max_grad_norm=cfg.max_grad_norm,
+        save_strategy="steps",
+        save_steps=cfg.checkpoint_steps,
+        save_total_limit=1,
+        logging_steps=1,
+        seed=cfg.seed,
+        remove_unused_columns=False,  # the collator reads prompt_ids, response_ids and targets
+        use_cpu=resolve_device(cfg.policy.device).type == "cpu",
+        report_to="none" if tracker.mode == "disabled" else ["wandb"],  # into the Tracker's run
+    )
+    trainer = ValueTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
+                           callbacks=[EpochCallback(collator)])
+    resume = get_last_checkpoint(str(out))
+    if resume:
+        print(f"values: resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+    step = trainer.state.global_step
+    history.update(steps=step,
+                   val_loss_after=evaluate_loss(model, tokenizer.pad_token_id, val, cfg.train_batch_size).tolist())
+    tracker.log({**{f"values/val_loss/{g}": v for g, v in zip(names, history["val_loss_after"])},
+                 "train/global_step": step})
     return model.eval(), tokenizer, backbone_name, history, val_rows
 
 
@@ -316,6 +392,11 @@ def run(cfg: ValuesConfig) -> Path:
             raise UserError(f"rollouts: {name} does not exist (expected a generate samples.jsonl or calibration.jsonl)")
     cfg.policy.check()
     cfg.wandb.check()
+    from transformers.trainer_utils import SchedulerType
+
+    if cfg.lr_scheduler_type not in {s.value for s in SchedulerType}:
+        raise UserError(f"lr_scheduler_type {cfg.lr_scheduler_type!r} is not a transformers scheduler; expected one "
+                        f"of {[s.value for s in SchedulerType]}")
     out = folder.begin()
     old_rollouts = folder.path / "rollouts.jsonl"
     if out != folder.path and old_rollouts.exists() and not (out / "rollouts.jsonl").exists():
@@ -334,7 +415,8 @@ def run(cfg: ValuesConfig) -> Path:
     # ------------------------------------------------------------------ save and report
     normalization = read_json(norm_path, "normalisation file")
     save(model, tokenizer, backbone_name, objectives.names, normalization, cfg.head_hidden, out)
-    (out / "checkpoint.pt").unlink(missing_ok=True)
+    for checkpoint in out.glob("checkpoint-*"):  # resumable state, not part of the value model
+        shutil.rmtree(checkpoint)
     values = LearnedValues.load(out, objectives.names, device="cpu")
     report = value_report(values, objectives, val_rows) if len(val_rows) > 2 else {}
     info = dict(history=history, correlations=report, train_rollouts=len(rows) - len(val_rows),

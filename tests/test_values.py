@@ -185,10 +185,51 @@ def test_overwrite_retrains_on_the_same_rollouts(tiny_policy_dir, tiny_generate_
     assert json.loads((again / "backbone" / "adapter_config.json").read_text())["r"] == 2
 
 
+def test_unknown_scheduler_is_refused_before_any_work(tiny_policy_dir, tiny_generate_dir, tmp_path):
+    with pytest.raises(UserError, match="lr_scheduler_type 'cosinus'"):
+        run(parse_config(ValuesConfig, values_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "v",
+                                                   "--lr_scheduler_type", "cosinus")))
+    assert not (tmp_path / "v").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--checkpoint_steps", "0"], "checkpoint_steps"),
+    (["--warmup_ratio", "1.0"], "warmup_ratio"),
     (["--policy.adapter", "some/adapter"], "policy.adapter"),
 ])
 def test_bad_values_recipes(tiny_policy_dir, tiny_generate_dir, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         parse_config(ValuesConfig, values_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "v", *extra))
+
+
+def test_killed_run_resumes_to_the_same_model(tiny_policy_dir, tiny_generate_dir, value_dir, tmp_path, monkeypatch,
+                                              capsys):
+    """Killed mid-training, the same command resumes from the Trainer's last checkpoint-* and
+    ends with the model an uninterrupted run makes; no checkpoint is left in the result."""
+    from safetensors.torch import load_file
+
+    from rmod_distill import values
+
+    out = tmp_path / "v"
+    args = values_args(tiny_policy_dir, tiny_generate_dir, out, "--checkpoint_steps", "2")
+    collate, calls = values.TruncatingCollator.__call__, []
+
+    def dies_after_five_batches(self, features):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return collate(self, features)
+
+    monkeypatch.setattr(values.TruncatingCollator, "__call__", dies_after_five_batches)
+    with pytest.raises(KeyboardInterrupt):
+        run(parse_config(ValuesConfig, args))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    monkeypatch.setattr(values.TruncatingCollator, "__call__", collate)
+    run(parse_config(ValuesConfig, args))
+    assert "resuming from" in capsys.readouterr().out
+    assert not list(out.glob("checkpoint-*"))
+    for name in ("heads.safetensors", "backbone/adapter_model.safetensors"):
+        a, b = load_file(str(out / name)), load_file(str(value_dir / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    report = json.loads((out / "value_report.json").read_text())["history"]
+    assert report == json.loads((value_dir / "value_report.json").read_text())["history"]
