@@ -26,13 +26,23 @@ def _eval_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _model_section(cfg: dict) -> dict:
+    """The distill recipe's ``model:`` section (TRL's ModelConfig keys). Adapters made before
+    that section existed kept ``model`` and the ``lora_*`` keys at the top level."""
+    if isinstance(cfg["model"], dict):
+        return cfg["model"]
+    lora = {k: cfg[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")}
+    return {"model_name_or_path": cfg["model"], **lora}
+
+
 def adapter_card(info: dict, eval_metrics: dict | None = None, eval_report: str | None = None,
                  eval_prompts: str | None = None):
     """A ``huggingface_hub.ModelCard`` for the adapter whose distill ``run.json`` is ``info``."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     cfg = info["config"]
-    base = base_model_name(cfg["model"])
+    model = _model_section(cfg)
+    base = base_model_name(model["model_name_or_path"])
     results = []
     if eval_metrics:
         for method in ("distilled", "rmod", "reference"):
@@ -49,12 +59,12 @@ def adapter_card(info: dict, eval_metrics: dict | None = None, eval_report: str 
         eval_results=results or None,
     )
     return ModelCard.from_template(
-        data, template_path=str(TEMPLATE), base_model=base, model=cfg["model"],
+        data, template_path=str(TEMPLATE), base_model=base, model=model["model_name_or_path"],
         generate_dir=cfg["generate_dir"], methods=cfg["methods"], min_worst_case=cfg["min_worst_case"],
         objectives=", ".join(info.get("objectives") or []) or "n/a", decoding=info.get("decoding", {}),
         train_rows=info["rows"]["train"], eval_rows=info["rows"]["held_out"],
-        lora={"r": cfg["lora_r"], "alpha": cfg["lora_alpha"], "dropout": cfg["lora_dropout"],
-              "modules": cfg["lora_target_modules"]},
+        lora={"r": model["lora_r"], "alpha": model["lora_alpha"], "dropout": model["lora_dropout"],
+              "modules": model["lora_target_modules"]},
         training={"learning_rate": cfg["learning_rate"], "epochs": cfg["num_train_epochs"],
                   "batch": cfg["per_device_train_batch_size"], "accumulation": cfg["gradient_accumulation_steps"],
                   "max_length": cfg["max_length"]},

@@ -19,8 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft import LoraConfig
-from trl import SFTConfig
+from trl import ModelConfig, SFTConfig, get_peft_config
 
 from rmod_distill.adapters import MANIFEST, PORTABLE_FILES, check_adapter_folder
 from rmod_distill.artifacts import RunFolder, atomic_write_text, provenance, read_json, write_jsonl
@@ -38,11 +37,50 @@ OBJECTIVES = ("sft", "dpo", "sft+dpo")
 
 
 @dataclass
-class DistillConfig(SFTConfig):
-    """TRL's ``SFTConfig`` plus what distillation adds: the data source, filtering, LoRA and W&B."""
+class DistillModelConfig(ModelConfig):
+    """TRL's ``ModelConfig`` (the recipe's ``model:`` section) with this project's defaults:
+    the embedded policy, dtype by device, and a LoRA adapter on the attention projections."""
 
-    model: str = field(default="embedded", metadata={"help": "Base policy (must be the one that generated the data)."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16"})
+    model_name_or_path: str = field(
+        default="embedded",
+        metadata={"help": "Base policy, a hub id, a folder or `embedded` (must be the one that generated the data)."},
+    )
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"})
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (the only kind distill makes)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Modules given adapters (module names, or [all-linear])."},
+    )
+
+    def __post_init__(self):
+        if not self.use_peft:
+            raise ValueError("model.use_peft: distill trains a LoRA adapter; set use_peft: true")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        unsupported = {"model_revision": self.model_revision != "main", "attn_implementation": self.attn_implementation,
+                       "load_in_8bit": self.load_in_8bit, "load_in_4bit": self.load_in_4bit,
+                       "lora_task_type": self.lora_task_type != "CAUSAL_LM"}
+        for key, given in unsupported.items():
+            if given:
+                raise ValueError(f"model.{key}: not supported by distill (the policy is loaded by rmod-distill's "
+                                 f"own loader, unquantised, as a causal LM); leave it at its default")
+        modules = self.lora_target_modules
+        super().__post_init__()
+        # TRL turns a one-item list into a string, which PEFT reads as a regex over full module
+        # paths: [q_proj] would then match nothing. Only all-linear must stay a bare string.
+        if isinstance(modules, list) and modules != ["all-linear"]:
+            self.lora_target_modules = modules
+
+
+@dataclass
+class DistillConfig(SFTConfig):
+    """TRL's ``SFTConfig`` plus what distillation adds: the model section (TRL's ``ModelConfig``),
+    the data source, filtering and W&B."""
+
+    model: DistillModelConfig = field(
+        default_factory=DistillModelConfig,
+        metadata={"help": "Base policy and LoRA: TRL's ModelConfig keys (model_name_or_path, dtype, lora_r, ...)."},
+    )
     generate_dir: str = field(
         default="runs/default/generate", metadata={"help": "Output folder of the generate stage to learn from."}
     )
@@ -51,12 +89,6 @@ class DistillConfig(SFTConfig):
         default=None, metadata={"help": "Keep only rows whose normalised worst-case reward is at least this."}
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out for eval loss."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "Modules given adapters."}
-    )
     objective: str = field(
         default="sft",
         metadata={"help": "sft (learn RMOD's answers) | dpo (prefer RMOD's answers, TRL's DPOTrainer; the reference "
@@ -92,6 +124,8 @@ class DistillConfig(SFTConfig):
             raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
         if isinstance(self.wandb, dict):
             self.wandb = WandbConfig(**self.wandb)
+        if isinstance(self.model, dict):
+            self.model = DistillModelConfig(**self.model)
         super().__post_init__()
         # W&B logging goes through the Trainer's own integration: wandb.mode adds it to
         # report_to (other reporters a recipe names stay); asking for both is a contradiction.
@@ -134,14 +168,15 @@ def load_generated(cfg: DistillConfig, tokenizer, info: dict):
 
     gen = Path(cfg.generate_dir)
     made_with = info.get("policy_fingerprint")
-    mine = policy_fingerprint(cfg.model, tokenizer)
+    name = cfg.model.model_name_or_path
+    mine = policy_fingerprint(name, tokenizer)
     if made_with is not None:
         differs = [k for k in ("vocab_size", "vocab_sha256", "chat_template_sha256") if made_with.get(k) != mine[k]]
-        if made_with.get("model") != cfg.model or differs:
+        if made_with.get("model") != name or differs:
             raise UserError(
                 f"generate_dir {gen} was made with policy {made_with.get('model')!r}"
                 f"{' (different ' + ', '.join(differs) + ')' if differs else ''}; this recipe distills "
-                f"{cfg.model!r}: distil into the policy that generated the data"
+                f"{name!r}: distil into the policy that generated the data"
             )
     try:
         # In memory: nothing (no cache-*.arrow) is written into the generate run's folder.
@@ -308,13 +343,10 @@ def run(cfg: DistillConfig) -> Path:
 
     # ------------------------------------------------------------------ model and data
     device = "cpu" if cfg.use_cpu else "auto"
-    model, tokenizer = load_policy(cfg.model, dtype=cfg.dtype, device=device)
+    model, tokenizer = load_policy(cfg.model.model_name_or_path, dtype=cfg.model.dtype, device=device)
     train, held, everything = load_generated(cfg, tokenizer, gen_info)
     print(f"distill: {len(train)} train rows, {len(held) if held else 0} held-out rows from {cfg.generate_dir}")
-    peft_config = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
-    )
+    peft_config = get_peft_config(cfg.model)
     metrics: dict = {"train_rows": len(train)}
 
     # ------------------------------------------------------------------ train: SFT
@@ -361,7 +393,7 @@ def run(cfg: DistillConfig) -> Path:
         decoding=gen_info.get("config", {}).get("decoding", {}),
         held_out_prompt_ids=sorted(set(map(base_prompt_id, held["prompt_id"]))) if held is not None else [],
         train_prompt_ids=sorted(set(map(base_prompt_id, train["prompt_id"]))),
-        policy_fingerprint=policy_fingerprint(cfg.model, tokenizer),
+        policy_fingerprint=policy_fingerprint(cfg.model.model_name_or_path, tokenizer),
         objectives=gen_info.get("objectives"),
     )
     card = adapter_card(dict(provenance(resolved), **info))

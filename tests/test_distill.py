@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def distill_args(policy, generate_dir, out, *extra):
     return [
-        "--model", str(policy), "--generate_dir", str(generate_dir), "--output_dir", str(out),
+        "--model.model_name_or_path", str(policy), "--generate_dir", str(generate_dir), "--output_dir", str(out),
         "--max_steps", "6", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3",
-        "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--logging_steps", "1",
+        "--model.lora_r", "4", "--model.lora_alpha", "8", "--model.lora_dropout", "0.0", "--logging_steps", "1",
         "--save_steps", "3", "--eval_strategy", "no", "--use_cpu", "--sample_prompts", "2",
         "--eval_fraction", "0.25", "--activation_checkpointing", "false", "--wandb.mode", "disabled", *extra,
     ]
@@ -41,7 +41,7 @@ def test_adapter_folder_is_complete(distilled):
     for name in ("tokenizer_config.json", "README.md", "run.json", "samples.jsonl"):
         assert (distilled / name).is_file(), name
     info = json.loads((distilled / "run.json").read_text())
-    assert info["complete"] and info["config"]["lora_r"] == 4 and info["packages"]["peft"]
+    assert info["complete"] and info["config"]["model"]["lora_r"] == 4 and info["packages"]["peft"]
     assert not set(info["held_out_prompt_ids"]) & set(info["train_prompt_ids"])
     card = (distilled / "README.md").read_text()
     assert "base_model:" in card and "LoRA r=4" in card and "harmlessness, concision" in card
@@ -290,3 +290,25 @@ def test_dpo_needs_reference_rows(tiny_policy_dir, tiny_generate_dir, tmp_path):
     with pytest.raises(UserError, match="need several RMOD samples per prompt"):
         run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x",
                                                      "--objective", "dpo", "--pairs", "samples")))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.use_peft", "false"], "model.use_peft"),
+    (["--model.load_in_4bit", "true"], "model.load_in_4bit"),
+    (["--model.dtype", "fp8"], "model.dtype"),
+    (["--model.lora_rank", "4"], "did you mean 'lora_r'"),
+])
+def test_bad_model_sections(tiny_policy_dir, tiny_generate_dir, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x", *extra))
+
+
+def test_model_section_is_trls_model_config(tiny_policy_dir, tiny_generate_dir, tmp_path):
+    from trl import ModelConfig, get_peft_config
+
+    cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x",
+                                                   "--model.lora_target_modules", "[q_proj]"))
+    assert isinstance(cfg.model, ModelConfig)
+    peft = get_peft_config(cfg.model)
+    # TRL would turn a one-item list into a regex over full module paths, which matches nothing.
+    assert peft.r == 4 and peft.lora_alpha == 8 and peft.target_modules == {"q_proj"}

@@ -16,8 +16,9 @@ from rmod_distill.eval import EvalConfig, run
 def adapter(tiny_policy_dir, tiny_generate_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval-adapter") / "adapter"
     distill_run(parse_config(DistillConfig, [
-        "--model", str(tiny_policy_dir), "--generate_dir", str(tiny_generate_dir), "--output_dir", str(out),
-        "--max_steps", "3", "--per_device_train_batch_size", "4", "--lora_r", "4", "--use_cpu",
+        "--model.model_name_or_path", str(tiny_policy_dir), "--generate_dir", str(tiny_generate_dir),
+        "--output_dir", str(out),
+        "--max_steps", "3", "--per_device_train_batch_size", "4", "--model.lora_r", "4", "--use_cpu",
         "--eval_strategy", "no", "--activation_checkpointing", "false", "--wandb.mode", "disabled", "--sample_prompts", "1",
     ]))
     return out
