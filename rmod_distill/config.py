@@ -282,8 +282,9 @@ def config_help(cls, prefix: str = "") -> str:
         else:
             default = "<required>"
         (item,) = typing.get_args(tp) if typing.get_origin(tp) is list and typing.get_args(tp) else (None,)
-        text = f.metadata.get("help", "") or (
-            f"A list of {item.__name__} mappings; the keys of each item follow." if dataclasses.is_dataclass(item) else "")
+        text = f.metadata.get("help", "")
+        if not text and dataclasses.is_dataclass(item):
+            text = f"A list of {item.__name__} mappings; the keys of each item follow."
         lines.append(f"  --{prefix}{f.name}  ({_describe(tp)}, default {default}): {text}")
         if dataclasses.is_dataclass(item):
             lines.append(config_help(item, f"{prefix}{f.name}[i].").replace(f"  --{prefix}{f.name}[i].",

@@ -159,7 +159,8 @@ def _read_rows(cfg: PromptsConfig) -> tuple[list[dict], str]:
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as exc:  # datasets wraps parse errors in several exception types
             message = " ".join(str(exc).split())[:300]
-            raise UserError(f"prompt file {path} could not be read as {kind} ({type(exc).__name__}: {message})") from None
+            raise UserError(f"prompt file {path} could not be read as {kind} ({type(exc).__name__}: {message})"
+                            ) from None
         return list(ds), str(path)
     import datasets
 
