@@ -195,6 +195,12 @@ def _missing_adapter(c: Ctx):
     return c.evaluate("--methods", "[reference, distilled]", "--adapter", "runs/distil")
 
 
+def _download_typo(c: Ctx):
+    (c.tmp / "runs").mkdir()
+    c.mp.chdir(c.tmp)
+    return ["download", "runs/distil", "--to", str(c.out())]
+
+
 def _override_error(c: Ctx):
     recipe = c.tmp / "recipe.yaml"
     recipe.write_text("seed: 3\ndecoding: {num_candidates: 2}\n")
@@ -255,7 +261,8 @@ ROWS = [
     # 7. eval objectives spec differing from generate's
     Row("7-eval-objective-spec-differs",
         lambda c: c.evaluate("--objectives", "[{name: harmlessness, model: concision}, {name: concision}]"),
-        r"objective 'harmlessness': the recipe's spec differs from the one .* was normalised with \(keys \['model'\]\)"),
+        r"objective 'harmlessness': the recipe's spec differs from the one .* was normalised with "
+        r"\(keys \['model'\]\)"),
     # 8. online without a login: refused before any work
     Row("8-wandb-online-without-login", _wandb_online_without_login,
         r"wandb\.mode online needs a W&B login .*use auto, offline or disabled"),
@@ -278,6 +285,10 @@ ROWS = [
                                                     '{"id": "b", "prompt": "hi" "split": "train"}\n')),
         r"prompt file .*prompts\.jsonl: line 2 is not valid JSON \(Expecting ',' delimiter"),
     Row("10-missing-adapter-folder", _missing_adapter, r"adapter folder runs/distil does not exist"),
+    Row("10-download-missing-adapter-folder", _download_typo,
+        r"adapter folder runs/distil does not exist"),
+    Row("10-download-unknown-hub-repo", lambda c: ["download", "nosuch-org/nosuch-adapter", "--to", str(c.out())],
+        r"adapter 'nosuch-org/nosuch-adapter' is not a local folder and could not be fetched from the hub"),
     Row("10-missing-prompt-key",
         lambda c: c.generate(prompts=c.prompts([{"id": "a", "text": "hi", "split": "train"}])),
         r"prompts\.jsonl: no column 'prompt' or 'messages' for the prompt \(columns: \['id', 'split', 'text'\]\)"),
