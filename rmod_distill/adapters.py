@@ -123,11 +123,19 @@ def fetch_adapter(source: str, to: str | Path | None = None) -> Path:
     if source.count("/") == 2 and ":" in source:
         import wandb  # needs a W&B server and login
 
-        wandb.Api().artifact(source, type="model").download(root=str(to))
+        try:
+            wandb.Api().artifact(source, type="model").download(root=str(to))
+        except Exception as exc:  # no login, no such artifact, no network: several types
+            raise UserError(f"W&B artifact {source!r} could not be fetched ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]})") from None
     elif source.count("/") == 1:
         from huggingface_hub import snapshot_download  # needs the hub
 
-        snapshot_download(repo_id=source, local_dir=str(to))
+        try:
+            snapshot_download(repo_id=source, local_dir=str(to))
+        except Exception as exc:  # no such repo, offline, gated: several types
+            raise UserError(f"adapter {source!r} is not a local folder and could not be fetched from the hub as a "
+                            f"repo id ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     else:
         raise UserError(
             f"adapter source {source!r}: expected a local folder, a W&B offline run folder, a W&B artifact "

@@ -13,6 +13,7 @@ that class's own ``__post_init__`` validation.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -187,10 +188,14 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"recipe file {path} does not exist")
     try:
         data = yaml_load(path.read_text())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
-        return {}
+        # An empty file (or only comments) is almost always a wrong path or a lost edit, not "all defaults".
+        raise ConfigError(f"recipe file {path} is empty (no keys); expected a YAML mapping of keys to values "
+                          "(leave out --config to use every default)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping of keys to values, got {type(data).__name__}")
     return data
@@ -226,9 +231,34 @@ def parse_config(cls: type[T], argv: list[str] | None = None) -> T:
             source = value
             continue
         overrides.append((key.replace("-", "_"), yaml_load(value) if value != "" else ""))
+    if not overrides:
+        return from_dict(cls, data, source)
+    recipe, merged = data, copy.deepcopy(data)
     for key, value in overrides:
-        _set_dotted(data, key, value)
-    return from_dict(cls, data, source)
+        _set_dotted(merged, key, value)
+    try:
+        return from_dict(cls, merged, source)
+    except ConfigError as merged_error:
+        if source == "command line":
+            raise
+        # Blame the recipe file only when it fails on its own; otherwise an override broke it.
+        try:
+            from_dict(cls, copy.deepcopy(recipe), source)
+        except ConfigError:
+            raise merged_error from None
+        # Name the override at fault: the first that breaks the recipe on its own.
+        culprit = "overrides"
+        for key, value in overrides:
+            trial = copy.deepcopy(recipe)
+            try:
+                _set_dotted(trial, key, value)
+                from_dict(cls, trial, source)
+            except ConfigError:
+                culprit = f"--{key}"
+                break
+        message = str(merged_error)
+        raise ConfigError(f"command line ({culprit})" + message[len(source):] if message.startswith(source)
+                          else f"command line ({culprit}): {message}") from None
 
 
 def config_help(cls, prefix: str = "") -> str:
@@ -242,11 +272,38 @@ def config_help(cls, prefix: str = "") -> str:
         if dataclasses.is_dataclass(tp):
             lines.append(config_help(tp, prefix + f.name + "."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            "<factory>" if f.default_factory is not dataclasses.MISSING else "<required>"
-        )
-        lines.append(f"  --{prefix}{f.name}  ({_describe(tp)}, default {default!r}): {f.metadata.get('help', '')}")
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            try:
+                default = _show_default(f.default_factory())
+            except Exception:  # a library factory that needs more than a call
+                default = "(computed)"
+        else:
+            default = "<required>"
+        (item,) = typing.get_args(tp) if typing.get_origin(tp) is list and typing.get_args(tp) else (None,)
+        text = f.metadata.get("help", "")
+        if not text and dataclasses.is_dataclass(item):
+            text = f"A list of {item.__name__} mappings; the keys of each item follow."
+        lines.append(f"  --{prefix}{f.name}  ({_describe(tp)}, default {default}): {text}")
+        if dataclasses.is_dataclass(item):
+            lines.append(config_help(item, f"{prefix}{f.name}[i].").replace(f"  --{prefix}{f.name}[i].",
+                                                                            f"      {prefix}{f.name}[i]."))
     return "\n".join(lines)
+
+
+def _show_default(value: Any) -> str:
+    """A default as a user would write it: lists of sections show only their keys that differ
+    from the section's defaults (``[{name: harmlessness}, ...]``)."""
+    if isinstance(value, list) and value and all(dataclasses.is_dataclass(v) for v in value):
+        items = []
+        for v in value:
+            keys = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if f.init and (
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                or getattr(v, f.name) != (f.default if f.default is not dataclasses.MISSING else f.default_factory()))}
+            items.append("{" + ", ".join(f"{k}: {to_dict(x)}" for k, x in keys.items()) + "}")
+        return "[" + ", ".join(items) + "]"
+    return repr(to_dict(value))
 
 
 def to_dict(config: Any) -> Any:

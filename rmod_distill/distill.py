@@ -28,7 +28,7 @@ from rmod_distill.config import parse_config, to_dict
 from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
 from rmod_distill.engine.runs import process_state
 from rmod_distill.errors import UserError
-from rmod_distill.policy import policy_fingerprint
+from rmod_distill.policy import PolicyConfig, policy_fingerprint
 from rmod_distill.prompts import base_prompt_id, held_out
 from rmod_distill.tracking import WandbConfig
 
@@ -141,6 +141,8 @@ class DistillConfig(SFTConfig):
 def check_generate_dir(cfg: DistillConfig) -> dict:
     """The generate run's ``run.json``, checked (complete, with the recipe's methods) before any model loads."""
     gen = Path(cfg.generate_dir)
+    if not gen.is_dir():
+        raise UserError(f"generate_dir {gen} does not exist; run `rmod-distill generate` first (or fix the path)")
     if not (gen / "run.json").is_file():
         raise UserError(f"generate_dir {gen}: no run.json there; run `make generate` first (or fix the path)")
     info = read_json(gen / "run.json", "generate run marker")
@@ -159,13 +161,24 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
                         "generate with samples_per_prompt >= 2 or set pairs: reference")
     if not (gen / "dataset").is_dir():
         raise UserError(f"generate_dir {gen}: no dataset/ folder; the run is damaged, rerun generate with --overwrite")
+    _read_dataset(gen, keep_in_memory=False)  # a damaged dataset fails here, before the model loads
     return info
+
+
+def _read_dataset(gen: Path, keep_in_memory: bool):
+    import datasets
+
+    try:
+        # In memory: nothing (no cache-*.arrow) is written into the generate run's folder.
+        return datasets.load_from_disk(str(gen / "dataset"), keep_in_memory=keep_in_memory)
+    except Exception as exc:  # datasets raises several types for a damaged folder
+        message = " ".join(str(exc).split())[:200]
+        raise UserError(f"generate_dir {gen}/dataset could not be read ({type(exc).__name__}: {message}); "
+                        "rerun generate with --overwrite") from None
 
 
 def load_generated(cfg: DistillConfig, tokenizer, info: dict):
     """The generate run's dataset, checked against the policy, filtered, split into train/held-out."""
-    import datasets
-
     gen = Path(cfg.generate_dir)
     made_with = info.get("policy_fingerprint")
     name = cfg.model.model_name_or_path
@@ -178,12 +191,7 @@ def load_generated(cfg: DistillConfig, tokenizer, info: dict):
                 f"{' (different ' + ', '.join(differs) + ')' if differs else ''}; this recipe distills "
                 f"{name!r}: distil into the policy that generated the data"
             )
-    try:
-        # In memory: nothing (no cache-*.arrow) is written into the generate run's folder.
-        ds = datasets.load_from_disk(str(gen / "dataset"), keep_in_memory=True)
-    except Exception as exc:  # datasets raises several types for a damaged folder
-        raise UserError(f"generate_dir {gen}/dataset could not be read ({type(exc).__name__}: {exc}); "
-                        "rerun generate with --overwrite") from None
+    ds = _read_dataset(gen, keep_in_memory=True)
     everything = ds
     ds = ds.filter(lambda r: r["method"] in cfg.methods, keep_in_memory=True)
     if cfg.min_worst_case is not None:
@@ -328,6 +336,7 @@ def run(cfg: DistillConfig) -> Path:
     # ------------------------------------------------------------------ check every input first
     folder.check()
     gen_info = check_generate_dir(cfg)
+    PolicyConfig(cfg.model, None, cfg.dtype).check()
     cfg.wandb.check()
     state.wait_for_everyone()
     out = folder.begin(state.is_main_process)

@@ -326,6 +326,7 @@ def run(cfg: EvalConfig) -> Path:
     objectives.probe(prompts[0].messages)
     check_decoding_inputs(cfg.decoding, objectives)
     cfg.policy.check()
+    cfg.policy.check_prompt_lengths(prompts, cfg.decoding.max_new_tokens, cfg.prompts.path)
     adapter = None
     if "distilled" in cfg.methods:
         adapter = fetch_adapter(cfg.adapter)

@@ -151,6 +151,7 @@ def run(cfg: GenerateConfig) -> Path:
         objectives.set_normalizer(normalizer, cfg.normalization)
     check_decoding_inputs(cfg.decoding, objectives)
     cfg.policy.check()
+    cfg.policy.check_prompt_lengths(calibration_prompts, cfg.decoding.max_new_tokens, cfg.prompts.path)
     cfg.wandb.check()
 
     # ------------------------------------------------------------------ output folder, policy

@@ -214,12 +214,41 @@ class PolicyConfig:
     def check(self) -> None:
         """What can be checked before loading: a local policy folder exists, the adapter is whole."""
         if self.model not in EMBEDDED_ALIASES and is_local_path(self.model):
+            if not Path(self.model).exists():
+                raise UserError(f"policy.model: folder {self.model} does not exist (expected a model folder with "
+                                "config.json, a hub id like org/name, or 'embedded')")
             if not (Path(self.model) / "config.json").is_file():
                 raise UserError(f"policy.model: {self.model} is not a model folder (no config.json there)")
         if self.adapter:
             from rmod_distill.adapters import fetch_adapter
 
             fetch_adapter(self.adapter)
+
+    def check_prompt_lengths(self, prompts, max_new_tokens: int, source: str = "prompts.path") -> None:
+        """Refuse a prompt that, with ``max_new_tokens`` more, would not fit the policy's context;
+        loads only the tokenizer and the model's config (before any output folder is touched)."""
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(resolve_model_path(self.model))
+        except OSError as exc:  # not on the hub, offline, or a folder without a usable config.json
+            raise UserError(f"policy.model {self.model!r} could not be found: {str(exc).splitlines()[0]}") from None
+        key = next((k for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                    if isinstance(getattr(config, k, None), int)), None)
+        if key is None:
+            return
+        context = getattr(config, key)
+        tokenizer = load_tokenizer(self.model)
+        texts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in prompts]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        for p, n in zip(prompts, lengths):
+            if n + max_new_tokens > context:
+                raise UserError(
+                    f"{source}: prompt {p.id!r} is {n} tokens long (with the chat template); with "
+                    f"decoding.max_new_tokens {max_new_tokens} that is {n + max_new_tokens} tokens, more than the "
+                    f"policy's context of {context} ({key} of {self.model}); shorten or drop the "
+                    "prompt, or lower decoding.max_new_tokens"
+                )
 
     def load(self, device: str | None = None):
         """Load ``(model, tokenizer)``; ``device`` overrides the configured one (multi-process runs)."""

@@ -8,10 +8,12 @@ empty prompts, missing columns and duplicate ids are errors that name the source
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rmod_distill.artifacts import is_local_path
 from rmod_distill.errors import UserError
 
 DEFAULT_PROMPTS = "data/prompts/default.jsonl"
@@ -120,22 +122,65 @@ def parse_hh(text: str, mode: str) -> list[dict]:
     return turns[:last_assistant]
 
 
+def _first_bad_line(path: Path, kind: str) -> str | None:
+    """Where a prompt file stops being readable: its first line that is not UTF-8 or not JSON."""
+    data = path.read_bytes()
+    if kind == "parquet":
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        return f"line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+    if not text.strip():
+        return "the file is empty; expected one JSON object per line"
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"line {exc.lineno} is not valid JSON ({exc.msg})"
+        return None
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"line {number} is not valid JSON ({exc.msg}, column {exc.colno}); expected one JSON object per line"
+        if not isinstance(row, dict):
+            return f"line {number} is not a JSON object (got {type(row).__name__}); expected one object per line"
+    return None
+
+
 def _read_rows(cfg: PromptsConfig) -> tuple[list[dict], str]:
     path = Path(cfg.path)
-    if path.suffix in (".jsonl", ".json", ".parquet"):
+    if path.suffix in (".jsonl", ".json", ".parquet") or is_local_path(cfg.path):
         if not path.is_file():
-            raise UserError(f"prompt file {path} does not exist")
+            raise UserError(f"prompts.path: prompt file {path} does not exist")
+        if path.suffix not in (".jsonl", ".json", ".parquet"):
+            raise UserError(f"prompts.path: {path} is not a .jsonl, .json or .parquet file")
         import datasets
 
         kind = "parquet" if path.suffix == ".parquet" else "json"
+        # datasets' own errors on a bad file are long and name no line: find the line first.
+        bad = _first_bad_line(path, kind)
+        if bad:
+            raise UserError(f"prompt file {path}: {bad}")
         try:
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as exc:  # datasets wraps parse errors in several exception types
-            raise UserError(f"{path}: could not be read as {kind}: {exc}") from exc
+            message = " ".join(str(exc).split())[:300]
+            raise UserError(f"prompt file {path} could not be read as {kind} ({type(exc).__name__}: {message})"
+                            ) from None
         return list(ds), str(path)
     import datasets
 
-    ds = datasets.load_dataset(cfg.path, cfg.dataset_config, split=cfg.dataset_split)
+    try:
+        ds = datasets.load_dataset(cfg.path, cfg.dataset_config, split=cfg.dataset_split)
+    except Exception as exc:  # not found, offline, wrong config or split: several exception types
+        message = " ".join(str(exc).split())[:300]
+        raise UserError(f"prompts.path: hub dataset {cfg.path!r} could not be loaded ({type(exc).__name__}: "
+                        f"{message})") from None
     return list(ds), f"hub dataset {cfg.path} ({cfg.dataset_split})"
 
 

@@ -390,7 +390,9 @@ def run(cfg: ValuesConfig) -> Path:
     for name in cfg.rollouts:
         if not Path(name).is_file():
             raise UserError(f"rollouts: {name} does not exist (expected a generate samples.jsonl or calibration.jsonl)")
+        read_jsonl(name)  # a damaged file fails here, naming its line, not after the run folder is made
     cfg.policy.check()
+    cfg.policy.check_prompt_lengths(prompts, cfg.decoding.max_new_tokens, cfg.prompts.path)
     cfg.wandb.check()
     from transformers.trainer_utils import SchedulerType
 

@@ -20,3 +20,8 @@ def broken_nan(prompts, responses):
 def broken_shape(prompts, responses):
     """Returns one value too few."""
     return [0.0] * (len(responses) - 1)
+
+
+def broken_raise(prompts, responses):
+    """Raises, as a user's function with a bug does."""
+    raise KeyError("score")

@@ -1,0 +1,392 @@
+"""Issue 12: every bad input a user reported, through the real CLI, as one table.
+
+Each row runs ``rmod-distill <stage> ...`` in-process on tiny inputs and checks that the
+command exits with status 2, prints one line naming the file, key or objective at fault
+and what was expected (the row's regex), and leaves its input files and folders exactly
+as they were. Most rows fail before any model loads: inputs are validated first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from rmod_distill import cli
+
+OBJECTIVES = "[{name: harmlessness}, {name: concision}]"
+SMALL = ["--decoding.num_candidates", "2", "--decoding.block_size", "4", "--decoding.max_new_tokens", "8"]
+
+
+def run_cli(argv: list[str]) -> int:
+    """``rmod-distill`` in-process; its exit status."""
+    try:
+        cli.main(argv)
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def snapshot(paths: list[Path]) -> dict[str, str]:
+    """sha256 of every file (and the name of every folder) under ``paths``."""
+    out = {}
+    for root in paths:
+        for p in sorted([root, *root.rglob("*")] if root.is_dir() else [root]):
+            if p.is_dir():
+                out[str(p)] = "<dir>"
+            elif p.exists():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            else:
+                out[str(p)] = "<absent>"
+    return out
+
+
+class Ctx:
+    """What a row builds its command from: the tiny policy, a complete generate run and eval."""
+
+    def __init__(self, tmp: Path, policy: Path, gen: Path, evaldir: Path, monkeypatch):
+        self.tmp, self.policy, self.gen, self.eval, self.mp = tmp, policy, gen, evaldir, monkeypatch
+        self.watch: list[Path] = []  # inputs that must be unchanged
+        self.absent: list[Path] = []  # outputs a refused start must not create
+
+    def prompts(self, rows=None, text: str | bytes | None = None, name="prompts.jsonl") -> Path:
+        path = self.tmp / name
+        if text is not None:
+            path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.watch.append(path)
+        return path
+
+    def out(self, name="out") -> Path:
+        path = self.tmp / name
+        self.absent.append(path)
+        return path
+
+    def copy_gen(self) -> Path:
+        dst = self.tmp / "gen"
+        shutil.copytree(self.gen, dst)
+        self.watch.append(dst)
+        return dst
+
+    def generate(self, *extra, prompts=None, out=None) -> list[str]:
+        prompts = prompts or self.gen.parent / "prompts.jsonl"
+        self.watch += [Path(prompts), self.gen]
+        return ["generate", "--policy.model", str(self.policy), "--prompts.path", str(prompts),
+                "--objectives", OBJECTIVES, "--methods", "[reference, rmod]", *SMALL,
+                "--normalization_prompts", "4", "--output_dir", str(out or self.out()), *extra]
+
+    def evaluate(self, *extra, gen=None, out=None) -> list[str]:
+        self.watch += [self.gen.parent / "prompts.jsonl", self.gen]
+        return ["eval", *eval_args(self.policy, gen or self.gen, out or self.out()), *extra]
+
+    def distill(self, *extra, gen=None, out=None) -> list[str]:
+        self.watch.append(self.gen)
+        return ["distill", "--model", str(self.policy), "--generate_dir", str(gen or self.gen),
+                "--output_dir", str(out or self.out()), "--max_steps", "1", "--use_cpu", "--wandb.mode", "disabled",
+                *extra]
+
+
+def eval_args(policy: Path, gen: Path, out: Path) -> list[str]:
+    return ["--policy.model", str(policy), "--generate_dir", str(gen), "--prompts.path",
+            str(gen.parent / "prompts.jsonl"), "--prompts.split", "eval", "--objectives", OBJECTIVES,
+            "--methods", "[reference]", *SMALL, "--bootstrap_resamples", "50", "--wandb.mode", "disabled",
+            "--output_dir", str(out)]
+
+
+@pytest.fixture(scope="module")
+def complete_eval(tiny_policy_dir, tiny_generate_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bad-inputs-eval") / "eval"
+    assert run_cli(["eval", *eval_args(tiny_policy_dir, tiny_generate_dir, out)]) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- the rows
+
+
+def _typo_over_complete_run(c: Ctx):
+    c.watch.append(c.gen)
+    return c.generate("--overwrite", prompts=c.gen.parent / "promts.jsonl", out=c.gen)
+
+
+def _bad_objective_over_complete_eval(c: Ctx):
+    c.watch.append(c.eval)
+    return c.evaluate("--overwrite", "--objectives", "[{name: harmlessness}, {name: concision, model: concisness}]",
+                      out=c.eval)
+
+
+def _distill_into_foreign_folder(c: Ctx):
+    out = c.tmp / "adapter"
+    out.mkdir()
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (out / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    (out / "README.md").write_text("# my adapter\n")
+    c.watch.append(out)
+    return c.distill(out=out)
+
+
+def _hash_in_ids(c: Ctx):
+    return c.generate(prompts=c.prompts([{"id": "a", "prompt": "tell me a kind thing", "split": "train"},
+                                         {"id": "a#s1", "prompt": "help me fix my home", "split": "train"}]))
+
+
+def _torn_shard(c: Ctx):
+    """An unfinished eval whose shard has a damaged row before its end (not a torn last line)."""
+    run = c.tmp / "eval"
+    shutil.copytree(c.eval, run)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(dict(info, complete=False)))
+    shard = run / "generations" / "shards" / "rank-00000.jsonl"
+    lines = shard.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][: len(lines[1]) // 2] + "\n"
+    shard.write_text("".join(lines))
+    c.watch.append(run)
+    return c.evaluate(out=run)
+
+
+def _damaged_rollouts(c: Ctx):
+    rollouts = c.tmp / "samples.jsonl"
+    lines = (c.gen / "samples.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = lines[2][:40] + "\n"
+    rollouts.write_text("".join(lines))
+    c.watch += [rollouts, c.gen]
+    return ["values", "--policy.model", str(c.policy), "--generate_dir", str(c.gen), "--prompts.path",
+            str(c.gen.parent / "prompts.jsonl"), "--objectives", OBJECTIVES, "--rollouts", f"[{rollouts}]", *SMALL,
+            "--wandb.mode", "disabled", "--output_dir", str(c.out())]
+
+
+def _wandb_online_without_login(c: Ctx):
+    c.mp.setenv("WANDB_API_KEY", "")
+    c.mp.setenv("NETRC", str(c.tmp / "no-netrc"))
+    c.mp.delenv("WANDB_MODE", raising=False)
+    return c.generate("--wandb.mode", "online")
+
+
+def _broken_gen(damage: Callable[[Path], None]):
+    def build(c: Ctx):
+        gen = c.copy_gen()
+        damage(gen)
+        return gen
+    return build
+
+
+def _corrupt_arrow(c: Ctx):
+    gen = c.copy_gen()
+    for arrow in (gen / "dataset").glob("*.arrow"):
+        arrow.write_bytes(b"this is not an arrow file" * 10)
+    return c.distill(gen=gen)
+
+
+def _broken_normalization(c: Ctx):
+    gen = c.copy_gen()
+    (gen / "normalization.json").write_text('{"names": ["harmlessness", "concision"], "mean": [0.1,')
+    return c.evaluate(gen=gen)
+
+
+def _missing_adapter(c: Ctx):
+    (c.tmp / "runs").mkdir()
+    c.mp.chdir(c.tmp)
+    return c.evaluate("--methods", "[reference, distilled]", "--adapter", "runs/distil")
+
+
+def _download_typo(c: Ctx):
+    (c.tmp / "runs").mkdir()
+    c.mp.chdir(c.tmp)
+    return ["download", "runs/distil", "--to", str(c.out())]
+
+
+def _override_error(c: Ctx):
+    recipe = c.tmp / "recipe.yaml"
+    recipe.write_text("seed: 3\ndecoding: {num_candidates: 2}\n")
+    c.watch.append(recipe)
+    return c.generate("--config", str(recipe), "--decoding.num_candidates", "two")
+
+
+def _python_objective(fn: str):
+    def build(c: Ctx):
+        return c.generate("--objectives", f"[{{name: harmlessness}}, {{name: mine, kind: python, model: '{fn}'}}]")
+    return build
+
+
+def _empty_recipe(text: str):
+    def build(c: Ctx):
+        recipe = c.tmp / "recipe.yaml"
+        recipe.write_text(text)
+        c.watch.append(recipe)
+        return ["generate", "--config", str(recipe)]
+    return build
+
+
+def _long_prompt(c: Ctx):
+    words = ("tell me why my cat is always cold and what i can do " * 60).split()[:600]
+    return c.generate(prompts=c.prompts([{"id": "short", "prompt": "tell me a kind thing", "split": "train"},
+                                         {"id": "long", "prompt": " ".join(words), "split": "train"}]))
+
+
+@dataclass
+class Row:
+    id: str
+    build: Callable[[Ctx], list[str]]
+    expect: str  # regex the one error line must match (after "rmod-distill <stage>: error: ")
+
+
+ROWS = [
+    # 1. a prompts typo with --overwrite over a complete run: refused, the run intact
+    Row("1-generate-overwrite-prompts-typo", _typo_over_complete_run,
+        r"prompts\.path: prompt file .*promts\.jsonl does not exist"),
+    # 2. --overwrite with a bad objective over a complete eval: refused, generations/ and metrics intact
+    Row("2-eval-overwrite-bad-objective", _bad_objective_over_complete_eval,
+        r"objective 'concision': unknown embedded scorer 'concisness'; expected one of \[.*'concision'"),
+    # 3. distill into a folder holding someone's adapter and README.md
+    Row("3-distill-into-foreign-folder", _distill_into_foreign_folder,
+        r"output_dir .*adapter holds files that no rmod-distill run wrote \(no run\.json\)"),
+    # 4. ids 'a' and 'a#s1'
+    Row("4-hash-in-prompt-id", _hash_in_ids, r"row 2 \(id 'a#s1'\): '#' is not allowed in prompt ids"),
+    # 5. NaN/inf decoding settings
+    Row("5-temperature-nan", lambda c: c.generate("--decoding.temperature", ".nan"),
+        r"command line: key 'decoding': decoding\.temperature must be a finite number >= 0, got nan"),
+    Row("5-lam-inf", lambda c: c.generate("--decoding.lam", ".inf"),
+        r"decoding\.lam must be a finite number > 0, got inf"),
+    # 6. a damaged row inside a shard (resume) and a damaged rollouts file given to values
+    Row("6-eval-shard-damaged-mid-file", _torn_shard,
+        r"rank-00000\.jsonl: line 2 is not valid JSON .*the file is damaged"),
+    Row("6-values-damaged-rollouts", _damaged_rollouts,
+        r"samples\.jsonl: line 3 is not valid JSON .*the file is damaged"),
+    # 7. eval objectives spec differing from generate's
+    Row("7-eval-objective-spec-differs",
+        lambda c: c.evaluate("--objectives", "[{name: harmlessness, model: concision}, {name: concision}]"),
+        r"objective 'harmlessness': the recipe's spec differs from the one .* was normalised with "
+        r"\(keys \['model'\]\)"),
+    # 8. online without a login: refused before any work
+    Row("8-wandb-online-without-login", _wandb_online_without_login,
+        r"wandb\.mode online needs a W&B login .*use auto, offline or disabled"),
+    # 9. a failed start writes nothing (out is checked absent), so the corrected rerun is not locked out
+    Row("9-failed-start-writes-nothing", lambda c: c.generate(prompts=c.tmp / "nope.jsonl"),
+        r"prompt file .*nope\.jsonl does not exist"),
+    # 10. messages
+    Row("10-prompts-not-utf8",
+        lambda c: c.generate(prompts=c.prompts(text=b'{"id": "a", "prompt": "hi", "split": "train"}\n'
+                                                    b'{"id": "b", "prompt": "caf\xe9", "split": "train"}\n')),
+        r"prompt file .*prompts\.jsonl: line 2 is not UTF-8 text \(byte 0xe9\)"),
+    Row("10-distill-corrupt-arrow", _corrupt_arrow,
+        r"generate_dir .*gen/dataset could not be read \(.*\); rerun generate with --overwrite"),
+    Row("10-broken-normalization-json", _broken_normalization,
+        r"normalisation file .*gen/normalization\.json is not valid JSON"),
+    Row("10-empty-prompts-file", lambda c: c.generate(prompts=c.prompts(text="")),
+        r"prompt file .*prompts\.jsonl: the file is empty; expected one JSON object per line"),
+    Row("10-prompts-invalid-json-line",
+        lambda c: c.generate(prompts=c.prompts(text='{"id": "a", "prompt": "hi", "split": "train"}\n'
+                                                    '{"id": "b", "prompt": "hi" "split": "train"}\n')),
+        r"prompt file .*prompts\.jsonl: line 2 is not valid JSON \(Expecting ',' delimiter"),
+    Row("10-missing-adapter-folder", _missing_adapter, r"adapter folder runs/distil does not exist"),
+    Row("10-download-missing-adapter-folder", _download_typo,
+        r"adapter folder runs/distil does not exist"),
+    Row("10-download-unknown-hub-repo", lambda c: ["download", "nosuch-org/nosuch-adapter", "--to", str(c.out())],
+        r"adapter 'nosuch-org/nosuch-adapter' is not a local folder and could not be fetched from the hub"),
+    Row("10-missing-prompt-key",
+        lambda c: c.generate(prompts=c.prompts([{"id": "a", "text": "hi", "split": "train"}])),
+        r"prompts\.jsonl: no column 'prompt' or 'messages' for the prompt \(columns: \['id', 'split', 'text'\]\)"),
+    Row("10-missing-model-folder", lambda c: c.generate("--policy.model", str(c.tmp / "models" / "tiny")),
+        r"policy\.model: folder .*models/tiny does not exist"),
+    Row("10-override-error-blames-command-line", _override_error,
+        r"^command line \(--decoding\.num_candidates\): key 'decoding': key 'num_candidates': expected an "
+        r"integer, got 'two'$"),
+    Row("10-python-objective-raises", _python_objective("helpers_objectives:broken_raise"),
+        r"objective 'mine' failed: KeyError: 'score'"),
+    Row("10-python-objective-module-missing", _python_objective("helpers_nosuch:fn"),
+        r"objective 'mine': cannot import module 'helpers_nosuch'"),
+    Row("10-python-objective-function-missing", _python_objective("helpers_objectives:nosuch"),
+        r"objective 'mine': 'helpers_objectives' has no function 'nosuch'"),
+    Row("10-python-objective-nan", _python_objective("helpers_objectives:broken_nan"),
+        r"objective 'mine' returned nan for response 0 .*rewards must be finite"),
+    Row("10-python-objective-wrong-length", _python_objective("helpers_objectives:broken_shape"),
+        r"objective 'mine' returned shape \(1,\) for 2 responses; expected \(2,\)"),
+    Row("10-distill-missing-generate-dir", lambda c: c.distill(gen=c.tmp / "runs" / "generat"),
+        r"generate_dir .*runs/generat does not exist; run `rmod-distill generate` first"),
+    # 11. an empty recipe file is refused, not read as "all defaults"
+    Row("11-empty-recipe", _empty_recipe(""), r"recipe file .*recipe\.yaml is empty \(no keys\)"),
+    Row("11-comments-only-recipe", _empty_recipe("# generate: TODO\n\n# seed: 1\n"),
+        r"recipe file .*recipe\.yaml is empty \(no keys\)"),
+    # 12. a prompt longer than the context allows with max_new_tokens more
+    Row("12-prompt-longer-than-context", _long_prompt,
+        r"prompt 'long' is 6\d\d tokens long .*decoding\.max_new_tokens 8 that is 6\d\d tokens, more than the "
+        r"policy's context of 512"),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input(row, tiny_policy_dir, tiny_generate_dir, complete_eval, tmp_path, monkeypatch, capsys):
+    c = Ctx(tmp_path, tiny_policy_dir, tiny_generate_dir, complete_eval, monkeypatch)
+    argv = row.build(c)
+    before = snapshot(c.watch)
+    capsys.readouterr()
+    code = run_cli(argv)
+    err = capsys.readouterr().err
+    stage = argv[0]
+    lines = [line for line in err.splitlines() if line.startswith("rmod-distill ")]
+    assert code == 2, f"exit {code}; stderr:\n{err[-3000:]}"
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    prefix = f"rmod-distill {stage}: error: "
+    assert lines[0].startswith(prefix), lines[0]
+    message = lines[0][len(prefix):]
+    assert re.search(row.expect, message), f"{message!r} does not match {row.expect!r}"
+    assert snapshot(c.watch) == before, "an input file or folder changed"
+    for path in c.absent:
+        assert not path.exists(), f"{path} was created by a refused start"
+
+
+# ----------------------------------------------------------------------------- what must keep working
+
+
+def _unfinished_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    info = json.loads((dst / "run.json").read_text())
+    (dst / "run.json").write_text(json.dumps(dict(info, complete=False)))
+    return dst
+
+
+def test_failed_start_then_resume_with_trailing_slash_and_other_wandb_mode(tiny_policy_dir, tiny_generate_dir,
+                                                                            tmp_path, monkeypatch):
+    """Issue 12, case 9: a refused start leaves the unfinished run as it was, and the corrected
+    command resumes it although output_dir ends in '/' and wandb.mode differs."""
+    run = _unfinished_copy(tiny_generate_dir, tmp_path / "gen")
+    c = Ctx(tmp_path, tiny_policy_dir, tiny_generate_dir, tmp_path, monkeypatch)
+    marker = (run / "run.json").read_bytes()
+    assert run_cli(c.generate("--wandb.mode", "offline", prompts=tmp_path / "typo.jsonl", out=run)) == 2
+    assert (run / "run.json").read_bytes() == marker
+    assert run_cli(c.generate("--wandb.mode", "offline", out=f"{run}/")) == 0
+    assert json.loads((run / "run.json").read_text())["complete"] is True
+
+
+def test_eval_rewrites_a_torn_samples_jsonl(tiny_policy_dir, tiny_generate_dir, complete_eval, tmp_path):
+    """Issue 12, case 6: eval decodes into generations/shards; a samples.jsonl cut mid-line in an
+    unfinished eval is simply written again from them."""
+    run = _unfinished_copy(complete_eval, tmp_path / "eval")
+    samples = run / "generations" / "samples.jsonl"
+    whole = samples.read_bytes()
+    samples.write_bytes(whole[: len(whole) // 2 + 7])
+    assert run_cli(["eval", *eval_args(tiny_policy_dir, tiny_generate_dir, run)]) == 0
+    assert samples.read_bytes() == whole
+
+
+@pytest.mark.parametrize("stage", ["generate", "eval", "values", "distill"])
+def test_help_shows_real_defaults(stage, capsys):
+    """Issue 12, case 11: list defaults are shown as values, not '<factory>'; objectives list theirs."""
+    assert run_cli([stage, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "<factory>" not in out
+    if stage != "distill":
+        assert ("--objectives  (a list of a mapping of ObjectiveSpec keys, default [{name: harmlessness}, "
+                "{name: warmth}, {name: relevance}, {name: concision}]): A list of ObjectiveSpec mappings") in out
+        assert "      objectives[i].kind  (str, default 'embedded')" in out
+    else:
+        assert "--lora_target_modules  (a list of str, default ['q_proj', 'k_proj', 'v_proj', 'o_proj'])" in out
+    if stage == "generate":
+        assert "--methods  (a list of str, default ['rmod'])" in out
