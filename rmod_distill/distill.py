@@ -336,7 +336,7 @@ def run(cfg: DistillConfig) -> Path:
     # ------------------------------------------------------------------ check every input first
     folder.check()
     gen_info = check_generate_dir(cfg)
-    PolicyConfig(cfg.model, None, cfg.dtype).check()
+    PolicyConfig(cfg.model.model_name_or_path, None, cfg.model.dtype).check()
     cfg.wandb.check()
     state.wait_for_everyone()
     out = folder.begin(state.is_main_process)

@@ -88,7 +88,7 @@ class Ctx:
 
     def distill(self, *extra, gen=None, out=None) -> list[str]:
         self.watch.append(self.gen)
-        return ["distill", "--model", str(self.policy), "--generate_dir", str(gen or self.gen),
+        return ["distill", "--model.model_name_or_path", str(self.policy), "--generate_dir", str(gen or self.gen),
                 "--output_dir", str(out or self.out()), "--max_steps", "1", "--use_cpu", "--wandb.mode", "disabled",
                 *extra]
 
@@ -387,6 +387,6 @@ def test_help_shows_real_defaults(stage, capsys):
                 "{name: warmth}, {name: relevance}, {name: concision}]): A list of ObjectiveSpec mappings") in out
         assert "      objectives[i].kind  (str, default 'embedded')" in out
     else:
-        assert "--lora_target_modules  (a list of str, default ['q_proj', 'k_proj', 'v_proj', 'o_proj'])" in out
+        assert "--model.lora_target_modules  (a list of str, default ['q_proj', 'k_proj', 'v_proj', 'o_proj'])" in out
     if stage == "generate":
         assert "--methods  (a list of str, default ['rmod'])" in out
