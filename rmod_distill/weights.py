@@ -141,19 +141,22 @@ def _solve_newton(A: torch.Tensor, lam: float, tol: float, max_iter: int) -> tor
     idx = torch.arange(P, device=dev)
     lAt = (lam * A).transpose(1, 2)  # [P, G, K]
     Ac = A - A.mean(1, keepdim=True)
-    # Boehning's bound lam * Cov_p(A) <= lam/2 * Ac'Ac for every p: its trace times 2 bounds the
-    # curvature of h along any e_g - w (squared length <= 2).
+    # Boehning's bound lam * Cov_p(A) <= lam/2 * Ac'Ac for every p: twice its trace bounds the
+    # curvature of h along any e_g - w (squared length <= 2), hence the Frank-Wolfe step length.
     bd = (0.5 * lam) * Ac.pow(2).sum(1)  # diagonal of the bound, [P, G]
-    L = (2.0 * bd.sum(1, keepdim=True)).clamp_min(1e-200)
+    inv_L = 0.5 / bd.sum(1, keepdim=True).clamp_min(1e-300)
     # A ridge on H: relative to its size, and to the spread of the values so that a flat direction
-    # (identical objectives, one candidate) gives a long but finite, not a rounding-noise, step.
+    # (identical objectives, one candidate) gives a long but finite step, not rounding noise.
     span = A.amax((1, 2)) - A.amin((1, 2))
     reg = (1e-12 * bd.amax(1) + 1e-10 * span + 1e-300).view(-1, 1, 1) * torch.eye(G, dtype=dt, device=dev)
+    border = torch.zeros(G + 1, G + 1, dtype=dt, device=dev)
+    border[G, :G] = border[:G, G] = 1.0
     eyeb = torch.eye(G + 1, dtype=dt, device=dev)
     eyeb[G, G] = 0.0
     cs = torch.tensor([1.0, 4.0], dtype=dt, device=dev).view(1, 2, 1)
-    # Step lengths: 1, 1/4, ..., 1/256, then 1/4^6 ... 1/4^18 for nearly piecewise-linear h (huge lam * values).
-    steps = torch.tensor([4.0**-k for k in (0, 1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18)], dtype=dt, device=dev).view(1, -1, 1)
+    # Shorter Newton steps: 1/4, ..., 1/256, then 1/4^6 ... 1/4^18 for a nearly piecewise-linear h (lam * values ~ 1e6).
+    steps = torch.tensor([4.0**-k for k in (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18)], dtype=dt, device=dev)
+    steps = steps.view(1, -1, 1)
     stop = torch.zeros(P, dtype=torch.bool, device=dev)
     ar = torch.arange(P, device=dev)
     h_then = None
@@ -161,7 +164,8 @@ def _solve_newton(A: torch.Tensor, lam: float, tol: float, max_iter: int) -> tor
         z = (lAt * w.unsqueeze(2)).sum(1)
         logp = torch.log_softmax(z, 1)
         p = logp.exp()
-        g = (lAt * p.unsqueeze(1)).sum(2) / lam  # the tilted means: gradient of h
+        lg = (lAt * p.unsqueeze(1)).sum(2)  # lam * gradient of h (the tilted means)
+        g = lg / lam
         gmin = g.amin(1, keepdim=True)
         gap = (g * w).sum(1, keepdim=True) - gmin
         stop |= gap.squeeze(1) < tol
@@ -177,36 +181,39 @@ def _solve_newton(A: torch.Tensor, lam: float, tol: float, max_iter: int) -> tor
         if nd and (2 * nd >= len(idx) or nd * K * G >= 4096):  # drop finished problems in bulk
             out[idx[stop]] = w[stop]
             keep = (~stop).nonzero().squeeze(1)
-            idx, lAt, L, reg, w, logp, p, g, gmin, gap, stop, h_then = (
-                t[keep] for t in (idx, lAt, L, reg, w, logp, p, g, gmin, gap, stop, h_then)
+            idx, lAt, inv_L, reg, w, logp, p, lg, g, gmin, gap, stop, h_then = (
+                t[keep] for t in (idx, lAt, inv_L, reg, w, logp, p, lg, g, gmin, gap, stop, h_then)
             )
             ar = torch.arange(len(idx), device=dev)
-        C = lAt - (lam * g).unsqueeze(2)
+        C = lAt - lg.unsqueeze(2)
         H = torch.baddbmm(reg, C * p.unsqueeze(1), C.transpose(1, 2), alpha=1.0 / lam)
         tau = torch.diagonal(H, dim1=1, dim2=2).mean(1, keepdim=True)
+        vertex = g == gmin
         S = torch.cat(
             (
-                (cs * (tau * w).unsqueeze(1) > (g - gmin).unsqueeze(1)) | (g == gmin).unsqueeze(1),
+                (cs * (tau * w).unsqueeze(1) > (g - gmin).unsqueeze(1)) | vertex.unsqueeze(1),
                 (w > 1e-3 * w.amax(1, keepdim=True)).unsqueeze(1),
             ),
             1,
-        )  # [n, 3, G]
-        Kf = torch.nn.functional.pad(H, (0, 1, 0, 1), value=1.0)
-        Kf[:, G, G] = 0.0
+        )  # [n, 3, G]: the candidate faces
         Se = torch.nn.functional.pad(S, (0, 1), value=True)
-        Kt = torch.where(Se.unsqueeze(3) & Se.unsqueeze(2), Kf.unsqueeze(1), eyeb)
+        Kt = torch.where(Se.unsqueeze(3) & Se.unsqueeze(2), (torch.nn.functional.pad(H, (0, 1, 0, 1)) + border).unsqueeze(1), eyeb)
         wW = w.unsqueeze(1) * ~S  # the weight each face moves to zero
         rhs = torch.cat((torch.where(S, wW @ H - g.unsqueeze(1), -wW), wW.sum(2, keepdim=True)), 2)
         d = torch.linalg.solve_ex(Kt, rhs.unsqueeze(3))[0][..., :G, 0]  # Newton step on each face
-        cut = torch.where(d < 0, w.unsqueeze(1) / -d, 1.0).amin(2, keepdim=True).clamp_max(1.0)  # ratio test
-        d = d * cut
+        d = d * torch.where(d < 0, w.unsqueeze(1) / -d, 1.0).amin(2, keepdim=True).clamp_max(1.0)  # cut: ratio test
         model = ((g.unsqueeze(1) + 0.5 * (d @ H)) * d).sum(2).nan_to_num(float("inf"))
         dn = d[ar, model.argmin(1)]
-        vertex = (g == gmin).to(dt)  # the Frank-Wolfe target: all tied minimisers alike (keeps symmetry)
-        fw = (gap / L).clamp_max(1.0) * (vertex / vertex.sum(1, keepdim=True) - w)
-        U = torch.cat((dn.unsqueeze(1) * steps, fw.unsqueeze(1)), 1)  # [n, 13, G]
-        # exp(lam * (h(w + u) - h(w))) = sum_k p_k exp(lam * (A u)_k), without cancellation
+        vertex = vertex.to(dt)  # Frank-Wolfe target: the minimisers of the gradient alike (keeps ties symmetric)
+        fw = (gap * inv_L).clamp_max(1.0) * (vertex / vertex.sum(1, keepdim=True) - w)
+        # exp(lam * (h(w + u) - h(w))) = sum_k p_k exp(lam * (A u)_k): the change of h without cancellation.
+        # The unit Newton step and the Frank-Wolfe step first; the shorter Newton steps only when needed.
+        U = torch.stack((dn, fw), 1)
         s = (logp.unsqueeze(1) + U @ lAt).exp().sum(2).nan_to_num(float("inf"))
+        if bool((~(s[:, 0] < s[:, 1]) & ~stop).any()):
+            Us = dn.unsqueeze(1) * steps
+            U = torch.cat((U, Us), 1)
+            s = torch.cat((s, (logp.unsqueeze(1) + Us @ lAt).exp().sum(2).nan_to_num(float("inf"))), 1)
         sb, best = s.min(1)
         stop |= ~(sb < 1.0)
         w = torch.where(stop.unsqueeze(1), w, w + U[ar, best])
@@ -250,7 +257,9 @@ def worst_case_weights(
     elif G == 1:
         w = A.new_ones(A.shape[0], 1)
     elif solver == "exact":
-        w = _solve_pair(A, lam, tol, max_iter) if G == 2 else _solve_newton(A, lam, tol, max_iter)
+        with torch.inference_mode():  # no autograd bookkeeping: many tiny ops
+            w = _solve_pair(A, lam, tol, max_iter) if G == 2 else _solve_newton(A, lam, tol, max_iter)
+        w = w.clone()  # a normal tensor again
     else:
         w = _solve_reference(A, lam)
     return w.reshape(*lead, G).to(values.dtype if values.is_floating_point() else torch.float32)
