@@ -148,7 +148,7 @@ def _solve_newton(A: torch.Tensor, lam: float, tol: float, max_iter: int) -> tor
     # A ridge on H: relative to its size, and to the spread of the values so that a flat direction
     # (identical objectives, one candidate) gives a long but finite step, not rounding noise.
     span = A.amax((1, 2)) - A.amin((1, 2))
-    reg = (1e-12 * bd.amax(1) + 1e-10 * span + 1e-300).view(-1, 1, 1) * torch.eye(G, dtype=dt, device=dev)
+    reg = (1e-12 * bd.amax(1) + 1e-8 * span + 1e-300).view(-1, 1, 1) * torch.eye(G, dtype=dt, device=dev)
     border = torch.zeros(G + 1, G + 1, dtype=dt, device=dev)
     border[G, :G] = border[:G, G] = 1.0
     eyeb = torch.eye(G + 1, dtype=dt, device=dev)
