@@ -12,7 +12,8 @@ the same script runs on a GPU machine (bf16 there). Rows:
 3. cache reuse: the engine against re-running ``generate`` over the whole prefix every
    block (the reference implementation's loop), at 128 and 256 new tokens, and the time
    of block 8 over block 1 of a 128-token run;
-4. the weight solvers on 1024 problems of K=16, G=10;
+4. the weight solvers, one thread, on 1024 problems of K=16, G=10, 64 of K=16, G=2 and 64 of
+   K=4, G=4 (the default recipe's shape), and how much of the gap the reference solver closes;
 5. scaling of time per response with N, K and G, and peak memory;
 6. distillation's payoff, read from the default eval report when it exists;
 7. RMOD's selection overhead per block on the default recipe: the share of a block's time
@@ -273,25 +274,38 @@ def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
 
 
 def bench_solver(reps: int) -> dict:
-    """Row 4: both solvers on 1024 problems of K=16, G=10."""
-    A = torch.randn(1024, 16, 10, generator=torch.Generator().manual_seed(0))
-    t_exact = median_time(lambda: worst_case_weights(A, 1.0, "exact"), reps)
-    t_ref = median_time(lambda: worst_case_weights(A, 1.0, "reference"), reps)
-    w_exact, w_ref = worst_case_weights(A, 1.0, "exact"), worst_case_weights(A, 1.0, "reference")
-    A64 = A.double()
-    f_exact = log_mean_exp_objective(A64, w_exact.double(), 1.0)
-    f_ref = log_mean_exp_objective(A64, w_ref.double(), 1.0)
-    f_uniform = log_mean_exp_objective(A64, torch.full_like(w_exact, 0.1).double(), 1.0)
-    closed = ((f_uniform - f_ref) / (f_uniform - f_exact).clamp_min(1e-12)).median()
-    out = {
-        "exact_ms": 1e3 * t_exact, "reference_ms": 1e3 * t_ref,
-        "reference_gap_mean": float((f_ref - f_exact).mean()),
-        "reference_share_of_gap_closed_median": float(closed),
-        "exact_max_kkt_gap": float(kkt_gap(A64, w_exact.double(), 1.0).max()),
-    }
-    print(f"4. solver (1024 x K16 x G10): exact {out['exact_ms']:.1f} ms, reference {out['reference_ms']:.1f} ms; "
-          f"reference closes {closed:.0%} of the gap from uniform (mean objective gap {out['reference_gap_mean']:.4f})",
-          flush=True)
+    """Row 4: both solvers, one thread, on 1024 x K16 x G10, 64 x K16 x G2 and 64 x K4 x G4 (the default recipe).
+
+    Per shape: median ms of each solver (after a warm-up), their ratio and the exact solver's
+    largest KKT gap; for the first shape also how much of the gap from uniform the reference closes.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        shapes = []
+        for P, K, G in ((1024, 16, 10), (64, 16, 2), (64, 4, 4)):
+            A = torch.randn(P, K, G, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            t_exact = median_time(lambda: worst_case_weights(A, 1.0, "exact"), reps)
+            t_ref = median_time(lambda: worst_case_weights(A, 1.0, "reference"), reps)
+            w_exact, w_ref = worst_case_weights(A, 1.0, "exact"), worst_case_weights(A, 1.0, "reference")
+            shapes.append({
+                "shape": f"{P}x{K}x{G}", "exact_ms": 1e3 * t_exact, "reference_ms": 1e3 * t_ref,
+                "exact_over_reference": t_exact / t_ref, "exact_max_kkt_gap": float(kkt_gap(A, w_exact, 1.0).max()),
+            })
+            if not shapes[1:]:
+                f_exact = log_mean_exp_objective(A, w_exact, 1.0)
+                f_ref = log_mean_exp_objective(A, w_ref, 1.0)
+                f_uniform = log_mean_exp_objective(A, torch.full_like(w_exact, 1.0 / G), 1.0)
+                closed = ((f_uniform - f_ref) / (f_uniform - f_exact).clamp_min(1e-12)).median()
+                gap_mean = float((f_ref - f_exact).mean())
+    finally:
+        torch.set_num_threads(threads)
+    out = {**shapes[0], "reference_gap_mean": gap_mean, "reference_share_of_gap_closed_median": float(closed),
+           "shapes": shapes}
+    for r in shapes:
+        print(f"4. solver ({r['shape']}, 1 thread): exact {r['exact_ms']:.2f} ms, reference {r['reference_ms']:.2f} ms, "
+              f"ratio {r['exact_over_reference']:.2f}, exact max KKT gap {r['exact_max_kkt_gap']:.1e}", flush=True)
+    print(f"4. reference closes {closed:.0%} of the gap from uniform (mean objective gap {gap_mean:.4f})", flush=True)
     return out
 
 
@@ -342,9 +356,13 @@ def format_table(report: dict) -> str:
         rows.append([f"5. s/response, rmod, {key}", "", *cells])
     row("5. peak memory (MB)", "", "peak_memory_mb", "{:.0f}")
     s = report["solver"]
-    solver = (f"exact {s['exact_ms']:.1f} ms (max KKT gap {s['exact_max_kkt_gap']:.1e}), reference "
-              f"{s['reference_ms']:.1f} ms, closes {s['reference_share_of_gap_closed_median']:.0%} of the gap")
-    rows.append(["4. solver, 1024 problems K=16 G=10", "", solver] + [""] * (len(models) - 1))
+    for r in s.get("shapes", [s | {"shape": "1024x16x10"}]):
+        ratio = r.get("exact_over_reference", r["exact_ms"] / r["reference_ms"])
+        solver = (f"exact {r['exact_ms']:.2f} ms (max KKT gap {r['exact_max_kkt_gap']:.1e}), reference "
+                  f"{r['reference_ms']:.2f} ms, ratio {ratio:.2f}")
+        rows.append([f"4. solver, {r['shape']}, 1 thread, exact / reference", "<= 2", solver] + [""] * (len(models) - 1))
+    rows.append(["4. reference's share of the gap from uniform closed (1024x16x10)", "",
+                 f"{s['reference_share_of_gap_closed_median']:.0%}"] + [""] * (len(models) - 1))
     o = report.get("overhead")
     if o:
         text = (f"{1e3 * o['seconds_per_block']:.0f} ms/block: forward {o['forward_share']:.0%}, scoring "
