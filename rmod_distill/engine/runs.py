@@ -93,7 +93,8 @@ def decode_methods(decoder: BlockwiseDecoder, model, objectives: ObjectiveSet, p
                    methods: list[str], seed: int, batch_size: int, shards: Path, state) -> dict[str, dict]:
     """Decode what the shards lack for every method, this process's share of it; returns timings.
 
-    ``model`` is the policy (its adapter, if any, is on only for ``distilled``).
+    ``model`` is the policy, a PEFT model or a vLLM sampler (its adapter, if any, is on only for
+    ``distilled``).
     """
     from tqdm.auto import tqdm
 
