@@ -317,6 +317,9 @@ class VLLMSampler:
         except httpx.HTTPError as exc:
             raise UserError(f"vLLM server {url} stopped answering ({type(exc).__name__}); the rows written so far "
                             "are kept: restart the server (or the run) and rerun the same command to resume") from exc
+        if reply.status_code == 404 and body["model"] == ADAPTER_NAME:
+            raise UserError(f"vLLM server {url} does not serve the distilled adapter: start it with --enable-lora "
+                            f"--lora-modules {ADAPTER_NAME}=ADAPTER_FOLDER (backend.launch does)")
         if reply.status_code != 200:
             raise UserError(f"vLLM server {url} refused a request (HTTP {reply.status_code}): "
                             f"{reply.text[:300].strip()}")
