@@ -116,9 +116,9 @@ def decode_methods(decoder: BlockwiseDecoder, model, objectives: ObjectiveSet, p
                 bar.update(len(rows))
                 bar.set_postfix(tok_s=f"{stats['tokens'] / max(stats['seconds'], 1e-9):.0f}")
 
-            with adapter_enabled(model, method == "distilled"):
+            # Closed on an error too, so an error message starts on a line of its own.
+            with bar, adapter_enabled(model, method == "distilled"):
                 decode_rows(decoder, objectives, mine, method, seed, batch_size, on_batch)
-            bar.close()
             timings[method] = stats
     finally:
         writer.close()

@@ -96,7 +96,8 @@ def serve_policy(policy: PolicyConfig, backend: BackendConfig, run_dir: Path, de
                 adapter = str(fetch_adapter(policy.adapter))
             dtype = str(resolve_dtype(policy.dtype, resolve_device(policy.device))).removeprefix("torch.")
             server = stack.enter_context(VLLMServer(resolve_model_path(policy.model), backend, dtype,
-                                                    Path(run_dir) / "vllm-server.log", adapter))
+                                                    Path(run_dir) / "vllm-server.log", adapter,
+                                                    backend.served_model_name or "policy"))
             served.urls, served.served_model_name = [server.url], server.served_model_name
         try:
             yield served

@@ -169,9 +169,10 @@ class VLLMServer:
             self.env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_space)
             self.env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         if adapter:
-            rank = _lora_rank(adapter)
+            # vLLM accepts only these maximum ranks.
+            rank = min((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= _lora_rank(adapter)), default=512)
             self.command += ["--enable-lora", "--lora-modules", f"{ADAPTER_NAME}={adapter}",
-                             "--max-lora-rank", str(max(8, rank))]
+                             "--max-lora-rank", str(rank)]
         self.command += list(cfg.server_args)
         self.process: subprocess.Popen | None = None
 
