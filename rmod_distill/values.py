@@ -37,6 +37,7 @@ from rmod_distill.artifacts import RunFolder, read_json, read_jsonl, write_json,
 from rmod_distill.config import parse_config, to_dict
 from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig
 from rmod_distill.engine.runs import decode_rows
+from rmod_distill.engine.setup import BackendConfig, serve_policy
 from rmod_distill.engine.value_model import LearnedValues, ValueModel, batch_tensors, encode, value_loss
 from rmod_distill.errors import UserError
 from rmod_distill.objectives import Normalizer, ObjectiveSet, ObjectiveSpec, default_objectives
@@ -56,6 +57,7 @@ class ValuesConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     objectives: list[ObjectiveSpec] = field(default_factory=default_objectives)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig, metadata={"help": "Where rollouts are sampled."})
     generate_dir: str = field(default="runs/default/generate", metadata={"help": "Source of the normalisation."})
     rollouts: list[str] = field(
         default_factory=list,
@@ -157,12 +159,13 @@ def sample_rollouts(cfg: ValuesConfig, objectives: ObjectiveSet, out: Path) -> l
     ]
     rows = list(reused)
     if todo:
-        model, tokenizer = cfg.policy.load()
-        decoder = BlockwiseDecoder.from_model(model, tokenizer, cfg.decoding, None, objectives.names)
-        bar = tqdm(total=len(todo), desc=f"rollouts (reference; {len(reused)} reused)", unit="resp")
-        rows += decode_rows(decoder, objectives, todo, "reference", cfg.seed, cfg.batch_size,
-                            lambda r: bar.update(len(r)))
-        bar.close()
+        with serve_policy(cfg.policy, cfg.backend, out) as served:
+            decoder = BlockwiseDecoder(served.sampler(cfg.decoding.sampling), served.tokenizer, cfg.decoding, None,
+                                       objectives.names)
+            bar = tqdm(total=len(todo), desc=f"rollouts (reference; {len(reused)} reused)", unit="resp")
+            rows += decode_rows(decoder, objectives, todo, "reference", cfg.seed, cfg.batch_size,
+                                lambda r: bar.update(len(r)))
+            bar.close()
     write_jsonl(path, rows)
     write_json(recipe_path, _rollout_recipe(cfg))
     return rows

@@ -263,7 +263,8 @@ def adapter_enabled(model, enabled: bool):
     """Run the base policy with its LoRA adapter switched off unless ``enabled``.
 
     Only ``distilled`` samples with the adapter; every other method decodes with the
-    frozen reference policy, so one loaded model serves all of them.
+    frozen reference policy, so one loaded model serves all of them. ``model`` is a PEFT
+    model or anything with the same ``disable_adapter()`` (the vLLM sampler).
     """
     if enabled or not hasattr(model, "disable_adapter"):
         yield

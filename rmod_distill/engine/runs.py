@@ -93,7 +93,8 @@ def decode_methods(decoder: BlockwiseDecoder, model, objectives: ObjectiveSet, p
                    methods: list[str], seed: int, batch_size: int, shards: Path, state) -> dict[str, dict]:
     """Decode what the shards lack for every method, this process's share of it; returns timings.
 
-    ``model`` is the policy (its adapter, if any, is on only for ``distilled``).
+    ``model`` is the policy, a PEFT model or a vLLM sampler (its adapter, if any, is on only for
+    ``distilled``).
     """
     from tqdm.auto import tqdm
 
@@ -115,9 +116,9 @@ def decode_methods(decoder: BlockwiseDecoder, model, objectives: ObjectiveSet, p
                 bar.update(len(rows))
                 bar.set_postfix(tok_s=f"{stats['tokens'] / max(stats['seconds'], 1e-9):.0f}")
 
-            with adapter_enabled(model, method == "distilled"):
+            # Closed on an error too, so an error message starts on a line of its own.
+            with bar, adapter_enabled(model, method == "distilled"):
                 decode_rows(decoder, objectives, mine, method, seed, batch_size, on_batch)
-            bar.close()
             timings[method] = stats
     finally:
         writer.close()
