@@ -19,6 +19,13 @@ the same script runs on a GPU machine (bf16 there). Rows:
 7. RMOD's selection overhead per block on the default recipe: the share of a block's time
    outside the policy's forward passes and the objectives.
 
+``--vllm URL`` (or ``--vllm launch``: start a server from ``.venv-vllm``) measures instead
+the vLLM backend against the transformers sampler on the same recipe (16 prompts, K=4,
+B=16, 64 tokens, temperature 0.7, top-p 0.9, real stop tokens): tokens/s of ``rmod`` and
+``reference`` on each, and where an RMOD block's time goes on vLLM (the server round trip,
+scoring, and the rest: the weight solve, decoding candidates to text, bookkeeping). It
+writes ``runs/bench/vllm.json`` and ``vllm.md``.
+
 Sequences never stop early here (no stop tokens), so every method samples the same number
 of tokens and the ratios measure overhead, not luck.
 """
@@ -196,6 +203,96 @@ def bench_overhead(prompts) -> dict:
           f"{out['scoring_share']:.0%}, selection overhead {out['overhead_share']:.1%} "
           f"({out['overhead_ms_per_block']:.1f} ms/block)", flush=True)
     return out
+
+
+def bench_vllm(prompts, url: str, reps: int) -> dict:
+    """Row 8: tokens/s of rmod and reference on the vLLM backend and on the transformers sampler.
+
+    Both backends decode the same prompts with the same seeds and the real stop tokens;
+    tokens/s counts the tokens sampled (K per prompt and step for rmod). For rmod on vLLM,
+    a block's time splits into the server round trip (sampling included), scoring, and the
+    rest (the weight solve, decoding to text, bookkeeping).
+    """
+    from rmod_distill.engine.vllm import VLLMSampler
+    from rmod_distill.policy import stop_token_ids
+
+    model, tok = load_model("embedded")
+    cfg = DecodingConfig(num_candidates=4, block_size=16, max_new_tokens=64, temperature=0.7, top_p=0.9)
+    value_fn, names = embedded_values(ROOT / "runs" / "default" / "generate" / "normalization.json")
+    convs = [p.messages for p in prompts[:16]]
+    out = {"url": url, "prompts": len(convs), "K": 4, "B": 16, "max_new_tokens": 64}
+    for backend in ("transformers", "vllm"):
+        for method in ("reference", "rmod"):
+            if backend == "vllm":
+                sampler = VLLMSampler(tok, cfg.sampling, stop_token_ids(tok), [url])
+                dec = BlockwiseDecoder(sampler, tok, cfg, value_fn, names)
+            else:
+                dec = BlockwiseDecoder.from_model(model, tok, cfg, value_fn, names)
+            seeds = [prompt_seed(1, p.id, method) for p in prompts[:16]]
+            blocks, stats = [], []
+
+            def once(dec=dec, seeds=seeds, method=method, blocks=blocks, stats=stats):
+                dec.times.total = dec.times.scoring = dec.sampler.times.forward = 0.0
+                blocks.clear()
+                res = dec.decode(convs, seeds, dec.method(method), on_block=blocks.append)
+                stats[:] = [sum(r.tokens_sampled for r in res), dec.times.total, dec.times.scoring,
+                            dec.sampler.times.forward, len(blocks)]
+
+            seconds = median_time(once, reps)
+            tokens, total, scoring, forward, n_blocks = stats
+            out[f"{backend}_{method}_tok_s"] = tokens / seconds
+            print(f"8. {backend:<12} {method:<9} {tokens / seconds:6.1f} tok/s ({tokens} tokens, {seconds:.1f} s)",
+                  flush=True)
+            if backend == "vllm" and method == "rmod":
+                out.update(vllm_rmod_blocks=n_blocks, vllm_rmod_seconds_per_block=total / n_blocks,
+                           vllm_rmod_round_trip_share=forward / total, vllm_rmod_scoring_share=scoring / total,
+                           vllm_rmod_rest_share=(total - forward - scoring) / total)
+    print(f"8. vllm rmod block {1e3 * out['vllm_rmod_seconds_per_block']:.0f} ms: round trip "
+          f"{out['vllm_rmod_round_trip_share']:.0%}, scoring {out['vllm_rmod_scoring_share']:.0%}, rest "
+          f"{out['vllm_rmod_rest_share']:.1%}", flush=True)
+    return out
+
+
+def vllm_table(v: dict) -> str:
+    """The --vllm comparison as a table."""
+    lines = ["| method | transformers tok/s | vLLM tok/s | vLLM / transformers |", "|---|---|---|---|"]
+    for method in ("reference", "rmod"):
+        a, b = v[f"transformers_{method}_tok_s"], v[f"vllm_{method}_tok_s"]
+        lines.append(f"| `{method}` | {a:.0f} | {b:.0f} | {b / a:.2f} |")
+    lines += ["", f"An RMOD block of the {v['prompts']}-prompt batch on vLLM: "
+                  f"{1e3 * v['vllm_rmod_seconds_per_block']:.0f} ms; server round trip "
+                  f"{v['vllm_rmod_round_trip_share']:.0%}, scoring {v['vllm_rmod_scoring_share']:.0%}, the rest "
+                  f"(weight solve, decoding to text, bookkeeping) {v['vllm_rmod_rest_share']:.1%}."]
+    return "\n".join(lines)
+
+
+def run_vllm(args, prompts, machine: dict) -> None:
+    """``--vllm``: the backend comparison alone (a launched server is stopped at the end)."""
+    import contextlib
+    import os
+
+    from rmod_distill.engine.vllm import BackendConfig, VLLMServer
+    from rmod_distill.policy import embedded_model_path
+
+    out = Path(args.out).parent
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        url = args.vllm
+        if url == "launch":
+            cfg = BackendConfig(kind="vllm", launch=True, python=str(ROOT / ".venv-vllm" / "bin" / "python"),
+                                max_model_len=1024)
+            server = stack.enter_context(VLLMServer(str(embedded_model_path()), cfg, "float32",
+                                                    out / "vllm-server.log"))
+            url = server.url
+        report = {"machine": machine, "vllm": bench_vllm(prompts, url, args.reps),
+                  "load": os.getloadavg()}
+    text = (f"Measured on {machine['device']} ({machine['threads']} threads, torch {machine['torch']}), "
+            f"{machine['date']}; vLLM server at {report['vllm']['url']}; load average at the end "
+            f"{report['load'][1]:.1f} (5 min).\n\n{vllm_table(report['vllm'])}\n")
+    (out / "vllm.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "vllm.md").write_text(text)
+    print()
+    print(text)
 
 
 def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
@@ -386,13 +483,19 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/bench/bench.json")
     parser.add_argument("--models", default="embedded,random-360m")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--vllm", default=None,
+                        help="a vLLM server URL, or 'launch': compare the vLLM backend with transformers only")
     args = parser.parse_args(argv)
     device = resolve_device("auto")
     prompts = load_prompts(PromptsConfig(path=str(ROOT / "data" / "prompts" / "default.jsonl"), split="eval"))
+    machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if args.vllm:
+        run_vllm(args, prompts, machine)
+        return
     report = {
-        "machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-                    "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "date": time.strftime("%Y-%m-%dT%H:%M:%S")},
+        "machine": machine,
         "solver": bench_solver(args.reps),
         "models": [bench_model(m, prompts, args.reps, quick=(m != "embedded" and device.type == "cpu"))
                    for m in args.models.split(",")],
