@@ -29,7 +29,7 @@ from rmod_distill.engine.runs import decode_methods, merged_rows, process_state
 from rmod_distill.engine.setup import BackendConfig, build_decoder, check_decoding_inputs, serve_policy
 from rmod_distill.errors import UserError
 from rmod_distill.metrics import bootstrap_interval, method_metrics, paired_comparisons, worst_case_win_rate
-from rmod_distill.objectives import SCALES, Normalizer, ObjectiveSet, ObjectiveSpec, default_objectives
+from rmod_distill.objectives import SCALES, Normalizer, check_scale, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig
 from rmod_distill.prompts import PromptsConfig, load_prompts
 from rmod_distill.tracking import Tracker, WandbConfig
@@ -74,10 +74,7 @@ class EvalConfig:
             raise ValueError("method 'distilled' needs `adapter`; set it or drop 'distilled' from methods")
         if "reference" not in self.methods:
             raise ValueError("methods must include 'reference': win rates are measured against it")
-        if self.scale not in SCALES:
-            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
-        if self.scale != "zscore" and self.decoding.values == "learned":
-            raise ValueError("decoding.values: learned value models are trained on z-scores; use scale: zscore")
+        check_scale(self.scale, self.decoding.values)
 
 
 def check_no_overlap(adapter_dir: Path, prompt_ids: list[str]) -> None:

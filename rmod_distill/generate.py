@@ -28,7 +28,7 @@ from rmod_distill.engine.decoding import DecodingConfig, adapter_enabled
 from rmod_distill.engine.runs import decode_methods, decode_rows, merged_rows, process_state
 from rmod_distill.engine.setup import BackendConfig, build_decoder, check_decoding_inputs, serve_policy
 from rmod_distill.metrics import method_metrics
-from rmod_distill.objectives import SCALES, Normalizer, ObjectiveSet, ObjectiveSpec, default_objectives
+from rmod_distill.objectives import Normalizer, check_scale, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig, policy_fingerprint
 from rmod_distill.prompts import Prompt, PromptsConfig, base_prompt_id, load_prompts
 from rmod_distill.tracking import Tracker, WandbConfig
@@ -84,10 +84,7 @@ class GenerateConfig:
         if min(self.batch_size, self.samples_per_prompt, self.normalization_prompts, self.normalization_samples) < 1:
             raise ValueError(
                 "batch_size, samples_per_prompt, normalization_prompts and normalization_samples must be >= 1")
-        if self.scale not in SCALES:
-            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
-        if self.scale != "zscore" and self.decoding.values == "learned":
-            raise ValueError("decoding.values: learned value models are trained on z-scores; use scale: zscore")
+        check_scale(self.scale, self.decoding.values)
         if self.normalization_prompts * self.normalization_samples < 2:
             raise ValueError("normalisation needs at least 2 reference samples")
 

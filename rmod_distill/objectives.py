@@ -353,6 +353,14 @@ class _Signed(Objective):
 SCALES = ("zscore", "quantile")
 
 
+def check_scale(scale: str, values: str) -> None:
+    """A recipe's ``scale`` (generate, eval): a known one, and z-scores for learned values (trained on them)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if scale != "zscore" and values == "learned":
+        raise ValueError("decoding.values: learned value models are trained on z-scores; use scale: zscore")
+
+
 def default_objectives() -> list[ObjectiveSpec]:
     """The embedded objectives of the default recipe."""
     return [ObjectiveSpec(name) for name in EMBEDDED_SCORERS]
