@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from rmod_distill.weights import kkt_gap, log_mean_exp_objective, project_to_simplex, worst_case_weights
+from rmod_distill import weights
+from rmod_distill.weights import _solve_newton, kkt_gap, log_mean_exp_objective, project_to_simplex, worst_case_weights
 
 
 def scipy_argmin(A: np.ndarray, lam: float) -> torch.Tensor:
@@ -269,3 +270,41 @@ def test_exact_agrees_with_old_fista_on_the_default_shape(seed):
     # ~1e-4 on flat problems, for both solvers), but the candidate each picks does not.
     new, old = worst_case_weights(A, 1.0), old_fista_weights(A, 1.0, tol=1e-7)
     assert torch.equal((A @ new.unsqueeze(-1)).argmax(1), (A @ old.unsqueeze(-1)).argmax(1))
+
+
+# --- Both paths of the G >= 3 solver -----------------------------------------------------------
+# worst_case_weights sends a batch of fewer than 2048 values to the three-face path; the tests
+# above therefore exercise that one. These run the one-face path (large batches) directly.
+
+
+@pytest.mark.parametrize("lam", LAMS)
+@pytest.mark.parametrize("case", [c for c in DEGENERATE if not c.startswith("G=2")])
+def test_one_face_path_on_degenerate_problems_matches_scipy(case, lam):
+    A = degenerate_case(case)
+    w = torch.from_numpy(_solve_newton(A.numpy()[None], lam, 1e-7, 20000))[0]
+    assert torch.isfinite(w).all() and torch.all(w >= 0) and abs(float(w.sum()) - 1) < 1e-12
+    ours = float(log_mean_exp_objective(A, w, lam)) / lam
+    assert ours <= scipy_minimum(A.numpy(), lam) + 1e-9
+    assert float(kkt_gap(A, w, lam)) < 1e-7
+
+
+@pytest.mark.parametrize("lam", [1e-3, 1.0, 30.0])
+def test_large_batches_take_the_one_face_path_and_agree_with_three_faces(lam, monkeypatch):
+    A = torch.randn(300, 16, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    calls = []
+    monkeypatch.setattr(weights, "_solve_newton", lambda *a: calls.append(a) or _solve_newton(*a))
+    w = worst_case_weights(A, lam)
+    assert calls, "a batch of 24000 values should take the one-face path"
+    three = torch.from_numpy(weights._solve_faces(A.numpy(), lam, 1e-7, 20000, np.full((300, 5), 0.2)))
+    assert torch.all(kkt_gap(A, w, lam) < 1e-7)
+    f_one, f_three = log_mean_exp_objective(A, w, lam) / lam, log_mean_exp_objective(A, three, lam) / lam
+    assert torch.all((f_one - f_three).abs() <= 1e-7)  # both within the gap of the optimum
+
+
+@pytest.mark.parametrize("lam", [1e-3, 1.0, 1e3])
+def test_one_face_path_on_extreme_values(lam):
+    A = 1e3 * torch.randn(6, 16, 10, generator=torch.Generator().manual_seed(26), dtype=torch.float64)
+    w = torch.from_numpy(_solve_newton(A.numpy(), lam, 1e-7, 20000))
+    assert torch.isfinite(w).all() and torch.all(w >= 0)
+    assert torch.allclose(w.sum(-1), torch.ones(6, dtype=torch.float64), atol=1e-12)
+    assert torch.all(kkt_gap(A, w, lam) <= 1e-8 * A.abs().amax((1, 2)))
