@@ -9,8 +9,10 @@ No library solves a batch of tiny simplex-constrained problems on tensors, so th
 written by hand. ``solver="exact"`` works in float64 on ``h(w) = f(w) / lam`` (the same
 minimiser, and a scale that does not blow up with lam) and uses how small the problem is:
 G is 2 to 16, so second-order steps are cheap. G = 2 is a one-dimensional root search
-(``_solve_pair``); G >= 3 is a batched active-set Newton method (``_solve_newton``). Both
-stop a problem once its Frank-Wolfe gap ``grad.w - min_g grad_g``, an upper bound on
+(``_solve_pair``); G >= 3 is a batched active-set Newton method in numpy: one face of the
+simplex per iteration on large batches (``_solve_newton``), three on small batches, whose
+time is per call rather than per value, and on the few problems where one face stalls
+(``_solve_faces``). All stop a problem once its Frank-Wolfe gap ``grad.w - min_g grad_g``, an upper bound on
 ``h(w) - h(w*)``, is below ``tol``. ``solver="reference"`` reproduces the public reference
 implementation's 10 steps of clipped gradient descent on softmax logits, for reproducing
 published numbers.
@@ -112,8 +114,9 @@ _SHORT_STEPS = np.array([4.0**-k for k in (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18)
 def _solve_newton(A: np.ndarray, lam: float, tol: float, max_iter: int) -> np.ndarray:
     """Batched active-set Newton method on the simplex, for G >= 3 (numpy, float64).
 
-    Written in numpy, not torch: the problems are tiny (G x G systems), so the cost is the
-    number of array operations, and numpy's are several times cheaper per call. The values
+    Written in numpy, not torch: the problems are tiny (G x G systems), so much of the cost
+    is the number of array operations, and numpy's are cheaper per call (and its batched
+    solve on small batches); torch's batched LU is used for large batches only. The values
     are centred per objective (``A = Ac + 1 m'``): ``lam * A @ w`` differs from
     ``lam * Ac @ w`` by ``lam * m.w``, the same for every candidate, so the tilted
     distribution p and the Hessian come from ``Ac`` without cancellation, and ``lam * m``
@@ -263,9 +266,10 @@ def _solve_newton(A: np.ndarray, lam: float, tol: float, max_iter: int) -> np.nd
 def _solve_faces(A: np.ndarray, lam: float, tol: float, max_iter: int, w0: np.ndarray) -> np.ndarray:
     """The robust path of the G >= 3 solver, from ``w0``: three candidate faces per iteration.
 
-    ``_solve_newton`` hands over the few problems where its one face per iteration stalls
-    (nearly linear h, values ~1e3 with lam ~1e3). Each iteration, for every problem still in
-    the batch:
+    ``worst_case_weights`` sends small batches here from uniform weights (three faces cost
+    hardly more than one when the time is per call), and ``_solve_newton`` hands over the
+    problems where its one face per iteration stalls. Each iteration, for every problem still
+    in the batch:
 
     1. ``H = lam * Cov_p(A)``, the Hessian of h (G x G), plus a tiny ridge that keeps it
        invertible when objectives are identical, have no spread, or K is 1;
@@ -275,7 +279,7 @@ def _solve_faces(A: np.ndarray, lam: float, tol: float, max_iter: int, w0: np.nd
        without its weights below 1e-3 of the largest;
     3. on each face, the Newton step of the quadratic model of h with the weights off the
        face moved to zero: one bordered KKT system ``[[H_SS, 1], [1', 0]]`` per face, all
-       faces and problems in one batched ``torch.linalg.solve``; the step is then cut at the
+       faces and problems in one batched ``np.linalg.solve``; the step is then cut at the
        boundary of the simplex (ratio test), so every candidate stays feasible;
     4. the face whose cut step has the lowest model value is kept; its step is tried at
        lengths 1, 1/4, ..., 1/4^18, next to a Frank-Wolfe step of length ``min(1, gap / L)``
