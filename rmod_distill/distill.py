@@ -106,6 +106,11 @@ class DistillConfig(SFTConfig):
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta (TRL's default): how far from the reference."})
     dpo_learning_rate: float | None = field(default=None, metadata={"help": "DPO's learning rate (null: learning_rate)."})
     dpo_epochs: float | None = field(default=None, metadata={"help": "DPO's epochs (null: num_train_epochs)."})
+    init_adapter: str | None = field(
+        default=None,
+        metadata={"help": "Continue training this LoRA adapter (any `rmod-distill download` source) instead of a "
+                          "fresh one from model.lora_*: iterated distillation's 'continue' rounds."},
+    )
     sample_prompts: int = field(default=8, metadata={"help": "Held-out prompts sampled after training for the card."})
     wandb: WandbConfig = field(
         default_factory=WandbConfig,
@@ -283,8 +288,9 @@ def sample_completions(model, tokenizer, rows, max_new_tokens: int, seed: int) -
 def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, metrics: dict):
     """DPO with TRL's DPOTrainer on :func:`preference_pairs`; returns the trainer.
 
-    ``model`` is the base policy (a fresh adapter from ``peft_config``) or the SFT-trained
-    PEFT model, in which case TRL keeps a frozen copy of its adapter as the reference.
+    ``model`` is the base policy (a fresh adapter from ``peft_config``) or a PEFT model (SFT-
+    trained here, or ``init_adapter``), in which case TRL keeps a frozen copy of its adapter as
+    the reference.
     """
     import dataclasses
 
@@ -336,7 +342,7 @@ def run(cfg: DistillConfig) -> Path:
     # ------------------------------------------------------------------ check every input first
     folder.check()
     gen_info = check_generate_dir(cfg)
-    PolicyConfig(cfg.model.model_name_or_path, None, cfg.model.dtype).check()
+    PolicyConfig(cfg.model.model_name_or_path, cfg.init_adapter, cfg.model.dtype).check()
     cfg.wandb.check()
     state.wait_for_everyone()
     out = folder.begin(state.is_main_process)
@@ -356,6 +362,14 @@ def run(cfg: DistillConfig) -> Path:
     train, held, everything = load_generated(cfg, tokenizer, gen_info)
     print(f"distill: {len(train)} train rows, {len(held) if held else 0} held-out rows from {cfg.generate_dir}")
     peft_config = get_peft_config(cfg.model)
+    if cfg.init_adapter:  # continue an adapter: its own LoRA config, trainable, no fresh one
+        from peft import PeftModel
+
+        from rmod_distill.adapters import fetch_adapter
+
+        model = PeftModel.from_pretrained(model, str(fetch_adapter(cfg.init_adapter)), is_trainable=True)
+        peft_config = None
+        print(f"distill: continuing adapter {cfg.init_adapter}")
     metrics: dict = {"train_rows": len(train)}
 
     # ------------------------------------------------------------------ train: SFT
@@ -380,7 +394,7 @@ def run(cfg: DistillConfig) -> Path:
     # ------------------------------------------------------------------ train: DPO
     if "dpo" in cfg.objective:
         trainer = train_dpo(cfg, trainer.model if trainer is not None else model, tokenizer, everything,
-                            None if trainer is not None else peft_config, out, metrics)
+                            None if trainer is not None or cfg.init_adapter else peft_config, out, metrics)
 
     # ------------------------------------------------------------------ save
     if trainer.is_world_process_zero():

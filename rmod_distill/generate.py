@@ -81,6 +81,12 @@ class GenerateConfig:
             self.decoding.method(method, names)
         if "distilled" in self.methods and not self.policy.adapter:
             raise ValueError("method 'distilled' needs policy.adapter (the distilled LoRA adapter)")
+        if "distilled" in self.methods and self.policy.merge_adapter:
+            raise ValueError("method 'distilled' needs an adapter to switch on; with policy.merge_adapter every "
+                             "method already decodes with it (drop 'distilled' or merge_adapter)")
+        if self.policy.merge_adapter and self.backend.kind == "vllm":
+            raise ValueError("policy.merge_adapter works on the transformers backend; for vLLM save the merged "
+                             "model to a folder and serve that as policy.model")
         if min(self.batch_size, self.samples_per_prompt, self.normalization_prompts, self.normalization_samples) < 1:
             raise ValueError(
                 "batch_size, samples_per_prompt, normalization_prompts and normalization_samples must be >= 1")

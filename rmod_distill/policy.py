@@ -169,10 +169,14 @@ def load_policy(
     dtype: str = "auto",
     device: str = "auto",
     adapter: str | None = None,
+    merge_adapter: bool = False,
 ):
     """Load a causal LM and its prepared tokenizer, optionally with a PEFT LoRA adapter.
 
-    ``adapter`` is a local PEFT folder or any source ``rmod-distill download`` accepts.
+    ``adapter`` is a local PEFT folder or any source ``rmod-distill download`` accepts. With
+    ``merge_adapter`` the adapter is folded into the weights (``merge_and_unload``): the result
+    is a plain model that *is* the student, for decoding every method with it (iterated
+    distillation), with no adapter left to switch off.
     Returns ``(model, tokenizer)`` with the model in eval mode on the resolved device.
     """
     from transformers import AutoModelForCausalLM
@@ -189,6 +193,8 @@ def load_policy(
         from rmod_distill.adapters import fetch_adapter
 
         model = PeftModel.from_pretrained(model, str(fetch_adapter(adapter)))
+        if merge_adapter:
+            model = model.merge_and_unload()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(torch_device).eval(), tokenizer
 
@@ -206,10 +212,17 @@ class PolicyConfig:
     )
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    merge_adapter: bool = field(
+        default=False,
+        metadata={"help": "Fold the adapter into the policy, so every method decodes with the student (iterated "
+                          "distillation); otherwise only `distilled` uses it."},
+    )
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"policy.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.merge_adapter and not self.adapter:
+            raise ValueError("policy.merge_adapter needs policy.adapter (the adapter to fold into the policy)")
 
     def check(self) -> None:
         """What can be checked before loading: a local policy folder exists, the adapter is whole."""
@@ -252,4 +265,5 @@ class PolicyConfig:
 
     def load(self, device: str | None = None):
         """Load ``(model, tokenizer)``; ``device`` overrides the configured one (multi-process runs)."""
-        return load_policy(self.model, dtype=self.dtype, device=device or self.device, adapter=self.adapter)
+        return load_policy(self.model, dtype=self.dtype, device=device or self.device, adapter=self.adapter,
+                           merge_adapter=self.merge_adapter)

@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "rmod_distill"
-STAGE_MODULES = {f"rmod_distill.{name}" for name in ("generate", "distill", "eval", "values", "download", "cli")}
+STAGE_MODULES = {f"rmod_distill.{name}" for name in ("generate", "distill", "eval", "values", "download", "iterate",
+                                                   "cli")}
 
 
 def module_name(path: Path) -> str:
@@ -176,7 +177,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 # The typed recipe of each stage; download takes a source and --to instead of a recipe.
 STAGE_CONFIGS = {"generate": "GenerateConfig", "distill": "DistillConfig", "eval": "EvalConfig",
-                 "values": "ValuesConfig"}
+                 "values": "ValuesConfig", "iterate": "IterateConfig"}
 DOWNLOAD_KEYS = ["source", "--to"]
 
 

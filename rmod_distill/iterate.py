@@ -1,0 +1,213 @@
+"""Iterated distillation: ``rmod-distill iterate --config recipes/default/iterate.yaml``.
+
+Round 1 is the pipeline as it is: RMOD over the base policy (generate), an adapter learnt
+from it (distill). Round r > 1 runs RMOD with round r-1's student as the policy (the adapter
+folded into the weights, ``policy.merge_adapter``), keeps round 1's normalisation so every
+round scores on one scale, and distils again: continuing round r-1's adapter
+(``start: continue``, distill's ``init_adapter``) or a fresh one from the base policy
+(``start: restart``). Then every round's student is evaluated on the same held-out prompts
+and seeds, beside round 1's teacher (``rmod``) and ``reference``, and ``report.md`` puts the
+rounds side by side with paired intervals.
+
+Each stage writes its usual run folder under ``output_dir/round-<r>/``; a complete one is
+kept and skipped, an unfinished one resumes, so a killed ``iterate`` picks up where it
+stopped. The stage recipes are the recipe folder's own ``generate.yaml``, ``distill.yaml``
+and ``eval.yaml``, with ``*_args`` overrides applied to every round.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rmod_distill.artifacts import RunFolder, provenance, read_json, read_jsonl, write_json
+from rmod_distill.config import ConfigError, load_yaml, parse_config, to_dict
+from rmod_distill.errors import UserError
+from rmod_distill.metrics import bootstrap_interval, paired_comparisons
+
+STARTS = ("continue", "restart")
+STAGES = ("generate", "distill", "eval")
+STAGE_CONFIGS = {"generate": "GenerateConfig", "distill": "DistillConfig", "eval": "EvalConfig"}
+
+
+@dataclass
+class IterateConfig:
+    """Rounds of RMOD over the latest student, each distilled again."""
+
+    recipe: str = field(default="recipes/default", metadata={
+        "help": "Folder with the stage recipes (generate.yaml, distill.yaml, eval.yaml) every round uses."})
+    rounds: int = field(default=2, metadata={"help": "Rounds of generate + distill (1 is the plain pipeline)."})
+    start: str = field(default="continue", metadata={
+        "help": "continue (round r trains round r-1's adapter further) | restart (a fresh adapter on the base)."})
+    generate_args: list[str] = field(default_factory=list, metadata={
+        "help": "Overrides for every round's generate, as on its command line: [--prompts.subset, fit]."})
+    distill_args: list[str] = field(default_factory=list, metadata={"help": "Overrides for every round's distill."})
+    eval_args: list[str] = field(default_factory=list, metadata={
+        "help": "Overrides for every round's eval (e.g. [--prompts.split, train, --prompts.subset, validation])."})
+    bootstrap_resamples: int = field(default=2000, metadata={"help": "Resamples for the report's paired intervals."})
+    output_dir: str = field(default="runs/default/iterate", metadata={"help": "Where the rounds are written."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a complete iterate run in output_dir."})
+
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
+        for key in ("generate_args", "distill_args", "eval_args"):
+            args = getattr(self, key)
+            if args and not str(args[0]).startswith("--"):
+                raise ValueError(f"{key} must be a list of command-line overrides starting with a --key, got {args}")
+
+
+def stage_argv(cfg: IterateConfig, round_: int, stage: str, out: Path) -> list[str]:
+    """The command line of one round's stage (what ``rmod-distill <stage>`` would be given)."""
+    here = out / f"round-{round_}"
+    first = out / "round-1"
+    argv = ["--config", str(Path(cfg.recipe) / f"{stage}.yaml")]
+    if stage == "generate":
+        argv += [*map(str, cfg.generate_args), "--output_dir", str(here / "generate")]
+        if round_ > 1:
+            argv += ["--policy.adapter", str(out / f"round-{round_ - 1}" / "distill"), "--policy.merge_adapter", "true",
+                     "--normalization", str(first / "generate" / "normalization.json")]
+    elif stage == "distill":
+        argv += [*map(str, cfg.distill_args), "--generate_dir", str(here / "generate"),
+                 "--output_dir", str(here / "distill")]
+        if round_ > 1 and cfg.start == "continue":
+            argv += ["--init_adapter", str(out / f"round-{round_ - 1}" / "distill")]
+    else:
+        # Later rounds add only their student; eval always needs `reference` (win rates), which
+        # costs one plain sample a prompt and comes out the same in every round (same seeds).
+        methods = "[distilled, rmod, reference]" if round_ == 1 else "[distilled, reference]"
+        argv += [*map(str, cfg.eval_args), "--adapter", str(here / "distill"),
+                 "--generate_dir", str(first / "generate"), "--methods", methods, "--output_dir", str(here / "eval")]
+    return argv
+
+
+def _stage(stage: str):
+    """The stage's config class and ``run``, reached by name as the CLI reaches them (no stage
+    imports another)."""
+    module = importlib.import_module(f"rmod_distill.{stage}")
+    return getattr(module, STAGE_CONFIGS[stage]), module.run
+
+
+def _complete(folder: Path) -> bool:
+    marker = folder / "run.json"
+    return marker.is_file() and bool(read_json(marker, "run marker").get("complete"))
+
+
+def check(cfg: IterateConfig) -> None:
+    """Every stage recipe exists and parses with its overrides, before any model loads."""
+    for stage in STAGES:
+        path = Path(cfg.recipe) / f"{stage}.yaml"
+        if not path.is_file():
+            raise UserError(f"recipe: {path} does not exist (iterate needs {', '.join(s + '.yaml' for s in STAGES)} "
+                            f"in {cfg.recipe})")
+        load_yaml(path)
+    out = Path(cfg.output_dir)
+    for stage in STAGES:  # round 2's command lines name every key a round uses
+        cls, _ = _stage(stage)
+        try:
+            parse_config(cls, stage_argv(cfg, min(cfg.rounds, 2), stage, out))
+        except (ConfigError, ValueError) as exc:
+            raise UserError(f"{stage}_args: {' '.join(str(exc).split())}") from None
+
+
+def round_table(out: Path, rounds: int, resamples: int) -> tuple[list[dict], dict]:
+    """Per round: the student's worst case (mean with interval, median) and its paired
+    difference from round 1's teacher and recovery of the teacher's lift over ``reference``."""
+    by_method: dict[str, dict[str, dict]] = {}
+    for r in range(1, rounds + 1):
+        for row in read_jsonl(out / f"round-{r}" / "eval" / "generations" / "samples.jsonl"):
+            if r > 1 and row["method"] != "distilled":
+                continue  # round 1's reference and teacher are the ones every round is compared with
+            name = f"round-{r}" if row["method"] == "distilled" else row["method"]
+            by_method.setdefault(name, {})[row["prompt_id"]] = row
+    ids = sorted(by_method["reference"])
+    for name, rows in by_method.items():
+        if sorted(rows) != ids:
+            raise UserError(f"{out}: {name} was evaluated on other prompts than reference; rerun its eval")
+    objectives = list(by_method["reference"][ids[0]]["normalized"])
+    z = {name: np.array([[rows[i]["normalized"][g] for g in objectives] for i in ids]) for name, rows in by_method.items()}
+    table, paired = [], {}
+    for name in ["reference", "rmod"] + [f"round-{r}" for r in range(1, rounds + 1)]:
+        worst = z[name].min(1)
+        row = {"method": name, "worst_case": float(worst.mean()), "median": float(np.median(worst)),
+               "ci": bootstrap_interval(lambda i, w=worst: float(w[i].mean()), len(ids), resamples, 0),
+               "tokens": float(np.mean([by_method[name][i].get("tokens_sampled", 0) for i in ids]))}
+        if name.startswith("round-"):
+            p = paired_comparisons({"distilled": z[name], "rmod": z["rmod"], "reference": z["reference"]}, resamples)
+            paired[name] = p
+            row["minus_rmod"] = p["differences"]["distilled - rmod"]
+            row["recovery"] = p["recovery"]
+        table.append(row)
+    return table, {"prompts": len(ids), "objectives": objectives, "paired": paired}
+
+
+def write_report(cfg: IterateConfig, out: Path, table: list[dict], info: dict) -> Path:
+    """``report.md``: the rounds side by side."""
+    lines = [f"# Iterated distillation: {cfg.rounds} round(s), start: {cfg.start}", "",
+             f"{info['prompts']} held-out prompts; objectives {', '.join(info['objectives'])}; every round on round 1's "
+             "normalisation. `rmod` is round 1's teacher (K samples a block over the base policy); `round-r` is "
+             "the student after r rounds, sampled plainly. Recovery: `(student - reference) / (rmod - reference)` "
+             "of the per-prompt worst case, by mean and by median, with paired 95% bootstrap intervals.", "",
+             "| method | worst case [95% CI] | median | student - rmod [95% CI] | recovery by mean | recovery by median "
+             "| tokens/resp |", "|---|---|---|---|---|---|---|"]
+    for r in table:
+        ci = f"{r['worst_case']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
+        if "recovery" in r:
+            d = r["minus_rmod"]
+            diff = f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+            rec = [f"{v['value']:.0%} [{v['ci'][0]:.0%}, {v['ci'][1]:.0%}]" for v in
+                   (r["recovery"]["mean"], r["recovery"]["median"])]
+        else:
+            diff, rec = "-", ["-", "-"]
+        lines.append(f"| `{r['method']}` | {ci} | {r['median']:+.3f} | {diff} | {rec[0]} | {rec[1]} | {r['tokens']:.0f} |")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(cfg: IterateConfig) -> Path:
+    """Run (or resume) every round, then evaluate every student; returns the output folder."""
+    resolved = to_dict(cfg)
+    folder = RunFolder(cfg.output_dir, "iterate", resolved, cfg.overwrite)
+    folder.check()
+    check(cfg)
+    out = folder.begin()
+    for r in range(1, cfg.rounds + 1):
+        for stage in ("generate", "distill"):
+            where = out / f"round-{r}" / stage
+            if _complete(where):
+                print(f"iterate: round {r} {stage}: complete, kept ({where})")
+                continue
+            print(f"iterate: round {r} {stage} -> {where}", flush=True)
+            cls, stage_run = _stage(stage)
+            stage_run(parse_config(cls, stage_argv(cfg, r, stage, out)))
+    for r in range(1, cfg.rounds + 1):
+        where = out / f"round-{r}" / "eval"
+        if not _complete(where):
+            print(f"iterate: round {r} eval -> {where}", flush=True)
+            cls, stage_run = _stage("eval")
+            stage_run(parse_config(cls, stage_argv(cfg, r, "eval", out)))
+    table, info = round_table(out, cfg.rounds, cfg.bootstrap_resamples)
+    write_json(out / "metrics.json", dict(provenance(resolved), rounds=table, **info))
+    report = write_report(cfg, out, table, info)
+    path = folder.finish({"rounds": table})
+    for r in table:
+        extra = f", recovery {r['recovery']['mean']['value']:.0%} (mean)" if "recovery" in r else ""
+        print(f"iterate: {r['method']}: worst case {r['worst_case']:+.3f}{extra}")
+    print(f"iterate: report -> {path / report.name}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``rmod-distill iterate``."""
+    run(parse_config(IterateConfig, sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

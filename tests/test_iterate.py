@@ -1,0 +1,158 @@
+"""Iterated distillation on the tiny policy: two rounds, the student as round 2's policy, one
+normalisation, a continued adapter, resume, and the report."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rmod_distill.artifacts import read_jsonl
+from rmod_distill.config import parse_config
+from rmod_distill.errors import UserError
+from rmod_distill.iterate import IterateConfig, run, stage_argv
+from rmod_distill.policy import load_policy
+
+from conftest import write_prompts
+
+OBJECTIVES = [{"name": "harmlessness"}, {"name": "concision"}]
+DECODING = {"num_candidates": 2, "block_size": 4, "max_new_tokens": 8}
+
+
+def write_recipe(folder: Path, policy: Path) -> Path:
+    """generate.yaml, distill.yaml and eval.yaml for the tiny policy (12 train, 4 eval prompts)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = write_prompts(folder / "prompts.jsonl", n_train=12, n_eval=4)
+    recipes = {
+        "generate": {"policy": {"model": str(policy)}, "prompts": {"path": str(prompts), "split": "train"},
+                     "objectives": OBJECTIVES, "decoding": DECODING, "methods": ["rmod"], "normalization_prompts": 4},
+        "distill": {"model": {"model_name_or_path": str(policy), "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+                    "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "use_cpu": True,
+                    "eval_strategy": "no", "save_steps": 2, "activation_checkpointing": False, "sample_prompts": 1,
+                    "eval_fraction": 0.25, "wandb": {"mode": "disabled"}},
+        "eval": {"policy": {"model": str(policy)}, "prompts": {"path": str(prompts), "split": "eval"},
+                 "objectives": OBJECTIVES, "decoding": DECODING, "bootstrap_resamples": 100,
+                 "wandb": {"mode": "disabled"}},
+    }
+    for stage, data in recipes.items():
+        (folder / f"{stage}.yaml").write_text(yaml.safe_dump(data))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tiny_policy_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("iterate")
+    recipe = write_recipe(root / "recipe", tiny_policy_dir)
+    out = run(parse_config(IterateConfig, ["--recipe", str(recipe), "--rounds", "2", "--output_dir", str(root / "it")]))
+    return recipe, out
+
+
+def test_two_rounds_write_every_stage_and_the_report(two_rounds):
+    _, out = two_rounds
+    for r in (1, 2):
+        for stage in ("generate", "distill", "eval"):
+            assert json.loads((out / f"round-{r}" / stage / "run.json").read_text())["complete"], (r, stage)
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = [row["method"] for row in metrics["rounds"]]
+    assert names == ["reference", "rmod", "round-1", "round-2"]
+    for row in metrics["rounds"][2:]:
+        assert set(row["recovery"]) == {"mean", "median"} and "minus_rmod" in row
+    report = (out / "report.md").read_text()
+    assert "`round-2`" in report and "recovery" in report
+    # Round 2's eval decodes its student (and reference, which eval needs); rmod comes from round 1's.
+    rows2 = read_jsonl(out / "round-2" / "eval" / "generations" / "samples.jsonl")
+    assert {row["method"] for row in rows2} == {"distilled", "reference"}
+    rows1 = read_jsonl(out / "round-1" / "eval" / "generations" / "samples.jsonl")
+    ref1 = {r["prompt_id"]: r["completion"] for r in rows1 if r["method"] == "reference"}
+    assert ref1 == {r["prompt_id"]: r["completion"] for r in rows2 if r["method"] == "reference"}
+
+
+def test_round_two_decodes_with_the_student_on_round_one_scale(two_rounds):
+    _, out = two_rounds
+    gen2 = json.loads((out / "round-2" / "generate" / "run.json").read_text())
+    policy = gen2["config"]["policy"]
+    assert policy["merge_adapter"] is True and Path(policy["adapter"]) == out / "round-1" / "distill"
+    assert Path(gen2["config"]["normalization"]) == out / "round-1" / "generate" / "normalization.json"
+    gen1 = json.loads((out / "round-1" / "generate" / "run.json").read_text())
+    assert gen2["normalization"]["mean"] == gen1["normalization"]["mean"]
+    assert gen2["normalization"]["std"] == gen1["normalization"]["std"]
+    dist2 = json.loads((out / "round-2" / "distill" / "run.json").read_text())
+    assert Path(dist2["config"]["init_adapter"]) == out / "round-1" / "distill"
+
+
+def test_continued_adapter_starts_from_round_one(tiny_policy_dir, two_rounds):
+    """Round 2 trained round 1's adapter further: the same tensors, moved."""
+    _, out = two_rounds
+    from safetensors.torch import load_file
+
+    a1 = load_file(out / "round-1" / "distill" / "adapter_model.safetensors")
+    a2 = load_file(out / "round-2" / "distill" / "adapter_model.safetensors")
+    assert a1.keys() == a2.keys()
+    assert any(not torch.equal(a1[k], a2[k]) for k in a1)
+    # lora_B starts at zero in a fresh adapter; continued, it starts at round 1's (non-zero) values.
+    b_keys = [k for k in a1 if "lora_B" in k]
+    assert b_keys and all(a1[k].abs().sum() > 0 for k in b_keys)
+
+
+def test_merged_policy_equals_the_adapter_switched_on(tiny_policy_dir, two_rounds):
+    _, out = two_rounds
+    adapter = out / "round-1" / "distill"
+    peft_model, tok = load_policy(str(tiny_policy_dir), device="cpu", adapter=str(adapter))
+    merged, _ = load_policy(str(tiny_policy_dir), device="cpu", adapter=str(adapter), merge_adapter=True)
+    assert not hasattr(merged, "disable_adapter")
+    ids = torch.tensor([tok("tell me a kind thing")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(peft_model(ids).logits, merged(ids).logits, atol=1e-5)
+
+
+def test_rerun_keeps_every_round(two_rounds, capsys):
+    recipe, out = two_rounds
+    stamp = (out / "round-2" / "distill" / "adapter_model.safetensors").stat().st_mtime_ns
+    with pytest.raises(UserError, match="--overwrite"):
+        run(parse_config(IterateConfig, ["--recipe", str(recipe), "--rounds", "2", "--output_dir", str(out)]))
+    assert (out / "round-2" / "distill" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_resume_skips_complete_stages(tiny_policy_dir, two_rounds, tmp_path, capsys):
+    """An iterate killed after round 1's distill: the rerun keeps round 1 and does the rest."""
+    import shutil
+
+    recipe, out = two_rounds
+    partial = tmp_path / "it"
+    (partial / "round-1").mkdir(parents=True)
+
+    for stage in ("generate", "distill"):
+        shutil.copytree(out / "round-1" / stage, partial / "round-1" / stage)
+    marker = json.loads((out / "run.json").read_text())
+    marker["complete"] = False
+    (partial / "run.json").write_text(json.dumps(marker))
+    run(parse_config(IterateConfig, ["--recipe", str(recipe), "--rounds", "2", "--output_dir", str(partial)]))
+    log = capsys.readouterr().out
+    assert "round 1 generate: complete, kept" in log and "round 1 distill: complete, kept" in log
+    assert "round 2 generate ->" in log
+    assert (partial / "report.md").is_file()
+
+
+def test_restart_and_overrides_reach_the_stage_command_lines(tmp_path):
+    cfg = parse_config(IterateConfig, ["--rounds", "3", "--start", "restart", "--output_dir", str(tmp_path / "it"),
+                                       "--eval_args", "[--prompts.split, train, --prompts.subset, validation]"])
+    d3 = stage_argv(cfg, 3, "distill", tmp_path / "it")
+    assert "--init_adapter" not in d3
+    e3 = stage_argv(cfg, 3, "eval", tmp_path / "it")
+    assert e3[e3.index("--prompts.subset") + 1] == "validation"
+    assert e3[e3.index("--generate_dir") + 1] == str(tmp_path / "it" / "round-1" / "generate")
+    g3 = stage_argv(cfg, 3, "generate", tmp_path / "it")
+    assert g3[g3.index("--policy.adapter") + 1] == str(tmp_path / "it" / "round-2" / "distill")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "rounds must be >= 1"),
+    (["--start", "resume"], "start must be one of"),
+    (["--recipe", "no/such/folder"], "no/such/folder/generate.yaml does not exist"),
+    (["--generate_args", "[--decoding.num_candidates, many]"], "generate_args"),
+])
+def test_bad_iterate_recipes(argv, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        run(parse_config(IterateConfig, argv + ["--output_dir", str(tmp_path / "it")]))
+    assert not (tmp_path / "it").exists()
