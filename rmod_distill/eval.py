@@ -299,6 +299,11 @@ def _pct(x: float) -> str:
     return "-" if np.isnan(x) else f"{100 * x:.1f}%"
 
 
+def _num(x: float) -> str:
+    """A judge score for the report; "-" where no prompt had the scores to compute it."""
+    return "-" if np.isnan(x) else f"{x:.2f}"
+
+
 def _judge_lines(judge: dict, metrics: dict) -> list[str]:
     names, jm = judge["objectives"], judge["methods"]
     lines = ["## Judge scores", "",
@@ -320,7 +325,7 @@ def _judge_lines(judge: dict, metrics: dict) -> list[str]:
         lo, hi = j.get("worst_case_win_rate_ci", (np.nan, np.nan))
         rm_wcwr = "-" if ref else _pct(r["worst_case_win_rate"])
         judge_wcwr = "-" if ref else f"{_pct(j['worst_case_win_rate'])} [{_pct(lo)}, {_pct(hi)}]"
-        lines.append(f"| `{method}` | {r['worst_case_reward']:+.3f} | {rm_wcwr} | {j['worst_case_reward']:.2f} | "
+        lines.append(f"| `{method}` | {r['worst_case_reward']:+.3f} | {rm_wcwr} | {_num(j['worst_case_reward'])} | "
                      f"{judge_wcwr} | {sum(j['missing'].values())} |")
     head = ["method", *[f"{g}: mean [95% CI]" for g in names], *[f"{g}: win rate [95% CI]" for g in names],
             "min-objective win rate", *[f"{g}: missing" for g in names], "requests", "cache hits", "judge tokens",
@@ -332,7 +337,7 @@ def _judge_lines(judge: dict, metrics: dict) -> list[str]:
         cells = [f"`{method}`"]
         for g in names:
             lo, hi = j["objective_means_ci"][g]
-            cells.append(f"{j['objective_means'][g]:.2f} [{lo:.2f}, {hi:.2f}]")
+            cells.append(f"{_num(j['objective_means'][g])} [{_num(lo)}, {_num(hi)}]")
         for g in names:
             cells.append("-" if ref else f"{_pct(j['win_rates'][g])} [{_pct(j['win_rates_ci'][g][0])}, "
                                          f"{_pct(j['win_rates_ci'][g][1])}]")
