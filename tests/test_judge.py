@@ -455,3 +455,39 @@ def test_eval_with_a_judge(endpoint, rubric, tiny_policy_dir, tiny_generate_dir,
     second = json.loads((again / "metrics.json").read_text())["judge"]["methods"]
     assert all(m["requests"] == 0 and m["cache_hits"] == 4 and m["tokens"] == 0 for m in second.values())
     assert {m: v["missing"] for m, v in second.items()} == {m: v["missing"] for m, v in judge["methods"].items()}
+
+
+def test_generate_decodes_with_a_judge_objective(endpoint, rubric, tiny_policy_dir, tmp_path):
+    """A judge guiding decoding: rows keep its missing scores as null, the worst case of such a row
+    is unknown, the normalisation uses the scores present, and run.json records what the judge cost."""
+    from conftest import write_prompts
+    from rmod_distill.generate import GenerateConfig, run as generate_run
+
+    e = endpoint(judge_script)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n_train=4, n_eval=0)
+    judge = (f"{{name: quality, kind: judge, model: scripted, judge: {{base_url: '{e.url}', rubric: '{rubric}', "
+             f"cache: '{tmp_path / 'judge.sqlite'}', parse_retries: 0}}}}")
+    out = generate_run(parse_config(GenerateConfig, [
+        "--policy.model", str(tiny_policy_dir), "--prompts.path", str(prompts),
+        "--objectives", f"[{{name: concision}}, {judge}]", "--methods", "[rmod, reference]",
+        "--decoding.num_candidates", "2", "--decoding.block_size", "4", "--decoding.max_new_tokens", "8",
+        "--normalization_prompts", "4", "--normalization_samples", "2", "--wandb.mode", "disabled",
+        "--output_dir", str(tmp_path / "gen")]))
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    calib = [json.loads(x) for x in (out / "calibration.jsonl").read_text().splitlines()]
+    for r in rows + calib:
+        words = len(r["completion"].split())
+        assert r["rewards"]["quality"] == (None if words % 2 else float(words % 11))
+    assert any(r["rewards"]["quality"] is None for r in rows + calib), "the scripted judge should leave some missing"
+    for r in rows:
+        assert (r["worst_case"] is None) == (r["rewards"]["quality"] is None)
+    present = [r["rewards"]["quality"] for r in calib if r["rewards"]["quality"] is not None]
+    norm = json.loads((out / "normalization.json").read_text())
+    assert norm["mean"][1] == pytest.approx(np.mean(present)) and norm["samples"][1] == sorted(present)
+    info = json.loads((out / "run.json").read_text())
+    # Blockwise rmod asks the judge about every candidate prefix; reference only about its final answers.
+    usage = info["judge_usage"]
+    assert usage["rmod"]["quality"]["requests"] + usage["rmod"]["quality"]["cache_hits"] > \
+        usage["reference"]["quality"]["requests"] + usage["reference"]["quality"]["cache_hits"] >= 4
+    assert info["methods"]["rmod"]["missing"]["quality"] == sum(r["rewards"]["quality"] is None for r in rows
+                                                                 if r["method"] == "rmod")
