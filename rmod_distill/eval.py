@@ -130,8 +130,8 @@ def _table(metrics: dict, names: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, m in sorted(metrics.items(), key=lambda kv: _order(kv[1]["worst_case_reward"])):
         lo, hi = m["worst_case_reward_ci"]
-        wcwr = "-" if method == "reference" else f"{100 * m['worst_case_win_rate']:.1f}%"
-        minwr = "-" if method == "reference" else f"{100 * m['min_objective_win_rate']:.1f}%"
+        wcwr = "-" if method == "reference" else _pct(m["worst_case_win_rate"])
+        minwr = "-" if method == "reference" else _pct(m["min_objective_win_rate"])
         lines.append("| " + " | ".join([
             f"`{method}`", f"{m['worst_case_reward']:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{m['worst_objective']:+.3f}",
             *[f"{m['objective_means'][g]:+.3f}" for g in names], wcwr, minwr,

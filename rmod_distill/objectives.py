@@ -71,7 +71,7 @@ class ObjectiveSpec:
     trust_remote_code: bool = field(default=False, metadata={"help": "reward_model: allow the hub repo's own code."})
     device: str = field(default="auto", metadata={"help": "reward_model: where it runs (auto, cpu, cuda:1...)."})
     dtype: str = field(default="auto", metadata={"help": "reward_model: auto | float32 | bfloat16 | float16"})
-    batch_size: int = field(default=16, metadata={"help": "Pairs per forward pass."})
+    batch_size: int = field(default=16, metadata={"help": "Pairs per forward pass (judge: unused, see judge.concurrency)."})
     max_length: int = field(default=1024, metadata={"help": "reward_model: truncate inputs to this many tokens."})
     offload: bool = field(
         default=False,
@@ -352,7 +352,9 @@ class JudgeObjective(Objective):
     allows_missing = True
 
     def __init__(self, spec: ObjectiveSpec):
-        super().__init__(spec.name, spec.batch_size)
+        # One call hands every pair to the client, which bounds the requests in flight itself
+        # (judge.concurrency); batching here would only cap that concurrency at batch_size.
+        super().__init__(spec.name, batch_size=1 << 30)
         self.client = JudgeClient(spec.name, spec.model, spec.judge)
         self.last: list[JudgeResult] = []
         self._probing = False
