@@ -64,7 +64,7 @@ $(VLLM_STAMP):
 vllm-env: $(VLLM_STAMP)
 
 test-vllm: $(STAMP) $(VLLM_STAMP)
-	$(BIN)/python -m pytest -m vllm tests/test_vllm.py
+	$(BIN)/python -m pytest -m vllm tests/test_vllm.py tests/test_vllm_judge.py
 
 generate: $(STAMP)
 	$(BIN)/rmod-distill generate --config recipes/$(RECIPE)/generate.yaml $(ARGS)

@@ -200,7 +200,9 @@ def load_generated(cfg: DistillConfig, tokenizer, info: dict):
     everything = ds
     ds = ds.filter(lambda r: r["method"] in cfg.methods, keep_in_memory=True)
     if cfg.min_worst_case is not None:
-        ds = ds.filter(lambda r: r["worst_case"] >= cfg.min_worst_case, keep_in_memory=True)
+        # A row whose worst case is unknown (a judge objective left a score missing) does not pass a threshold.
+        ds = ds.filter(lambda r: r["worst_case"] is not None and r["worst_case"] >= cfg.min_worst_case,
+                       keep_in_memory=True)
     ds = ds.filter(lambda r: bool(r["completion"][0]["content"].strip()), keep_in_memory=True)
     if len(ds) == 0:
         raise UserError(f"generate_dir {gen}: no rows left after filtering (methods {cfg.methods}, "
@@ -225,6 +227,8 @@ def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
     pairs = []
 
     def add(chosen, rejected):
+        if chosen["worst_case"] is None or rejected["worst_case"] is None:
+            return  # an unknown worst case (a judge's missing score) orders nothing
         if chosen["worst_case"] - rejected["worst_case"] > cfg.pair_margin:
             pairs.append({"prompt_id": chosen["prompt_id"], "prompt": chosen["prompt"],
                           "chosen": chosen["completion"], "rejected": rejected["completion"],
@@ -241,7 +245,9 @@ def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
                 groups.setdefault(base_prompt_id(r["prompt_id"]), []).append(r)
         for group in groups.values():
             if len(group) > 1:
-                ranked = sorted(group, key=lambda r: r["worst_case"])
+                ranked = sorted((r for r in group if r["worst_case"] is not None), key=lambda r: r["worst_case"])
+                if len(ranked) < 2:
+                    continue
                 add(ranked[-1], ranked[0])
     if not pairs:
         raise UserError(f"generate_dir {cfg.generate_dir}: no DPO pairs ({cfg.pairs}) with a worst-case margin above "

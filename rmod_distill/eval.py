@@ -10,6 +10,14 @@ normalisation, and writes to ``output_dir``: ``metrics.json`` (every metric of r
 method with 95% bootstrap intervals, and cost), ``report.md`` (the table sorted by
 worst-case reward, plots, side-by-side samples), ``plots/*.png`` and ``generations/``
 (the per-sample rows, resumable like generate).
+
+With ``judges`` (objectives of kind ``judge``: an LLM grading every answer on a rubric, the
+paper's GPT-4o protocol), every answer is also graded after decoding, and the report adds a
+judge table beside the reward-model one: per-objective mean scores on the rubric's scale,
+win rates against ``reference`` and the paper's WCWR with intervals, missing scores per
+method and objective (a method with more than ``judge_max_missing`` of them is flagged),
+and the judge's requests, cache hits and tokens per method (``metrics.json`` ``judge``; the
+replies in ``generations/judge.jsonl``).
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from rmod_distill.engine.decoding import DecodingConfig
 from rmod_distill.engine.runs import decode_methods, merged_rows, process_state
 from rmod_distill.engine.setup import BackendConfig, build_decoder, check_decoding_inputs, serve_policy
 from rmod_distill.errors import UserError
-from rmod_distill.metrics import bootstrap_interval, method_metrics, paired_comparisons, worst_case_win_rate
+from rmod_distill.metrics import bootstrap_interval, complete, method_metrics, paired_comparisons, \
+    worst_case_win_rate
 from rmod_distill.objectives import SCALES, Normalizer, check_scale, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig
 from rmod_distill.prompts import PromptsConfig, load_prompts
@@ -68,8 +77,25 @@ class EvalConfig:
     output_dir: str = field(default="runs/default/eval", metadata={"help": "Where the report is written."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished eval in output_dir."})
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    judges: list[ObjectiveSpec] = field(
+        default_factory=list,
+        metadata={"help": "LLM judges (objectives of kind judge) that grade every answer after decoding; the report "
+                          "shows their table beside the reward-model one."},
+    )
+    judge_max_missing: float = field(
+        default=0.05,
+        metadata={"help": "Flag a method whose share of missing judge scores on any objective is above this."},
+    )
 
     def __post_init__(self):
+        for spec in self.judges:
+            if spec.kind != "judge":
+                raise ValueError(f"judges: objective {spec.name!r} has kind {spec.kind!r}; judges are objectives of "
+                                 "kind judge (put other kinds under objectives)")
+        if len({j.name for j in self.judges}) != len(self.judges):
+            raise ValueError(f"judges: names must be unique, got {[j.name for j in self.judges]}")
+        if not 0 <= self.judge_max_missing <= 1:
+            raise ValueError(f"judge_max_missing must be a share in [0, 1], got {self.judge_max_missing}")
         if "distilled" in self.methods and not self.adapter:
             raise ValueError("method 'distilled' needs `adapter`; set it or drop 'distilled' from methods")
         if "reference" not in self.methods:
@@ -92,20 +118,31 @@ def check_no_overlap(adapter_dir: Path, prompt_ids: list[str]) -> None:
         )
 
 
+def score_matrix(rows: list[dict], key: str, names: list[str], method: str) -> np.ndarray:
+    """``[n, G]`` of one method's rows under ``key`` (rewards, normalized, judge); a missing score is NaN."""
+    return np.array([[np.nan if r[key][g] is None else r[key][g] for g in names] for r in rows
+                     if r["method"] == method], dtype=np.float64).reshape(-1, len(names))
+
+
 def _table(metrics: dict, names: list[str]) -> str:
     head = ["method", "worst-case reward [95% CI]", "worst objective", *names, "WCWR (paper) vs reference",
             "min-objective win rate", "tokens/resp", "s/resp"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, m in sorted(metrics.items(), key=lambda kv: -kv[1]["worst_case_reward"]):
+    for method, m in sorted(metrics.items(), key=lambda kv: _order(kv[1]["worst_case_reward"])):
         lo, hi = m["worst_case_reward_ci"]
-        wcwr = "-" if method == "reference" else f"{100 * m['worst_case_win_rate']:.1f}%"
-        minwr = "-" if method == "reference" else f"{100 * m['min_objective_win_rate']:.1f}%"
+        wcwr = "-" if method == "reference" else _pct(m["worst_case_win_rate"])
+        minwr = "-" if method == "reference" else _pct(m["min_objective_win_rate"])
         lines.append("| " + " | ".join([
             f"`{method}`", f"{m['worst_case_reward']:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{m['worst_objective']:+.3f}",
             *[f"{m['objective_means'][g]:+.3f}" for g in names], wcwr, minwr,
             f"{m['tokens_sampled_per_response']:.0f}", f"{m['seconds_per_response']:.2f}",
         ]) + " |")
     return "\n".join(lines)
+
+
+def _order(value: float) -> float:
+    """Sort key: best first, a metric that could not be computed (NaN) last."""
+    return float("inf") if np.isnan(value) else -value
 
 
 def make_plots(metrics: dict, names: list[str], rows: list[dict], out: Path) -> dict[str, Path]:
@@ -116,7 +153,7 @@ def make_plots(metrics: dict, names: list[str], rows: list[dict], out: Path) -> 
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    order = sorted(metrics, key=lambda m: -metrics[m]["worst_case_reward"])
+    order = sorted(metrics, key=lambda m: _order(metrics[m]["worst_case_reward"]))
     paths = {}
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -186,11 +223,12 @@ def scale_summary(z: dict[str, np.ndarray], paired: dict, cfg: EvalConfig) -> di
     """The headline figures of every method on one scale: worst case by mean and median, the paper's WCWR."""
     out = {}
     for method, v in z.items():
-        worst = v.min(1)
+        worst = v[complete(v)].min(1)
         lo, hi = bootstrap_interval(lambda i, w=worst: float(w[i].mean()), len(worst), cfg.bootstrap_resamples,
                                     cfg.seed)
-        out[method] = {"worst_case_reward": float(worst.mean()), "worst_case_reward_ci": [lo, hi],
-                       "median_worst_case": float(np.median(worst)),
+        out[method] = {"worst_case_reward": float(worst.mean()) if worst.size else float("nan"),
+                       "worst_case_reward_ci": [lo, hi],
+                       "median_worst_case": float(np.median(worst)) if worst.size else float("nan"),
                        "worst_case_win_rate": worst_case_win_rate(v, z["reference"])}
     return {"methods": out, "recovery": paired.get("recovery")}
 
@@ -217,8 +255,102 @@ def _scales_lines(scales: dict) -> list[str]:
     return lines + [""]
 
 
+def grade_with_judges(judges: ObjectiveSet, rows: list[dict], methods: list[str]) -> tuple[dict, list[dict]]:
+    """Grade every answer with every judge, method by method; adds ``judge`` scores (null: missing) to the rows.
+
+    Returns each method's judge usage (requests, cache hits, missing scores, tokens) and one
+    record per graded answer (the reply and why a score is missing) for ``generations/judge.jsonl``.
+    """
+    usage, records = {}, []
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        before = judges.judge_usage()
+        scores = judges.raw([r["messages"] for r in mine], [r["completion"] for r in mine])
+        usage[method] = {g: u.minus(before[g]).as_dict() for g, u in judges.judge_usage().items()}
+        for objective in judges.objectives:
+            for r, res in zip(mine, objective.last):
+                records.append({"prompt_id": r["prompt_id"], "method": method, "objective": objective.name,
+                                "score": res.score, "status": res.status, "attempts": res.attempts,
+                                "cached": res.cached, "error": res.error, "reply": res.reply})
+        for r, row in zip(mine, scores):
+            r["judge"] = {g: None if np.isnan(x) else float(x) for g, x in zip(judges.names, row)}
+    return usage, records
+
+
+def judge_metrics(cfg: EvalConfig, rows: list[dict], names: list[str], usage: dict) -> dict:
+    """The judge table's figures per method, on the rubrics' own scale (the paper compares raw 0-10 scores)."""
+    s = {m: score_matrix(rows, "judge", names, m) for m in cfg.methods}
+    out = {}
+    for method in cfg.methods:
+        m = method_metrics(s[method], names, s["reference"] if method != "reference" else None,
+                           cfg.bootstrap_resamples, cfg.seed, win_rate_intervals=True)
+        n = max(m["prompts"], 1)
+        over = sorted(g for g in names if m["missing"][g] / n > cfg.judge_max_missing)
+        total = {k: sum(u[k] for u in usage[method].values()) for k in next(iter(usage[method].values()))}
+        out[method] = dict(m, usage=usage[method], tokens=total["total_tokens"], requests=total["requests"],
+                           cache_hits=total["cache_hits"], flagged=bool(over), flagged_objectives=over)
+    return {"objectives": names, "judges": [{"name": j.name, "model": j.model, "base_url": j.judge.base_url,
+                                             "rubric": j.judge.rubric, "scale": [j.judge.scale_min, j.judge.scale_max]}
+                                            for j in cfg.judges],
+            "max_missing": cfg.judge_max_missing, "methods": out}
+
+
+def _pct(x: float) -> str:
+    return "-" if np.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _num(x: float) -> str:
+    """A judge score for the report; "-" where no prompt had the scores to compute it."""
+    return "-" if np.isnan(x) else f"{x:.2f}"
+
+
+def _judge_lines(judge: dict, metrics: dict) -> list[str]:
+    names, jm = judge["objectives"], judge["methods"]
+    lines = ["## Judge scores", "",
+             "Every answer graded by " + "; ".join(
+                 f"`{j['name']}`: `{j['model']}` at {j['base_url']} on `{j['rubric']}` ({j['scale'][0]:g} to "
+                 f"{j['scale'][1]:g})" for j in judge["judges"]) +
+             ", temperature 0. A reply that could not be parsed (after the retries) or a failed request is a missing "
+             "score, never a default: means use the scores present, a per-objective win rate leaves out the prompts "
+             "missing that objective on either side, and worst-case figures (WCWR) use the prompts with every score on "
+             "both sides. Methods with more than "
+             f"{100 * judge['max_missing']:.0f}% missing on an objective are flagged.", "",
+             "Side by side (reward models | judge):", "",
+             "| method | worst-case reward (RM) | WCWR (paper, RM) | worst-case judge score | WCWR (paper, judge) "
+             "[95% CI] | missing judge scores |", "|---|---|---|---|---|---|"]
+    order = sorted(jm, key=lambda m: _order(jm[m]["worst_case_reward"]))
+    for method in order:
+        j, r = jm[method], metrics[method]
+        ref = method == "reference"
+        lo, hi = j.get("worst_case_win_rate_ci", (np.nan, np.nan))
+        rm_wcwr = "-" if ref else _pct(r["worst_case_win_rate"])
+        judge_wcwr = "-" if ref else f"{_pct(j['worst_case_win_rate'])} [{_pct(lo)}, {_pct(hi)}]"
+        lines.append(f"| `{method}` | {r['worst_case_reward']:+.3f} | {rm_wcwr} | {_num(j['worst_case_reward'])} | "
+                     f"{judge_wcwr} | {sum(j['missing'].values())} |")
+    head = ["method", *[f"{g}: mean [95% CI]" for g in names], *[f"{g}: win rate [95% CI]" for g in names],
+            "min-objective win rate", *[f"{g}: missing" for g in names], "requests", "cache hits", "judge tokens",
+            "flag"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in order:
+        j = jm[method]
+        ref = method == "reference"
+        cells = [f"`{method}`"]
+        for g in names:
+            lo, hi = j["objective_means_ci"][g]
+            cells.append(f"{_num(j['objective_means'][g])} [{_num(lo)}, {_num(hi)}]")
+        for g in names:
+            cells.append("-" if ref else f"{_pct(j['win_rates'][g])} [{_pct(j['win_rates_ci'][g][0])}, "
+                                         f"{_pct(j['win_rates_ci'][g][1])}]")
+        cells.append("-" if ref else _pct(j["min_objective_win_rate"]))
+        cells += [f"{j['missing'][g]}/{j['prompts']}" for g in names]
+        cells += [str(j["requests"]), str(j["cache_hits"]), str(j["tokens"]),
+                  f"**too many missing** ({', '.join(j['flagged_objectives'])})" if j["flagged"] else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(cfg: EvalConfig, metrics: dict, names: list[str], rows: list[dict], plots: dict, out: Path,
-                 paired: dict | None = None, scales: dict | None = None) -> str:
+                 paired: dict | None = None, scales: dict | None = None, judge: dict | None = None) -> str:
     """report.md: the table, how to read it, the plots and side-by-side samples."""
     ref, rmod = metrics.get("reference"), metrics.get("rmod")
     lines = [
@@ -252,6 +384,8 @@ def write_report(cfg: EvalConfig, metrics: dict, names: list[str], rows: list[di
             f"adapter lifts it by {got:+.3f} ({share:.0%} of RMOD's lift) at {cost:.0%} of RMOD's time per response "
             f"({d['tokens_sampled_per_response']:.0f} vs {rmod['tokens_sampled_per_response']:.0f} tokens sampled).", "",
         ]
+    if judge:
+        lines += _judge_lines(judge, metrics)
     for key, path in plots.items():
         lines += [f"![{key}](plots/{path.name})", ""]
     by = {}
@@ -265,7 +399,9 @@ def write_report(cfg: EvalConfig, metrics: dict, names: list[str], rows: list[di
             if method in by[pid]:
                 r = by[pid][method]
                 text = r["completion"].replace("\n", " ")
-                lines += [f"- `{method}` (worst case {r['worst_case']:+.2f}): {text}"]
+                worst = "missing" if r["worst_case"] is None else f"{r['worst_case']:+.2f}"
+                judged = "".join(f", {g} " + ("missing" if v is None else f"{v:g}") for g, v in r.get("judge", {}).items())
+                lines += [f"- `{method}` (worst case {worst}{judged}): {text}"]
         lines.append("")
     text = "\n".join(lines)
     atomic_write_text(out / "report.md", text)
@@ -297,6 +433,9 @@ def check_objectives(cfg: EvalConfig, norm_path: Path) -> Normalizer:
     if gen_json.exists():
         made = read_json(gen_json, "generate run marker").get("objective_specs")
         mine = to_dict(cfg.objectives)
+        if made is not None:  # keys added to ObjectiveSpec since that run (judge) count only when set
+            mine = [{k: v for k, v in m.items() if k in g or v is not None} for m, g in zip(mine, made)] + \
+                mine[len(made):]
         if made is not None and made != mine:
             diff = next((m, g) for m, g in zip(mine, made) if m != g)
             keys = sorted(k for k in set(diff[0]) | set(diff[1]) if diff[0].get(k) != diff[1].get(k))
@@ -322,6 +461,9 @@ def run(cfg: EvalConfig) -> Path:
     other_scale = next(s for s in SCALES if s != cfg.scale)
     other = normalizer.with_scale(other_scale, str(norm_path)) if normalizer.samples else None
     objectives.probe(prompts[0].messages)
+    judges = ObjectiveSet.from_specs(cfg.judges) if cfg.judges else None
+    if judges is not None:
+        judges.probe(prompts[0].messages)
     check_decoding_inputs(cfg.decoding, objectives)
     cfg.policy.check()
     cfg.policy.check_prompt_lengths(prompts, cfg.decoding.max_new_tokens, cfg.prompts.path)
@@ -341,16 +483,23 @@ def run(cfg: EvalConfig) -> Path:
     with serve_policy(policy, cfg.backend, out, device, state.num_processes) as served:
         decoder = build_decoder(served.model, served.tokenizer, cfg.decoding, objectives,
                                 device or cfg.policy.device, served.sampler(cfg.decoding.sampling))
-        decode_methods(decoder, served.adapter_switch(decoder), objectives, prompts, cfg.methods, cfg.seed,
-                       cfg.batch_size, out / "generations" / "shards", state)
+        timings = decode_methods(decoder, served.adapter_switch(decoder), objectives, prompts, cfg.methods, cfg.seed,
+                                 cfg.batch_size, out / "generations" / "shards", state)
     if not state.is_main_process:
         return folder.path
     rows = merged_rows(out / "generations" / "shards", cfg.methods, prompts)
+
+    # ------------------------------------------------------------------ judges (cached: a rerun pays nothing twice)
+    judge = None
+    if judges is not None:
+        usage, records = grade_with_judges(judges, rows, cfg.methods)
+        write_jsonl(out / "generations" / "judge.jsonl", records)
+        judge = judge_metrics(cfg, rows, judges.names, usage)
     write_jsonl(out / "generations" / "samples.jsonl", rows)
 
     # ------------------------------------------------------------------ metrics
     names = objectives.names
-    z = {m: np.array([[r["normalized"][g] for g in names] for r in rows if r["method"] == m]) for m in cfg.methods}
+    z = {m: score_matrix(rows, "normalized", names, m) for m in cfg.methods}
     metrics = {}
     for method in cfg.methods:
         mrows = [r for r in rows if r["method"] == method]
@@ -361,20 +510,21 @@ def run(cfg: EvalConfig) -> Path:
             seconds_per_response=float(np.mean([r["seconds"] for r in mrows])),
             finished_share=float(np.mean([r["finished"] for r in mrows])),
         )
+        if "judge" in timings.get(method, {}):  # judge objectives guiding decoding: what they cost (this run)
+            metrics[method]["judge_decoding"] = timings[method]["judge"]
 
     # ------------------------------------------------------------------ report
     paired = paired_comparisons(z, cfg.bootstrap_resamples, cfg.seed)
     # The same answers on the other scale: a figure that holds on both is not an artefact of one.
     scales = {cfg.scale: scale_summary(z, paired, cfg)}
     if other is not None:
-        z_other = {m: other(np.array([[r["rewards"][g] for g in names] for r in rows if r["method"] == m]))
-                   for m in cfg.methods}
+        z_other = {m: other(score_matrix(rows, "rewards", names, m)) for m in cfg.methods}
         scales[other_scale] = scale_summary(z_other, paired_comparisons(z_other, cfg.bootstrap_resamples, cfg.seed),
                                             cfg)
     plots = make_plots(metrics, names, rows, out / "plots")
-    report = write_report(cfg, metrics, names, rows, plots, out, paired, scales)
+    report = write_report(cfg, metrics, names, rows, plots, out, paired, scales, judge)
     write_json(out / "metrics.json", dict(provenance(to_dict(cfg)), objectives=names, methods=metrics,
-                                          paired=paired, scales=scales))
+                                          paired=paired, scales=scales, **({"judge": judge} if judge else {})))
     tracker = Tracker(cfg.wandb, f"eval-{folder.path.parent.name}", to_dict(cfg), out, "eval")
     columns = ["method", "worst_case_reward", "worst_objective", "worst_case_win_rate", "seconds_per_response",
                "tokens_sampled_per_response", *[f"mean/{g}" for g in names]]
@@ -386,7 +536,11 @@ def run(cfg: EvalConfig) -> Path:
                   [[r["prompt_id"], r["method"], r["prompt"], r["completion"], r["worst_case"]] for r in rows])
     tracker.summary({f"{m}/worst_case_reward": v["worst_case_reward"] for m, v in metrics.items()})
     tracker.finish()
-    path = folder.finish({"objectives": names, "methods": {m: v["worst_case_reward"] for m, v in metrics.items()}})
+    info = {"objectives": names, "methods": {m: v["worst_case_reward"] for m, v in metrics.items()}}
+    if judge:
+        info["judge"] = {m: {"worst_case_win_rate": v.get("worst_case_win_rate"), "missing": v["missing"],
+                             "flagged": v["flagged"], "tokens": v["tokens"]} for m, v in judge["methods"].items()}
+    path = folder.finish(info)
     if adapter is not None and update_model_card(adapter, metrics, path / "report.md", cfg.prompts.path):
         print(f"eval: filled in the eval figures of the model card {adapter / 'README.md'}")
     print(report.split("\n## Samples")[0].split("![")[0].rstrip())

@@ -109,6 +109,12 @@ def correlations(names: list[str], raw: np.ndarray, groups: list[str]) -> dict:
     return out
 
 
+def _matrix(rows: list[dict], key: str, names: list[str]) -> np.ndarray:
+    """``[n, G]`` scores of the rows under ``key``; a missing one (a judge's, null in the row) is NaN."""
+    return np.array([[np.nan if r[key][g] is None else r[key][g] for g in names] for r in rows],
+                    dtype=np.float64).reshape(-1, len(names))
+
+
 def measure_normalization(cfg: GenerateConfig, decoder, objectives: ObjectiveSet, prompts: list[Prompt], out: Path):
     """Sample reference responses, fit per-objective mean/std, save both; returns the normaliser."""
     # Evenly spaced over the prompt set, so every category is represented.
@@ -125,7 +131,7 @@ def measure_normalization(cfg: GenerateConfig, decoder, objectives: ObjectiveSet
     bar = tqdm(total=len(expanded), desc="normalisation (reference samples)", unit="resp")
     rows = decode_rows(decoder, objectives, expanded, "reference", cfg.seed, cfg.batch_size, lambda r: bar.update(len(r)))
     bar.close()
-    raw = np.array([[r["rewards"][n] for n in objectives.names] for r in rows])
+    raw = _matrix(rows, "rewards", objectives.names)
     normalizer = Normalizer.fit(objectives.names, raw)
     normalizer.save(out / "normalization.json")
     for r in rows:
@@ -183,17 +189,21 @@ def run(cfg: GenerateConfig) -> Path:
         check_decoding_inputs(cfg.decoding, objectives)
 
         # -------------------------------------------------------------- decode what is missing
-        decode_methods(decoder, policy, objectives, prompts, cfg.methods, cfg.seed, cfg.batch_size, out / "shards",
-                       state)
+        timings = decode_methods(decoder, policy, objectives, prompts, cfg.methods, cfg.seed, cfg.batch_size,
+                                 out / "shards", state)
     if state.is_main_process:
-        finalize(cfg, folder, out, prompts, objectives, fingerprint, norm_path)
+        judge_usage = {m: t["judge"] for m, t in timings.items() if "judge" in t}
+        finalize(cfg, folder, out, prompts, objectives, fingerprint, norm_path, judge_usage)
     state.wait_for_everyone()
     return folder.path
 
 
 def finalize(cfg: GenerateConfig, folder: RunFolder, out: Path, prompts: list[Prompt], objectives: ObjectiveSet,
-             fingerprint: dict, norm_path: Path) -> None:
-    """Merge the shards into samples.jsonl and the dataset, then mark the run complete."""
+             fingerprint: dict, norm_path: Path, judge_usage: dict | None = None) -> None:
+    """Merge the shards into samples.jsonl and the dataset, then mark the run complete.
+
+    ``judge_usage``: what judge objectives cost while each method decoded (this process, this session).
+    """
     import datasets
 
     ordered = merged_rows(out / "shards", cfg.methods, prompts)
@@ -217,8 +227,7 @@ def finalize(cfg: GenerateConfig, folder: RunFolder, out: Path, prompts: list[Pr
         shutil.rmtree(out / "dataset")
     tmp.rename(out / "dataset")
 
-    z = {m: np.array([[r["normalized"][n] for n in objectives.names] for r in ordered if r["method"] == m])
-         for m in cfg.methods}
+    z = {m: _matrix([r for r in ordered if r["method"] == m], "normalized", objectives.names) for m in cfg.methods}
     summary = {}
     for method in cfg.methods:
         mrows = [r for r in ordered if r["method"] == method]
@@ -234,9 +243,13 @@ def finalize(cfg: GenerateConfig, folder: RunFolder, out: Path, prompts: list[Pr
         normalization=read_json(norm_path, "normalisation file"),
         methods=summary,
     )
+    if judge_usage:
+        info["judge_usage"] = judge_usage
     if (out / "calibration.jsonl").exists():
         calib = read_jsonl(out / "calibration.jsonl")
-        raw = np.array([[r["rewards"][n] for n in objectives.names] for r in calib])
+        raw = _matrix(calib, "rewards", objectives.names)
+        raw = raw[~np.isnan(raw).any(1)]  # correlations over the samples with every score
+        calib = [r for r in calib if None not in r["rewards"].values()]
         info["objective_correlations"] = correlations(
             objectives.names, raw, [base_prompt_id(r["prompt_id"]) for r in calib]
         )
@@ -249,7 +262,7 @@ def finalize(cfg: GenerateConfig, folder: RunFolder, out: Path, prompts: list[Pr
     )
     tracker.finish()
     print(f"generate: {len(ordered)} rows -> {path / 'samples.jsonl'}")
-    for method, s in sorted(summary.items(), key=lambda kv: -kv[1]["worst_case_reward"]):
+    for method, s in sorted(summary.items(), key=lambda kv: -np.nan_to_num(kv[1]["worst_case_reward"], nan=-np.inf)):
         lo, hi = s["worst_case_reward_ci"]
         print(
             f"  {method:<18} worst-case {s['worst_case_reward']:+.3f} [{lo:+.3f}, {hi:+.3f}]  "

@@ -2,6 +2,17 @@
 
 All functions take normalised rewards ``[n_prompts, G]`` whose rows are aligned by
 prompt (row i of every method is the same prompt), so win rates compare paired answers.
+
+Missing scores (NaN: a judge whose reply could not be parsed or whose request failed) are
+never filled in. Each metric uses what it can honestly compare:
+- per-objective means: over the prompts where that objective has a score;
+- per-objective win rate: over the prompts where both the method and ``reference`` have
+  that objective's score (the pair is left out for that objective);
+- anything built on ``min_g`` (worst-case reward, the paper's WCWR, paired differences):
+  over the prompts where every objective has a score (on both sides for WCWR), since the
+  minimum of a row with a hole in it is not known;
+- ``missing``: the count per objective, so the reader sees how much was left out.
+With no missing score every figure is exactly what it was before this rule existed.
 """
 
 from __future__ import annotations
@@ -11,19 +22,40 @@ from typing import Callable
 import numpy as np
 
 
+def complete(z: np.ndarray) -> np.ndarray:
+    """Rows (prompts) where every objective has a score."""
+    return ~np.isnan(z).any(1)
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(x.mean()) if x.size else float("nan")
+
+
+def objective_means(z: np.ndarray) -> np.ndarray:
+    """Per objective, the mean over the prompts where it has a score."""
+    if not np.isnan(z).any():
+        return z.mean(0)
+    return np.array([_mean(z[~np.isnan(z[:, g]), g]) for g in range(z.shape[1])])
+
+
 def worst_case_reward(z: np.ndarray) -> float:
-    """``mean_x min_g z[x, g]``: the headline metric."""
-    return float(z.min(1).mean())
+    """``mean_x min_g z[x, g]``: the headline metric (over prompts with every score)."""
+    return _mean(z[complete(z)].min(1)) if np.isnan(z).any() else float(z.min(1).mean())
 
 
 def worst_objective(z: np.ndarray) -> float:
     """``min_g mean_x z[x, g]``: the weakest objective on average."""
-    return float(z.mean(0).min())
+    return float(objective_means(z).min())
 
 
 def win_rates(z: np.ndarray, z_ref: np.ndarray) -> np.ndarray:
-    """Per objective, the fraction of prompts where the method beats the reference (ties count half)."""
-    return ((z > z_ref) + 0.5 * (z == z_ref)).mean(0)
+    """Per objective, the fraction of prompts where the method beats the reference (ties count half);
+    a prompt missing that objective's score on either side is left out of that objective's rate."""
+    wins = (z > z_ref) + 0.5 * (z == z_ref)
+    both = ~(np.isnan(z) | np.isnan(z_ref))
+    if both.all():
+        return wins.mean(0)
+    return np.array([_mean(wins[both[:, g], g]) for g in range(z.shape[1])])
 
 
 def min_objective_win_rate(z: np.ndarray, z_ref: np.ndarray) -> float:
@@ -35,8 +67,9 @@ def worst_case_win_rate(z: np.ndarray, z_ref: np.ndarray) -> float:
     """The paper's worst-case win rate (as the authors' notebook computes it): the share of prompts
     where the method's worst objective beats the reference's worst objective, ties counting half,
     ``mean(1{min_g z > min_g z_ref} + 0.5 * 1{tie})``."""
-    a, b = z.min(1), z_ref.min(1)
-    return float(((a > b) + 0.5 * (a == b)).mean())
+    keep = complete(z) & complete(z_ref)
+    a, b = z[keep].min(1), z_ref[keep].min(1)
+    return _mean((a > b) + 0.5 * (a == b))
 
 
 def bootstrap_interval(
@@ -60,9 +93,10 @@ def bootstrap_interval(
 
 
 def method_metrics(
-    z: np.ndarray, names: list[str], z_ref: np.ndarray | None = None, resamples: int = 1000, seed: int = 0
+    z: np.ndarray, names: list[str], z_ref: np.ndarray | None = None, resamples: int = 1000, seed: int = 0,
+    win_rate_intervals: bool = False,
 ) -> dict:
-    """Every metric of one method, with intervals: a JSON-ready dict."""
+    """Every metric of one method, with intervals: a JSON-ready dict (``win_rate_intervals``: per objective too)."""
     n = z.shape[0]
     out = {
         "prompts": n,
@@ -70,18 +104,28 @@ def method_metrics(
         "worst_case_reward_ci": bootstrap_interval(lambda i: worst_case_reward(z[i]), n, resamples, seed),
         "worst_objective": worst_objective(z),
         "worst_objective_ci": bootstrap_interval(lambda i: worst_objective(z[i]), n, resamples, seed),
-        "objective_means": dict(zip(names, map(float, z.mean(0)))),
+        "objective_means": dict(zip(names, map(float, objective_means(z)))),
         "objective_means_ci": {
-            g: bootstrap_interval(lambda i, j=j: float(z[i, j].mean()), n, resamples, seed) for j, g in enumerate(names)
+            g: bootstrap_interval(lambda i, j=j: _nanmean(z[i, j]), n, resamples, seed)
+            for j, g in enumerate(names)
         },
-        "average": float(z.mean()),
+        "average": float(np.nanmean(z)) if (~np.isnan(z)).any() else float("nan"),
+        "missing": dict(zip(names, map(int, np.isnan(z).sum(0)))),
+        "complete_prompts": int(complete(z).sum()),
     }
     if z_ref is not None:
         out["win_rates"] = dict(zip(names, map(float, win_rates(z, z_ref))))
+        if win_rate_intervals:
+            out["win_rates_ci"] = {g: bootstrap_interval(lambda i, j=j: float(win_rates(z[i][:, [j]], z_ref[i][:, [j]])[0]),
+                                                         n, resamples, seed) for j, g in enumerate(names)}
         for key, fn in (("worst_case_win_rate", worst_case_win_rate), ("min_objective_win_rate", min_objective_win_rate)):
             out[key] = fn(z, z_ref)
             out[f"{key}_ci"] = bootstrap_interval(lambda i, fn=fn: fn(z[i], z_ref[i]), n, resamples, seed)
     return out
+
+
+def _nanmean(x: np.ndarray) -> float:
+    return float(x.mean()) if not np.isnan(x).any() else _mean(x[~np.isnan(x)])
 
 
 def _share(got: float, lift: float) -> float:
@@ -97,6 +141,7 @@ def paired_comparisons(z: dict[str, np.ndarray], resamples: int = 1000, seed: in
     - ``recovery``: ``(distilled - reference) / (rmod - reference)``, the share of RMOD's
       worst-case lift the adapter keeps, by mean and by median of the per-prompt worst case.
     """
+    # A prompt with a missing score on either side of a difference is left out of it (NaN-aware mean).
     worst = {m: v.min(1) for m, v in z.items()}
     n = len(next(iter(worst.values())))
     pairs = [(m, "reference") for m in z if m != "reference" and "reference" in z]
@@ -105,10 +150,13 @@ def paired_comparisons(z: dict[str, np.ndarray], resamples: int = 1000, seed: in
     for a, b in pairs:
         d = worst[a] - worst[b]
         out["differences"][f"{a} - {b}"] = {
-            "mean": float(d.mean()), "ci": bootstrap_interval(lambda i, d=d: float(d[i].mean()), n, resamples, seed),
+            "mean": _nanmean(d), "ci": bootstrap_interval(lambda i, d=d: _nanmean(d[i]), n, resamples, seed),
         }
     if {"distilled", "rmod", "reference"} <= set(z):
         d, r, ref = worst["distilled"], worst["rmod"], worst["reference"]
+        keep = ~(np.isnan(d) | np.isnan(r) | np.isnan(ref))
+        if not keep.all():  # a ratio of aggregates: over the prompts every side has every score
+            d, r, ref, n = d[keep], r[keep], ref[keep], int(keep.sum())
         out["recovery"] = {}
         for label, agg in (("mean", np.mean), ("median", np.median)):
             def stat(i, agg=agg):

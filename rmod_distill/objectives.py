@@ -7,10 +7,13 @@ messages ending with the user's turn) and ``responses`` the assistant's text.
 objective at fault, and z-normalises with a :class:`Normalizer` measured on
 reference-policy samples.
 
-Three kinds, chosen per objective by ``kind`` in a recipe:
+Four kinds, chosen per objective by ``kind`` in a recipe:
 - ``embedded``: scorers that ship their models on PyPI (no downloads; environment.md).
 - ``reward_model``: a hub/local ``AutoModelForSequenceClassification``.
 - ``python``: a user's function ``module:function``.
+- ``judge``: an LLM judge behind an OpenAI-compatible endpoint grading on a rubric
+  (``judge.py``). It is the one kind whose score can be *missing* (NaN in arrays, null in
+  files): a reply that cannot be parsed or a request that fails is never given a number.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from rmod_distill.artifacts import read_json, write_json
 from rmod_distill.errors import UserError
+from rmod_distill.judge import JudgeClient, JudgeConfig, JudgeResult, JudgeUsage
 
 Conversation = list  # list[dict[str, str]]
 
@@ -49,12 +53,13 @@ class ObjectiveSpec:
     """How to build one objective; the items of a recipe's ``objectives`` list."""
 
     name: str = field(metadata={"help": "Objective name, used in reports and normalisation files."})
-    kind: str = field(default="embedded", metadata={"help": "embedded | reward_model | python"})
+    kind: str = field(default="embedded", metadata={"help": "embedded | reward_model | python | judge"})
     model: str = field(
         default="",
         metadata={
             "help": "embedded: scorer name (harmlessness, warmth, relevance, concision); reward_model: "
-            "hub id or path; python: module:function. Empty means the objective's own name (embedded)."
+            "hub id or path; python: module:function; judge: the endpoint's model name (gpt-4o). Empty means "
+            "the objective's own name (embedded)."
         },
     )
     index: int = field(default=0, metadata={"help": "reward_model: output column to read (ArmoRM attributes)."})
@@ -66,15 +71,18 @@ class ObjectiveSpec:
     trust_remote_code: bool = field(default=False, metadata={"help": "reward_model: allow the hub repo's own code."})
     device: str = field(default="auto", metadata={"help": "reward_model: where it runs (auto, cpu, cuda:1...)."})
     dtype: str = field(default="auto", metadata={"help": "reward_model: auto | float32 | bfloat16 | float16"})
-    batch_size: int = field(default=16, metadata={"help": "Pairs per forward pass."})
+    batch_size: int = field(default=16, metadata={"help": "Pairs per forward pass (judge: unused, see judge.concurrency)."})
     max_length: int = field(default=1024, metadata={"help": "reward_model: truncate inputs to this many tokens."})
     offload: bool = field(
         default=False,
         metadata={"help": "reward_model: keep it on the CPU between scoring calls (frees GPU memory for the policy)."},
     )
+    judge: JudgeConfig | None = field(
+        default=None, metadata={"help": "judge: the endpoint, rubric file, API-key variable, scale and limits."},
+    )
 
     def __post_init__(self):
-        kinds = ("embedded", "reward_model", "python")
+        kinds = ("embedded", "reward_model", "python", "judge")
         if self.kind not in kinds:
             raise ValueError(f"objective {self.name!r}: kind must be one of {kinds}, got {self.kind!r}")
         if self.format not in ("chat", "hh", "plain"):
@@ -92,10 +100,16 @@ class ObjectiveSpec:
             raise ValueError(f"objective {self.name!r}: python objectives are 'module:function', got {self.model!r}")
         if self.batch_size < 1:
             raise ValueError(f"objective {self.name!r}: batch_size must be >= 1")
+        if (self.kind == "judge") != (self.judge is not None):
+            raise ValueError(f"objective {self.name!r}: a `judge:` section is needed with (and only with) kind judge")
+        if self.judge is not None:
+            self.judge.validate(self.name)
 
 
 class Objective:
     """Base class: a named reward on (conversation, response) pairs."""
+
+    allows_missing = False  # only a judge may leave a score missing (NaN); any other NaN is an error
 
     def __init__(self, name: str, batch_size: int = 64):
         self.name = name
@@ -328,6 +342,46 @@ class PythonObjective(Objective):
         return self.sign * np.asarray(values, dtype=np.float64)
 
 
+class JudgeObjective(Objective):
+    """An LLM judge's score on the rubric's scale; NaN where the reply could not be parsed or the request failed.
+
+    ``usage`` sums requests, cache hits, missing scores and tokens over every call, and
+    ``last`` keeps the last call's graded answers (replies included) for the record.
+    """
+
+    allows_missing = True
+
+    def __init__(self, spec: ObjectiveSpec):
+        # One call hands every pair to the client, which bounds the requests in flight itself
+        # (judge.concurrency); batching here would only cap that concurrency at batch_size.
+        super().__init__(spec.name, batch_size=1 << 30)
+        self.client = JudgeClient(spec.name, spec.model, spec.judge)
+        self.last: list[JudgeResult] = []
+        self._probing = False
+
+    @property
+    def usage(self) -> JudgeUsage:
+        """What this judge has cost and found so far."""
+        return self.client.usage
+
+    def score(self, prompts, responses):
+        self.last = []
+        return super().score(prompts, responses)
+
+    def score_batch(self, prompts, responses):
+        results = self.client.grade(prompts, responses, probe=self._probing)
+        self.last.extend(results)
+        return [np.nan if r.score is None else r.score for r in results]
+
+    def probe(self, conversation: Conversation) -> None:
+        """One request that must reach the endpoint (no retries): a wrong URL or model fails before any model loads."""
+        self._probing = True
+        try:
+            self.score([conversation], ["Sure. Here is a short, friendly answer to your question."])
+        finally:
+            self._probing = False
+
+
 def build_objective(spec: ObjectiveSpec) -> Objective:
     """Instantiate the objective a spec describes."""
     if spec.kind == "embedded":
@@ -338,6 +392,8 @@ def build_objective(spec: ObjectiveSpec) -> Objective:
         return objective
     if spec.kind == "reward_model":
         return RewardModel(spec)
+    if spec.kind == "judge":
+        return JudgeObjective(spec)
     return PythonObjective(spec)
 
 
@@ -389,13 +445,28 @@ class Normalizer:
 
     @classmethod
     def fit(cls, names: list[str], rewards: np.ndarray) -> "Normalizer":
-        """Measure mean and std of raw rewards ``[n, G]`` (a constant objective gets std 1) and keep them sorted."""
+        """Measure mean and std of raw rewards ``[n, G]`` (a constant objective gets std 1) and keep them sorted.
+
+        Missing scores (NaN, a judge's) are left out of their objective's statistics.
+        """
+        rewards = np.asarray(rewards, dtype=np.float64)
         if rewards.ndim != 2 or rewards.shape[1] != len(names) or rewards.shape[0] < 2:
             raise ValueError(f"normalisation needs at least 2 rows of {len(names)} rewards, got {rewards.shape}")
-        std = rewards.std(axis=0, ddof=1)
+        present = ~np.isnan(rewards)
+        if present.all():
+            mean, std = rewards.mean(axis=0), rewards.std(axis=0, ddof=1)
+        else:
+            short = [g for g, k in zip(names, present.sum(0)) if k < 2]
+            if short:
+                raise UserError(f"objective {short[0]!r}: fewer than 2 of {rewards.shape[0]} reference samples got a "
+                                "score (the judge's replies could not be parsed or its requests failed); cannot "
+                                "measure its normalisation")
+            cols = [rewards[present[:, g], g] for g in range(rewards.shape[1])]
+            mean = np.array([c.mean() for c in cols])
+            std = np.array([c.std(ddof=1) for c in cols])
         std = np.where(std > 1e-8, std, 1.0)
-        samples = [sorted(map(float, rewards[:, g])) for g in range(rewards.shape[1])]
-        return cls(list(names), rewards.mean(axis=0).tolist(), std.tolist(), int(rewards.shape[0]), samples)
+        samples = [sorted(map(float, rewards[present[:, g], g])) for g in range(rewards.shape[1])]
+        return cls(list(names), mean.tolist(), std.tolist(), int(rewards.shape[0]), samples)
 
     def with_scale(self, scale: str, source: str = "normalisation") -> "Normalizer":
         """The same statistics on another scale; ``quantile`` needs the samples (files written since it exists)."""
@@ -418,7 +489,7 @@ class Normalizer:
             ref = np.asarray(ref)
             x = rewards[..., g]
             rank = (np.searchsorted(ref, x, side="left") + np.searchsorted(ref, x, side="right")) / 2
-            out[..., g] = ndtri((rank + 0.5) / (len(ref) + 1))
+            out[..., g] = np.where(np.isnan(x), np.nan, ndtri((rank + 0.5) / (len(ref) + 1)))
         return out
 
     def check_names(self, names: list[str], source: str) -> None:
@@ -500,6 +571,8 @@ class ObjectiveSet:
                     f"objective {objective.name!r} returned shape {values.shape} for {n} responses; expected ({n},)"
                 )
             bad = ~np.isfinite(values)
+            if objective.allows_missing:
+                bad &= ~np.isnan(values)  # a judge's missing score is NaN: kept as missing, never a number
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 raise ObjectiveError(
@@ -510,8 +583,22 @@ class ObjectiveSet:
         return np.stack(columns, axis=1) if n else np.zeros((0, len(self.objectives)))
 
     def probe(self, conversation: Conversation) -> None:
-        """Score two made-up answers to a prompt, so a broken objective fails before any policy loads."""
-        self.raw([conversation, conversation], ["", "Sure. Here is a short, friendly answer to your question."])
+        """Score two made-up answers to a prompt, so a broken objective fails before any policy loads.
+
+        A judge is asked once, without retries: an endpoint that cannot be reached or a model it
+        does not serve fails here with one line, not as a run full of missing scores.
+        """
+        for objective in self.objectives:
+            if isinstance(objective, JudgeObjective):
+                objective.probe(conversation)
+        others = [o for o in self.objectives if not isinstance(o, JudgeObjective)]
+        if others:
+            ObjectiveSet(others).raw([conversation, conversation],
+                                     ["", "Sure. Here is a short, friendly answer to your question."])
+
+    def judge_usage(self) -> dict[str, JudgeUsage]:
+        """Snapshots of every judge objective's usage, by name (empty without judges)."""
+        return {o.name: o.usage.copy() for o in self.objectives if isinstance(o, JudgeObjective)}
 
     def normalized(self, raw: np.ndarray) -> np.ndarray:
         """z-normalise raw rewards with the attached statistics."""

@@ -100,6 +100,11 @@ class ValuesConfig:
         if self.policy.adapter:
             raise ValueError("policy.adapter: value targets are rewards of the reference policy's rollouts; "
                              "set no adapter in the values recipe")
+        judged = [o.name for o in self.objectives if o.kind == "judge"]
+        if judged:
+            raise ValueError(f"objective {judged[0]!r}: kind judge is not supported by the values stage (a value "
+                             "model regresses on every objective's reward of every rollout, and a judge can leave "
+                             "one missing); guide decoding by a judge with decoding.values: prefix")
 
 
 # ----------------------------------------------------------------------------- the model

@@ -120,3 +120,35 @@ def tiny_generate_dir(tiny_policy_dir, tmp_path_factory) -> Path:
         "--decoding.num_candidates", "2", "--decoding.block_size", "4", "--decoding.max_new_tokens", "8",
         "--normalization_prompts", "4", "--output_dir", str(root / "generate"),
     ]))
+
+
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory):
+    """The URL of one vLLM server on the embedded policy for the whole session (``-m vllm`` tests).
+
+    Set ``RMOD_DISTILL_VLLM_URL`` to reuse a running server of the same kind while developing.
+    """
+    if os.environ.get("RMOD_DISTILL_VLLM_URL"):
+        yield os.environ["RMOD_DISTILL_VLLM_URL"]
+        return
+    from rmod_distill.engine.vllm import BackendConfig, VLLMServer
+    from rmod_distill.policy import embedded_model_path
+
+    assert VLLM_PYTHON.exists(), "no .venv-vllm: run `make vllm-env` (make test-vllm does)"
+    cfg = BackendConfig(kind="vllm", launch=True, python=str(VLLM_PYTHON), max_model_len=1024)
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    # The tests' OMP_NUM_THREADS=1 is for torch in this process; the server uses both cores.
+    threads = os.environ.pop("OMP_NUM_THREADS", None)
+    try:
+        server = VLLMServer(str(embedded_model_path()), cfg, "float32", log)
+        server.start()
+    finally:
+        if threads is not None:
+            os.environ["OMP_NUM_THREADS"] = threads
+    try:
+        yield server.url
+    finally:
+        server.stop()

@@ -229,6 +229,36 @@ def _long_prompt(c: Ctx):
                                          {"id": "long", "prompt": " ".join(words), "split": "train"}]))
 
 
+def _judge(c: Ctx, rubric: str | None = "ok", **judge) -> str:
+    """A ``judges`` list of one judge; ``rubric`` "ok" writes a valid rubric file beside the run."""
+    if rubric == "ok":
+        path = c.tmp / "rubric.txt"
+        path.write_text("=== user ===\nQuestion: {question}\nAnswer: {answer}\nScore 0-10 as [[score]].\n")
+        c.watch.append(path)
+        rubric = str(path)
+    fields = {"base_url": "http://127.0.0.1:9/v1", "rubric": rubric, **judge}
+    inner = ", ".join(f"{k}: {json.dumps(v)}" for k, v in fields.items())
+    return f"[{{name: quality, kind: judge, model: judge-model, judge: {{{inner}}}}}]"
+
+
+def _judge_key_unset(c: Ctx):
+    c.mp.delenv("RMOD_TEST_JUDGE_KEY", raising=False)
+    return c.evaluate("--judges", _judge(c, api_key_env="RMOD_TEST_JUDGE_KEY"))
+
+
+def _judge_in_generate_key_unset(c: Ctx):
+    c.mp.delenv("RMOD_TEST_JUDGE_KEY", raising=False)
+    spec = _judge(c, api_key_env="RMOD_TEST_JUDGE_KEY")[1:-1]
+    return c.generate("--objectives", f"[{{name: harmlessness}}, {spec}]")
+
+
+def _rubric_without_answer(c: Ctx):
+    path = c.tmp / "rubric.txt"
+    path.write_text("=== system ===\nYou grade.\n=== user ===\nRate the reply to {question} from 0 to 10.\n")
+    c.watch.append(path)
+    return c.evaluate("--judges", _judge(c, rubric=str(path)))
+
+
 @dataclass
 class Row:
     id: str
@@ -317,6 +347,30 @@ ROWS = [
     Row("12-prompt-longer-than-context", _long_prompt,
         r"prompt 'long' is 6\d\d tokens long .*decoding\.max_new_tokens 8 that is 6\d\d tokens, more than the "
         r"policy's context of 512"),
+    # 14. LLM judges: every bad setting is one line naming the objective and key, before any model loads
+    Row("14-judge-rubric-missing", lambda c: c.evaluate("--judges", _judge(c, rubric=str(c.tmp / "rubrics/nope.txt"))),
+        r"objective 'quality': judge\.rubric file .*rubrics/nope\.txt does not exist; expected a text file with "
+        r"'=== system ===' and '=== user ===' sections"),
+    Row("14-judge-rubric-without-answer", _rubric_without_answer,
+        r"objective 'quality': judge\.rubric file .*rubric\.txt: expected a '=== user ===' section holding "
+        r"\{question\} and \{answer\} once each \(missing or repeated: \['\{answer\}'\]\)"),
+    Row("14-judge-api-key-unset", _judge_key_unset,
+        r"objective 'quality': judge\.api_key_env names RMOD_TEST_JUDGE_KEY, which is not set \(or empty\); export "
+        r"RMOD_TEST_JUDGE_KEY=<your key>"),
+    Row("14-generate-judge-objective-api-key-unset", _judge_in_generate_key_unset,
+        r"objective 'quality': judge\.api_key_env names RMOD_TEST_JUDGE_KEY, which is not set"),
+    Row("14-judge-url-without-scheme", lambda c: c.evaluate("--judges", _judge(c, base_url="localhost:8000/v1")),
+        r"objective 'quality': judge\.base_url: expected http\(s\)://host\[:port\]/v1, got 'localhost:8000/v1'"),
+    Row("14-judge-url-unreachable", lambda c: c.evaluate("--judges", _judge(c)),
+        r"objective 'quality': the judge endpoint http://127\.0\.0\.1:9/v1/chat/completions \(model 'judge-model'\) "
+        r"failed a test request \(ConnectError.*\); expected an OpenAI-compatible server at judge\.base_url"),
+    Row("14-judge-bad-scale", lambda c: c.evaluate("--judges", _judge(c, scale_min=10, scale_max=0)),
+        r"objective 'quality': judge\.scale_min/scale_max: expected finite numbers with scale_min < scale_max, got "
+        r"10\.0 and 0\.0"),
+    Row("14-judge-key-in-recipe", lambda c: c.evaluate("--judges", _judge(c, api_key_env="sk-proj-abc123")),
+        r"judge\.api_key_env: expected the NAME of an environment variable .*never put the key in a recipe"),
+    Row("14-judges-of-another-kind", lambda c: c.evaluate("--judges", "[{name: concision}]"),
+        r"judges: objective 'concision' has kind 'embedded'; judges are objectives of kind judge"),
 ]
 
 

@@ -1,9 +1,10 @@
 """The vLLM backend against a real server on the embedded SmolLM2 (``make test-vllm``).
 
-One server serves the whole module (launched once, float32, stopped at the end even when a
-test fails). The pipeline's own process talks to it over HTTP; vLLM itself lives in
-``.venv-vllm`` (``make vllm-env``). Set ``RMOD_DISTILL_VLLM_URL`` to reuse a running server
-of the same kind while developing.
+One server serves the whole session (the ``server_url`` fixture in conftest.py: launched once,
+float32, stopped at the end even when a test fails; test_vllm_judge.py uses it too). The
+pipeline's own process talks to it over HTTP; vLLM itself lives in ``.venv-vllm`` (``make
+vllm-env``). Set ``RMOD_DISTILL_VLLM_URL`` to reuse a running server of the same kind while
+developing.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import pytest
 from rmod_distill.artifacts import read_jsonl
 from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
 from rmod_distill.engine.runs import decode_rows
-from rmod_distill.engine.vllm import BackendConfig, VLLMSampler, VLLMServer
+from rmod_distill.engine.vllm import VLLMSampler
 from rmod_distill.objectives import Normalizer, ObjectiveSet, ObjectiveSpec
-from rmod_distill.policy import embedded_model_path, load_policy, stop_token_ids
+from rmod_distill.policy import load_policy, stop_token_ids
 from rmod_distill.prompts import PromptsConfig, load_prompts
 
 pytestmark = pytest.mark.vllm
@@ -31,29 +32,6 @@ pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 OBJECTIVES = "[{name: harmlessness}, {name: warmth}, {name: concision}]"
-
-
-@pytest.fixture(scope="session")
-def server_url(tmp_path_factory):
-    """The URL of one vLLM server on the embedded policy for the whole module."""
-    if os.environ.get("RMOD_DISTILL_VLLM_URL"):
-        yield os.environ["RMOD_DISTILL_VLLM_URL"]
-        return
-    assert VLLM_PYTHON.exists(), "no .venv-vllm: run `make vllm-env` (make test-vllm does)"
-    cfg = BackendConfig(kind="vllm", launch=True, python=str(VLLM_PYTHON), max_model_len=1024)
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    # The tests' OMP_NUM_THREADS=1 is for torch in this process; the server uses both cores.
-    threads = os.environ.pop("OMP_NUM_THREADS", None)
-    try:
-        server = VLLMServer(str(embedded_model_path()), cfg, "float32", log)
-        server.start()
-    finally:
-        if threads is not None:
-            os.environ["OMP_NUM_THREADS"] = threads
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

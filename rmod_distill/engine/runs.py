@@ -7,6 +7,7 @@ raw and normalised rewards, the worst case, the weights chosen at every block an
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -29,6 +30,11 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def _score(x: float) -> float | None:
+    """A score as a row stores it: a missing one (NaN, a judge's) is null, never a number."""
+    return None if math.isnan(x) else float(x)
+
+
 def result_rows(prompts: list[Prompt], results: list[DecodeResult], objectives: ObjectiveSet, method: str, seeds,
                 seconds: float) -> list[dict]:
     """Score a batch's responses and lay them out as rows."""
@@ -43,9 +49,10 @@ def result_rows(prompts: list[Prompt], results: list[DecodeResult], objectives: 
             "split": p.split,
             "method": method,
             "completion": r.text,
-            "rewards": dict(zip(objectives.names, map(float, raw_row))),
-            "normalized": dict(zip(objectives.names, map(float, norm_row))),
-            "worst_case": float(norm_row.min()),
+            "rewards": dict(zip(objectives.names, map(_score, raw_row))),
+            "normalized": dict(zip(objectives.names, map(_score, norm_row))),
+            # The minimum of a row with a missing score is not known: null, and metrics leave it out.
+            "worst_case": _score(norm_row.min()),
             "block_weights": r.block_weights,
             "tokens_sampled": r.tokens_sampled,
             "forward_tokens": r.forward_tokens,
@@ -94,7 +101,8 @@ def decode_methods(decoder: BlockwiseDecoder, model, objectives: ObjectiveSet, p
     """Decode what the shards lack for every method, this process's share of it; returns timings.
 
     ``model`` is the policy, a PEFT model or a vLLM sampler (its adapter, if any, is on only for
-    ``distilled``).
+    ``distilled``). With judge objectives, each method's timings also hold what the judges
+    cost while it decoded (``judge``: requests, cache hits, missing scores, tokens).
     """
     from tqdm.auto import tqdm
 
@@ -116,9 +124,12 @@ def decode_methods(decoder: BlockwiseDecoder, model, objectives: ObjectiveSet, p
                 bar.update(len(rows))
                 bar.set_postfix(tok_s=f"{stats['tokens'] / max(stats['seconds'], 1e-9):.0f}")
 
+            before = objectives.judge_usage()
             # Closed on an error too, so an error message starts on a line of its own.
             with bar, adapter_enabled(model, method == "distilled"):
                 decode_rows(decoder, objectives, mine, method, seed, batch_size, on_batch)
+            if before:
+                stats["judge"] = {g: u.minus(before[g]).as_dict() for g, u in objectives.judge_usage().items()}
             timings[method] = stats
     finally:
         writer.close()

@@ -73,6 +73,22 @@ def parse_method(name: str, objectives: list[str], cd_weights: dict[str, float] 
     )
 
 
+def rank_missing(values: torch.Tensor) -> torch.Tensor:
+    """Values ``[n, K, G]`` with every missing one (NaN: a judge that gave no score) replaced for ranking only.
+
+    A candidate with no score on an objective ranks as the lowest-scored candidate of its
+    prompt on that objective (it is not preferred for what nobody measured); where no
+    candidate of a prompt has a score, the objective is a constant 0 for all of them and
+    cannot move the choice. The replacement never reaches a row: rows keep the missing score.
+    """
+    missing = torch.isnan(values)
+    if not missing.any():
+        return values
+    lowest = torch.where(missing, torch.full_like(values, float("inf")), values).amin(1, keepdim=True)
+    lowest = torch.where(torch.isinf(lowest), torch.zeros_like(lowest), lowest)
+    return torch.where(missing, lowest.expand_as(values), values)
+
+
 def select(
     values: np.ndarray | torch.Tensor,
     method: Method,
@@ -88,9 +104,9 @@ def select(
     - ``rmod``: the worst-case weights ``w*`` of each prompt's block (``solver``), then
       ``argmax_k A @ w*`` or, with ``selection: sample``, a draw from
       ``softmax_k(lam * A @ w*)`` with each prompt's own generator.
-    Plain methods (and K = 1) keep their only candidate.
+    Plain methods (and K = 1) keep their only candidate. Missing values: :func:`rank_missing`.
     """
-    values = torch.as_tensor(np.asarray(values), dtype=torch.float64)
+    values = rank_missing(torch.as_tensor(np.asarray(values), dtype=torch.float64))
     n, K, _ = values.shape
     if method.plain or K == 1:
         return [0] * n, None
