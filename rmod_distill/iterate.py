@@ -9,9 +9,10 @@ round scores on one scale, and distils again: continuing round r-1's adapter
 and seeds, beside round 1's teacher (``rmod``) and ``reference``, and ``report.md`` puts the
 rounds side by side with paired intervals.
 
-Each stage writes its usual run folder under ``output_dir/round-<r>/``; a complete one is
-kept and skipped, an unfinished one resumes, so a killed ``iterate`` picks up where it
-stopped. The stage recipes are the recipe folder's own ``generate.yaml``, ``distill.yaml``
+Each stage writes its usual run folder under ``output_dir/round-<r>/``; a complete one made
+with the same recipe is kept, an unfinished one resumes, so a killed ``iterate`` picks up
+where it stopped. Round 1 can be an existing generate run and adapter (``from_generate``,
+``from_adapter``: ``make demo``'s, say). The stage recipes are the recipe folder's own ``generate.yaml``, ``distill.yaml``
 and ``eval.yaml``, with ``*_args`` overrides applied to every round.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rmod_distill.artifacts import RunFolder, provenance, read_json, read_jsonl, write_json
+from rmod_distill.artifacts import NOT_RECIPE, RunFolder, provenance, read_json, read_jsonl, recipe_key, write_json
 from rmod_distill.config import ConfigError, load_yaml, parse_config, to_dict
 from rmod_distill.errors import UserError
 from rmod_distill.metrics import bootstrap_interval, paired_comparisons
@@ -43,11 +44,15 @@ class IterateConfig:
     rounds: int = field(default=2, metadata={"help": "Rounds of generate + distill (1 is the plain pipeline)."})
     start: str = field(default="continue", metadata={
         "help": "continue (round r trains round r-1's adapter further) | restart (a fresh adapter on the base)."})
-    generate_args: list[str] = field(default_factory=list, metadata={
+    generate_args: list[str | int | float | bool] = field(default_factory=list, metadata={
         "help": "Overrides for every round's generate, as on its command line: [--prompts.subset, fit]."})
-    distill_args: list[str] = field(default_factory=list, metadata={"help": "Overrides for every round's distill."})
-    eval_args: list[str] = field(default_factory=list, metadata={
+    distill_args: list[str | int | float | bool] = field(default_factory=list, metadata={"help": "Overrides for every round's distill."})
+    eval_args: list[str | int | float | bool] = field(default_factory=list, metadata={
         "help": "Overrides for every round's eval (e.g. [--prompts.split, train, --prompts.subset, validation])."})
+    from_generate: str | None = field(default=None, metadata={
+        "help": "A complete generate run to use as round 1's (e.g. runs/default/generate from make demo)."})
+    from_adapter: str | None = field(default=None, metadata={
+        "help": "A complete distill run, made from from_generate, to use as round 1's adapter."})
     bootstrap_resamples: int = field(default=2000, metadata={"help": "Resamples for the report's paired intervals."})
     output_dir: str = field(default="runs/default/iterate", metadata={"help": "Where the rounds are written."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a complete iterate run in output_dir."})
@@ -57,33 +62,54 @@ class IterateConfig:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.start not in STARTS:
             raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
+        if self.from_adapter and not self.from_generate:
+            raise ValueError("from_adapter needs from_generate (the generate run it was distilled from: round 2 "
+                             "keeps its normalisation)")
         for key in ("generate_args", "distill_args", "eval_args"):
             args = getattr(self, key)
             if args and not str(args[0]).startswith("--"):
                 raise ValueError(f"{key} must be a list of command-line overrides starting with a --key, got {args}")
 
 
+def _args(values: list) -> list[str]:
+    """Overrides as a command line: YAML scalars back to text (true, not True)."""
+    return [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
+
+
+def generate_dir(cfg: IterateConfig, out: Path, round_: int) -> Path:
+    """Round ``round_``'s generate run (round 1's may be an existing one, ``from_generate``)."""
+    if round_ == 1 and cfg.from_generate:
+        return Path(cfg.from_generate)
+    return out / f"round-{round_}" / "generate"
+
+
+def adapter_dir(cfg: IterateConfig, out: Path, round_: int) -> Path:
+    """Round ``round_``'s adapter (round 1's may be an existing one, ``from_adapter``)."""
+    if round_ == 1 and cfg.from_adapter:
+        return Path(cfg.from_adapter)
+    return out / f"round-{round_}" / "distill"
+
+
 def stage_argv(cfg: IterateConfig, round_: int, stage: str, out: Path) -> list[str]:
     """The command line of one round's stage (what ``rmod-distill <stage>`` would be given)."""
-    here = out / f"round-{round_}"
-    first = out / "round-1"
     argv = ["--config", str(Path(cfg.recipe) / f"{stage}.yaml")]
     if stage == "generate":
-        argv += [*map(str, cfg.generate_args), "--output_dir", str(here / "generate")]
+        argv += [*_args(cfg.generate_args), "--output_dir", str(generate_dir(cfg, out, round_))]
         if round_ > 1:
-            argv += ["--policy.adapter", str(out / f"round-{round_ - 1}" / "distill"), "--policy.merge_adapter", "true",
-                     "--normalization", str(first / "generate" / "normalization.json")]
+            argv += ["--policy.adapter", str(adapter_dir(cfg, out, round_ - 1)), "--policy.merge_adapter", "true",
+                     "--normalization", str(generate_dir(cfg, out, 1) / "normalization.json")]
     elif stage == "distill":
-        argv += [*map(str, cfg.distill_args), "--generate_dir", str(here / "generate"),
-                 "--output_dir", str(here / "distill")]
+        argv += [*_args(cfg.distill_args), "--generate_dir", str(generate_dir(cfg, out, round_)),
+                 "--output_dir", str(adapter_dir(cfg, out, round_))]
         if round_ > 1 and cfg.start == "continue":
-            argv += ["--init_adapter", str(out / f"round-{round_ - 1}" / "distill")]
+            argv += ["--init_adapter", str(adapter_dir(cfg, out, round_ - 1))]
     else:
         # Later rounds add only their student; eval always needs `reference` (win rates), which
         # costs one plain sample a prompt and comes out the same in every round (same seeds).
         methods = "[distilled, rmod, reference]" if round_ == 1 else "[distilled, reference]"
-        argv += [*map(str, cfg.eval_args), "--adapter", str(here / "distill"),
-                 "--generate_dir", str(first / "generate"), "--methods", methods, "--output_dir", str(here / "eval")]
+        argv += [*_args(cfg.eval_args), "--adapter", str(adapter_dir(cfg, out, round_)),
+                 "--generate_dir", str(generate_dir(cfg, out, 1)), "--methods", methods,
+                 "--output_dir", str(out / f"round-{round_}" / "eval")]
     return argv
 
 
@@ -94,9 +120,26 @@ def _stage(stage: str):
     return getattr(module, STAGE_CONFIGS[stage]), module.run
 
 
-def _complete(folder: Path) -> bool:
+def _kept(cfg: IterateConfig, round_: int, stage: str, out: Path) -> Path | None:
+    """The stage's run folder when it is complete and made with the recipe this round would use
+    (then it is kept); None when it still has to run (or resume). A complete run made with
+    another recipe is an error: iterate never mixes recipes, nor overwrites a run."""
+    cls, _ = _stage(stage)
+    argv = stage_argv(cfg, round_, stage, out)
+    folder = Path(argv[argv.index("--output_dir") + 1])
     marker = folder / "run.json"
-    return marker.is_file() and bool(read_json(marker, "run marker").get("complete"))
+    if not marker.is_file():
+        return None
+    info = read_json(marker, f"{stage} run marker")
+    if not info.get("complete"):
+        return None
+    wanted = recipe_key(to_dict(parse_config(cls, argv)))
+    if recipe_key(info.get("config", {})) != wanted:
+        changed = sorted(k for k in set(wanted) | set(info.get("config", {})) if k not in NOT_RECIPE
+                         and wanted.get(k) != info.get("config", {}).get(k))
+        raise UserError(f"{folder} holds a complete {stage} run made with another recipe (keys differ: {changed}); "
+                        "use another output_dir, or --overwrite to redo every round")
+    return folder
 
 
 def check(cfg: IterateConfig) -> None:
@@ -107,6 +150,20 @@ def check(cfg: IterateConfig) -> None:
             raise UserError(f"recipe: {path} does not exist (iterate needs {', '.join(s + '.yaml' for s in STAGES)} "
                             f"in {cfg.recipe})")
         load_yaml(path)
+    for key, stage in (("from_generate", "generate"), ("from_adapter", "distill")):
+        path = getattr(cfg, key)
+        if path is None:
+            continue
+        marker = Path(path) / "run.json"
+        info = read_json(marker, f"{key} run marker") if marker.is_file() else {}
+        if info.get("stage") != stage or not info.get("complete"):
+            raise UserError(f"{key}: {path} is not a complete {stage} run (expected the output_dir of a finished "
+                            f"`rmod-distill {stage}`)")
+    if cfg.from_adapter:
+        made_from = read_json(Path(cfg.from_adapter) / "run.json", "from_adapter run marker").get("generate_dir")
+        if made_from and Path(made_from).resolve() != Path(cfg.from_generate).resolve():
+            raise UserError(f"from_adapter: {cfg.from_adapter} was distilled from {made_from}, not from_generate "
+                            f"{cfg.from_generate}")
     out = Path(cfg.output_dir)
     for stage in STAGES:  # round 2's command lines name every key a round uses
         cls, _ = _stage(stage)
@@ -178,21 +235,17 @@ def run(cfg: IterateConfig) -> Path:
     folder.check()
     check(cfg)
     out = folder.begin()
-    for r in range(1, cfg.rounds + 1):
-        for stage in ("generate", "distill"):
-            where = out / f"round-{r}" / stage
-            if _complete(where):
-                print(f"iterate: round {r} {stage}: complete, kept ({where})")
-                continue
-            print(f"iterate: round {r} {stage} -> {where}", flush=True)
-            cls, stage_run = _stage(stage)
-            stage_run(parse_config(cls, stage_argv(cfg, r, stage, out)))
-    for r in range(1, cfg.rounds + 1):
-        where = out / f"round-{r}" / "eval"
-        if not _complete(where):
-            print(f"iterate: round {r} eval -> {where}", flush=True)
-            cls, stage_run = _stage("eval")
-            stage_run(parse_config(cls, stage_argv(cfg, r, "eval", out)))
+    work = [(r, stage) for r in range(1, cfg.rounds + 1) for stage in ("generate", "distill")]
+    work += [(r, "eval") for r in range(1, cfg.rounds + 1)]  # every student once all are trained
+    for r, stage in work:
+        kept = _kept(cfg, r, stage, out)
+        if kept is not None:
+            print(f"iterate: round {r} {stage}: complete, kept ({kept})")
+            continue
+        argv = stage_argv(cfg, r, stage, out)
+        print(f"iterate: round {r} {stage} -> {argv[argv.index('--output_dir') + 1]}", flush=True)
+        cls, stage_run = _stage(stage)
+        stage_run(parse_config(cls, argv))
     table, info = round_table(out, cfg.rounds, cfg.bootstrap_resamples)
     write_json(out / "metrics.json", dict(provenance(resolved), rounds=table, **info))
     report = write_report(cfg, out, table, info)

@@ -124,6 +124,9 @@ def test_resume_skips_complete_stages(tiny_policy_dir, two_rounds, tmp_path, cap
 
     for stage in ("generate", "distill"):
         shutil.copytree(out / "round-1" / stage, partial / "round-1" / stage)
+    made = json.loads((partial / "round-1" / "distill" / "run.json").read_text())  # as the killed run made it
+    made["config"]["generate_dir"] = str(partial / "round-1" / "generate")
+    (partial / "round-1" / "distill" / "run.json").write_text(json.dumps(made))
     marker = json.loads((out / "run.json").read_text())
     marker["complete"] = False
     (partial / "run.json").write_text(json.dumps(marker))
@@ -156,3 +159,51 @@ def test_bad_iterate_recipes(argv, message, tmp_path):
     with pytest.raises(UserError, match=message):
         run(parse_config(IterateConfig, argv + ["--output_dir", str(tmp_path / "it")]))
     assert not (tmp_path / "it").exists()
+
+
+def test_round_one_from_an_existing_run(two_rounds, tmp_path, capsys):
+    """from_generate / from_adapter: round 1 is make demo's run, nothing of it is redone."""
+    recipe, out = two_rounds
+    new = tmp_path / "it"
+    run(parse_config(IterateConfig, ["--recipe", str(recipe), "--rounds", "2", "--output_dir", str(new),
+                                     "--from_generate", str(out / "round-1" / "generate"),
+                                     "--from_adapter", str(out / "round-1" / "distill")]))
+    log = capsys.readouterr().out
+    assert "round 1 generate: complete, kept" in log and "round 1 distill: complete, kept" in log
+    assert not (new / "round-1" / "generate").exists() and not (new / "round-1" / "distill").exists()
+    gen2 = json.loads((new / "round-2" / "generate" / "run.json").read_text())
+    assert Path(gen2["config"]["policy"]["adapter"]) == out / "round-1" / "distill"
+    assert [r["method"] for r in json.loads((new / "metrics.json").read_text())["rounds"]] == [
+        "reference", "rmod", "round-1", "round-2"]
+
+
+def test_a_kept_round_must_match_the_recipe(two_rounds, tmp_path):
+    """A complete round made with other settings (the stage recipe edited since) is an error,
+    not silently reused."""
+    import shutil
+
+    recipe, out = two_rounds
+    partial = tmp_path / "it"
+    shutil.copytree(out / "round-1" / "generate", partial / "round-1" / "generate")
+    made = json.loads((partial / "round-1" / "generate" / "run.json").read_text())
+    made["config"]["decoding"]["lam"] = 3.0
+    (partial / "round-1" / "generate" / "run.json").write_text(json.dumps(made))
+    marker = json.loads((out / "run.json").read_text())
+    marker["complete"] = False
+    (partial / "run.json").write_text(json.dumps(marker))
+    with pytest.raises(UserError, match="another recipe.*decoding"):
+        run(parse_config(IterateConfig, ["--recipe", str(recipe), "--rounds", "2", "--output_dir", str(partial)]))
+
+
+def test_from_adapter_must_come_from_from_generate(two_rounds, tmp_path):
+    recipe, out = two_rounds
+    with pytest.raises(UserError, match="from_generate"):
+        run(parse_config(IterateConfig, ["--recipe", str(recipe), "--output_dir", str(tmp_path / "a"),
+                                         "--from_adapter", str(out / "round-1" / "distill")]))
+    with pytest.raises(UserError, match="distilled from"):
+        run(parse_config(IterateConfig, ["--recipe", str(recipe), "--output_dir", str(tmp_path / "b"),
+                                         "--from_generate", str(out / "round-2" / "generate"),
+                                         "--from_adapter", str(out / "round-1" / "distill")]))
+    with pytest.raises(UserError, match="not a complete generate run"):
+        run(parse_config(IterateConfig, ["--recipe", str(recipe), "--output_dir", str(tmp_path / "c"),
+                                         "--from_generate", str(out / "round-1" / "distill")]))
