@@ -307,77 +307,84 @@ def _solve_faces(A: np.ndarray, lam: float, tol: float, max_iter: int, w0: np.nd
     bd = (0.5 * lam) * (Ac * Ac).sum(1)
     inv_L = 0.5 / np.maximum(bd.sum(1, keepdims=True), 1e-300)
     span = A.max((1, 2)) - A.min((1, 2))
-    regs = 1e-12 * bd.max(1) + 1e-8 * span + 1e-300  # [P]
-    eye = np.eye(G)
-    border = np.zeros((G + 1, G + 1)); border[G, :G] = border[:G, G] = 1.0
-    eyeb = np.eye(G + 1); eyeb[G, G] = 0.0
-    stop = np.zeros(P, bool)
+    reg = (1e-12 * bd.max(1) + 1e-8 * span + 1e-300)[:, None, None] * np.eye(G)
+    border = np.zeros((G + 1, G + 1))
+    border[G, :G] = border[:G, G] = 1.0
+    eye_b = np.eye(G + 1)
+    eye_b[G, G] = 0.0
+    stop = np.zeros(P, dtype=bool)
     h_then = None
-    for it in range(max_iter + 1):
-        z = (w[:, None, :] @ lAt)[:, 0, :]
-        zm = z.max(1, keepdims=True)
-        e = np.exp(z - zm)
-        se = e.sum(1, keepdims=True)
-        p = e / se
-        logp = (z - zm) - np.log(se)
-        lg = (lAt @ p[:, :, None])[..., 0]
-        g = lg / lam
-        gmin = g.min(1, keepdims=True)
-        gap = (g * w).sum(1, keepdims=True) - gmin
-        stop |= gap[:, 0] < tol
-        if it % 32 == 0:
-            h_now = z[:, 0] - logp[:, 0]
-            if h_then is not None:
-                stop |= h_then - h_now <= 1e-12 * (1.0 + np.abs(h_now))
-            h_then = h_now
-        if it == max_iter or stop.all():
-            out[idx] = w
-            break
-        nd = int(stop.sum())
-        if nd and (2 * nd >= len(idx) or nd * K * G >= 4096):
-            out[idx[stop]] = w[stop]
-            keep = ~stop
-            idx, lAt, inv_L, regs, w, logp, p, lg, g, gmin, gap, stop, h_then = (
-                t[keep] for t in (idx, lAt, inv_L, regs, w, logp, p, lg, g, gmin, gap, stop, h_then))
-        n = len(idx)
-        C = lAt - lg[:, :, None]
-        H = (C * p[:, None, :]) @ C.transpose(0, 2, 1) / lam
-        H += regs[:, None, None] * eye
-        tau = np.einsum('pii->p', H)[:, None] / G
-        vertex = g == gmin
-        S = np.concatenate((
-            (_CS * (tau * w)[:, None, :] > (g - gmin)[:, None, :]) | vertex[:, None, :],
-            (w > 1e-3 * w.max(1, keepdims=True))[:, None, :]), 1)
-        Se = np.concatenate((S, np.ones((n, 3, 1), bool)), 2)
-        Hb = np.zeros((n, G + 1, G + 1)); Hb[:, :G, :G] = H; Hb += border
-        M = Se[:, :, :, None] & Se[:, :, None, :]
-        Kt = np.where(M, Hb[:, None], eyeb)
-        wW = w[:, None, :] * ~S
-        rhs = np.concatenate((np.where(S, wW @ H - g[:, None, :], -wW), wW.sum(2, keepdims=True)), 2)
-        try:
-            d = np.linalg.solve(Kt, rhs[..., None])[..., :G, 0]
-        except np.linalg.LinAlgError:
-            d = np.stack([np.linalg.lstsq(kk, rr, rcond=None)[0] for kk, rr in zip(Kt.reshape(-1, G + 1, G + 1), rhs.reshape(-1, G + 1))]).reshape(n, 3, G + 1)[..., :G]
-        with np.errstate(divide='ignore', invalid='ignore'):
-            ratio = np.where(d < 0, w[:, None, :] / -d, 1.0).min(2, keepdims=True)
-        d = d * np.minimum(ratio, 1.0)
-        model = ((g[:, None, :] + 0.5 * (d @ H)) * d).sum(2)
-        model = np.nan_to_num(model, nan=np.inf)
-        ar = np.arange(n)
-        dn = d[ar, model.argmin(1)]
-        vf = vertex.astype(float)
-        fw = np.minimum(gap * inv_L, 1.0) * (vf / vf.sum(1, keepdims=True) - w)
-        U = np.stack((dn, fw), 1)
-        with np.errstate(over='ignore', invalid='ignore'):
-            s = np.nan_to_num(np.exp(logp[:, None, :] + U @ lAt).sum(2), nan=np.inf)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf / nan are handled below
+        for it in range(max_iter + 1):
+            z = (w[:, None, :] @ lAt)[:, 0, :]
+            zm = z.max(1, keepdims=True)
+            e = np.exp(z - zm)
+            se = e.sum(1, keepdims=True)
+            p = e / se
+            logp = (z - zm) - np.log(se)
+            lg = (lAt @ p[:, :, None])[:, :, 0]
+            g = lg / lam
+            gmin = g.min(1, keepdims=True)
+            gap = (g * w).sum(1, keepdims=True) - gmin
+            stop |= gap[:, 0] < tol
+            if it % 32 == 0:  # at the rounding floor h 'improves' by noise only: stop when 32 steps gained nothing
+                h_now = z[:, 0] - logp[:, 0]  # lam * h + log K
+                if h_then is not None:
+                    stop |= h_then - h_now <= 1e-12 * (1.0 + np.abs(h_now))
+                h_then = h_now
+            if it == max_iter or stop.all():
+                out[idx] = w
+                break
+            nd = int(stop.sum())
+            if nd and (2 * nd >= len(idx) or nd * K * G >= 4096):  # drop finished problems in bulk
+                out[idx[stop]] = w[stop]
+                keep = ~stop
+                idx, lAt, inv_L, reg, w, logp, p, lg, g, gmin, gap, stop, h_then = (
+                    t[keep] for t in (idx, lAt, inv_L, reg, w, logp, p, lg, g, gmin, gap, stop, h_then)
+                )
+            n = len(idx)
+            C = lAt - lg[:, :, None]
+            H = (C * p[:, None, :]) @ C.transpose(0, 2, 1) / lam + reg
+            tau = np.einsum("pii->p", H)[:, None] / G
+            vertex = g == gmin
+            S = np.concatenate(
+                ((_CS * (tau * w)[:, None, :] > (g - gmin)[:, None, :]) | vertex[:, None, :],
+                 (w > 1e-3 * w.max(1, keepdims=True))[:, None, :]),
+                1,
+            )  # [n, 3, G]: the candidate faces
+            Se = np.concatenate((S, np.ones((n, 3, 1), dtype=bool)), 2)
+            Hb = np.zeros((n, G + 1, G + 1))
+            Hb[:, :G, :G] = H
+            Hb += border
+            Kt = np.where(Se[:, :, :, None] & Se[:, :, None, :], Hb[:, None], eye_b)
+            wW = w[:, None, :] * ~S  # the weight each face moves to zero
+            rhs = np.concatenate((np.where(S, wW @ H - g[:, None, :], -wW), wW.sum(2, keepdims=True)), 2)
+            try:
+                d = np.linalg.solve(Kt, rhs[..., None])[..., :G, 0]  # Newton step on each face
+            except np.linalg.LinAlgError:  # a singular system (not seen in the tests): least squares for all
+                d = np.linalg.pinv(Kt) @ rhs[..., None]
+                d = d[..., :G, 0]
+            d = d * np.minimum(np.where(d < 0, w[:, None, :] / -d, 1.0).min(2, keepdims=True), 1.0)  # ratio test
+            model = ((g[:, None, :] + 0.5 * (d @ H)) * d).sum(2)
+            model[np.isnan(model)] = np.inf
+            ar = np.arange(n)
+            dn = d[ar, model.argmin(1)]
+            vf = vertex.astype(float)  # Frank-Wolfe target: the minimisers of the gradient alike (keeps ties symmetric)
+            fw = np.minimum(gap * inv_L, 1.0) * (vf / vf.sum(1, keepdims=True) - w)
+            # exp(lam * (h(w + u) - h(w))) = sum_k p_k exp(lam * (A u)_k): the change of h without cancellation.
+            # The unit Newton step and the Frank-Wolfe step first; the shorter Newton steps only when needed.
+            U = np.stack((dn, fw), 1)
+            s = np.exp(logp[:, None, :] + U @ lAt).sum(2)
+            s[np.isnan(s)] = np.inf
             if ((~(s[:, 0] < s[:, 1])) & ~stop).any():
                 Us = dn[:, None, :] * _SHORT_STEPS
                 U = np.concatenate((U, Us), 1)
-                s = np.concatenate((s, np.nan_to_num(np.exp(logp[:, None, :] + Us @ lAt).sum(2), nan=np.inf)), 1)
-        best = s.argmin(1)
-        sb = s[ar, best]
-        stop |= ~(sb < 1.0)
-        w = np.where(stop[:, None], w, w + U[ar, best])
+                s2 = np.exp(logp[:, None, :] + Us @ lAt).sum(2)
+                s2[np.isnan(s2)] = np.inf
+                s = np.concatenate((s, s2), 1)
+            best = s.argmin(1)
+            stop |= ~(s[ar, best] < 1.0)
+            w = np.where(stop[:, None], w, w + U[ar, best])
     return out
 
 
