@@ -149,11 +149,10 @@ def _solve_newton(A: np.ndarray, lam: float, tol: float, max_iter: int) -> np.nd
     steps. Near the optimum the rule keeps the objectives with positive weight and drops
     those whose gradient stays above the minimum, so the face is the optimal one, the unit
     Newton step on it wins and the convergence is quadratic: from uniform weights a problem
-    at lam = 1 takes 3 to 7 iterations, at lam = 1000 tens. A problem leaves the batch when its
-    gap is below ``tol``, when no candidate lowered h on three faces in a row (it is optimal to
-    rounding), or when 32
-    iterations lowered ``lam * h`` by less than 1e-12 relative (only when ``tol`` is below what
-    float64 can resolve: values ~1e3 with lam ~1e3).
+    at lam = 1 takes 3 to 7 iterations. A problem leaves the batch when its gap is below
+    ``tol``, or when 32 iterations lowered ``lam * h`` by less than 1e-12 relative (only when
+    ``tol`` is below what float64 can resolve: values ~1e3 with lam ~1e3), or when it is handed
+    over (with the iterations it has left).
     """
     P, K, G = A.shape
     out = np.empty((P, G))
@@ -259,7 +258,7 @@ def _solve_newton(A: np.ndarray, lam: float, tol: float, max_iter: int) -> np.nd
     if hand_idx:
         at = np.concatenate(hand_idx)
         w0 = np.concatenate(hand_w)
-        out[at] = _solve_faces(A[at], lam, tol, max_iter, w0)
+        out[at] = _solve_faces(A[at], lam, tol, max(max_iter - it, 1), w0)
     return out
 
 
@@ -294,9 +293,10 @@ def _solve_faces(A: np.ndarray, lam: float, tol: float, max_iter: int, w0: np.nd
     the unit Newton step on it wins, and the convergence is quadratic: at lam = 1 a problem
     takes 3 to 8 iterations, at lam = 1000 tens. The short lengths handle a nearly
     piecewise-linear h (lam times the value spread in the millions). A problem leaves the
-    batch when its gap is below ``tol``, or when 32 iterations lowered ``lam * h`` by less
-    than 1e-12 relative: h is then optimal to rounding, which only happens when ``tol`` is
-    below what float64 can resolve (values ~1e3 with lam ~1e3).
+    batch when its gap is below ``tol``, when no candidate lowers h any more, or when 32
+    iterations lowered ``lam * h`` by less than 1e-12 relative: h is then optimal to rounding,
+    which only happens when ``tol`` is below what float64 can resolve (values ~1e3 with lam
+    ~1e3).
     """
     P, K, G = A.shape
     out = np.empty((P, G))
@@ -425,16 +425,20 @@ def worst_case_weights(
     elif G == 1:
         w = A.new_ones(A.shape[0], 1)
     elif solver == "exact":
-        with torch.inference_mode():  # no autograd bookkeeping: many tiny ops
-            if G == 2:
-                w = _solve_pair(A, lam, tol, max_iter).clone()  # a normal tensor again
+        if lam * float(A.abs().max()) > 1e100:  # (lam * A)^2 must stay finite in float64
+            raise ValueError(f"lambda x the largest value is {lam * float(A.abs().max()):.3g}: too large to solve in "
+                             "float64; normalise the values or lower lambda")
+        if G == 2:
+            with torch.inference_mode():  # no autograd bookkeeping: many tiny ops
+                w = _solve_pair(A, lam, tol, max_iter)
+            w = w.clone()  # a normal tensor again, outside inference mode
+        else:
+            An = A.cpu().numpy()
+            if An.size < 2048:  # a small batch costs per call, not per value: three faces per iteration are free
+                wn = _solve_faces(An, lam, tol, max_iter, np.full((An.shape[0], G), 1.0 / G))
             else:
-                An = A.cpu().numpy()
-                if An.size < 2048:  # a small batch costs per call, not per value: three faces per iteration are free
-                    wn = _solve_faces(An, lam, tol, max_iter, np.full((An.shape[0], G), 1.0 / G))
-                else:
-                    wn = _solve_newton(An, lam, tol, max_iter)
-                w = torch.from_numpy(wn).to(A.device)
+                wn = _solve_newton(An, lam, tol, max_iter)
+            w = torch.from_numpy(wn).to(A.device)
     else:
         w = _solve_reference(A, lam)
     return w.reshape(*lead, G).to(values.dtype if values.is_floating_point() else torch.float32)

@@ -308,3 +308,24 @@ def test_one_face_path_on_extreme_values(lam):
     assert torch.isfinite(w).all() and torch.all(w >= 0)
     assert torch.allclose(w.sum(-1), torch.ones(6, dtype=torch.float64), atol=1e-12)
     assert torch.all(kkt_gap(A, w, lam) <= 1e-8 * A.abs().amax((1, 2)))
+
+
+def test_the_batched_lu_branch_agrees_with_three_faces():
+    # 128 problems of G = 10 send the Newton systems through torch's batched LU (n (G+1)^3 > 1e5).
+    A = torch.randn(128, 16, 10, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    one = torch.from_numpy(_solve_newton(A.numpy(), 1.0, 1e-7, 20000))
+    three = torch.from_numpy(weights._solve_faces(A.numpy(), 1.0, 1e-7, 20000, np.full((128, 10), 0.1)))
+    assert torch.all(kkt_gap(A, one, 1.0) < 1e-7)
+    assert torch.all((log_mean_exp_objective(A, one, 1.0) - log_mean_exp_objective(A, three, 1.0)).abs() <= 1e-7)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 2), (3, 4, 4), (200, 16, 5)])
+def test_weights_are_ordinary_tensors(shape):
+    w = worst_case_weights(torch.randn(*shape, dtype=torch.float64), 1.0)
+    assert not w.is_inference()
+    w.add_(1.0)  # an inference tensor would refuse this
+
+
+def test_values_too_large_for_float64_are_refused():
+    with pytest.raises(ValueError, match="too large"):
+        worst_case_weights(1e200 * torch.randn(2, 4, 3, dtype=torch.float64), 1e200)
