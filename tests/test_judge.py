@@ -366,11 +366,26 @@ def test_selection_ranks_an_unscored_candidate_lowest():
     values = torch.tensor([[[1.0, 5.0], [nan, 9.0], [0.5, 4.0]],   # candidate 1 misses objective 0
                            [[nan, 1.0], [nan, 2.0], [nan, 0.0]]], dtype=torch.float64)  # nobody has objective 0
     filled = rank_missing(values)
-    assert filled[0, 1, 0] == 0.5 and (filled[1, :, 0] == 0).all() and not torch.isnan(filled).any()
+    # Prompt 2: nobody has objective 0, which becomes the prompt's highest value (2.0) for all.
+    assert filled[0, 1, 0] == 0.5 and (filled[1, :, 0] == 2.0).all() and not torch.isnan(filled).any()
     chosen, _ = select(values, Method("cd", "cd", np.array([0.5, 0.5])))
     assert chosen == [1, 1]  # 0.5*0.5 + 0.5*9 beats the others; prompt 2 is ranked by objective 1 alone
     chosen, w = select(values, Method("rmod", "rmod"))
-    assert len(chosen) == 2 and not torch.isnan(w).any()
+    assert not torch.isnan(w).any()
+    # RMOD on prompt 2 leaves the unmeasured objective out and picks by objective 1 (candidate 1),
+    # instead of putting every weight on a constant and tying all candidates.
+    assert chosen[1] == 1 and float(w[1, 0]) < 1e-6
+    chosen, _ = select(values, Method("best-of-n-maxmin", "best-of-n-maxmin"))
+    assert chosen[1] == 1
+
+
+def test_rmod_ignores_an_objective_no_candidate_has():
+    nan = np.nan
+    values = torch.tensor([[[0.5, 0.2, nan], [1.5, 1.0, nan], [2.0, 0.9, nan], [0.8, 1.2, nan]]],
+                          dtype=torch.float64)
+    with_column, w = select(values, Method("rmod", "rmod"))
+    without, _ = select(values[:, :, :2], Method("rmod", "rmod"))
+    assert with_column == without == [3] and float(w[0, 2]) < 1e-6
 
 
 def test_normalizer_fits_over_present_scores():

@@ -77,15 +77,22 @@ def rank_missing(values: torch.Tensor) -> torch.Tensor:
     """Values ``[n, K, G]`` with every missing one (NaN: a judge that gave no score) replaced for ranking only.
 
     A candidate with no score on an objective ranks as the lowest-scored candidate of its
-    prompt on that objective (it is not preferred for what nobody measured); where no
-    candidate of a prompt has a score, the objective is a constant 0 for all of them and
-    cannot move the choice. The replacement never reaches a row: rows keep the missing score.
+    prompt on that objective (it is not preferred for what nobody measured). Where no
+    candidate of a prompt has a score on an objective, the objective becomes a constant at
+    least as high as every value the prompt has: the same for every candidate, so fixed
+    weights (cd) and the minimum over objectives (best-of-n-maxmin) ignore it, and it is never
+    the worst case, so RMOD's weights leave it out instead of piling onto it (a constant 0 could
+    be the lowest objective, take all the weight and tie every candidate). A prompt with no
+    score at all is all zeros. The replacement never reaches a row: rows keep the missing score.
     """
     missing = torch.isnan(values)
     if not missing.any():
         return values
-    lowest = torch.where(missing, torch.full_like(values, float("inf")), values).amin(1, keepdim=True)
-    lowest = torch.where(torch.isinf(lowest), torch.zeros_like(lowest), lowest)
+    inf = torch.full_like(values, float("inf"))
+    lowest = torch.where(missing, inf, values).amin(1, keepdim=True)  # [n, 1, G]
+    highest = torch.where(missing, -inf, values).amax((1, 2), keepdim=True)  # [n, 1, 1]
+    highest = torch.where(torch.isinf(highest), torch.zeros_like(highest), highest)
+    lowest = torch.where(torch.isinf(lowest), highest.expand_as(lowest), lowest)
     return torch.where(missing, lowest.expand_as(values), values)
 
 
