@@ -44,10 +44,10 @@ class IterateConfig:
     rounds: int = field(default=2, metadata={"help": "Rounds of generate + distill (1 is the plain pipeline)."})
     start: str = field(default="continue", metadata={
         "help": "continue (round r trains round r-1's adapter further) | restart (a fresh adapter on the base)."})
-    generate_args: list[str | int | float | bool] = field(default_factory=list, metadata={
+    generate_args: list[str | int | float | bool | None] = field(default_factory=list, metadata={
         "help": "Overrides for every round's generate, as on its command line: [--prompts.subset, fit]."})
-    distill_args: list[str | int | float | bool] = field(default_factory=list, metadata={"help": "Overrides for every round's distill."})
-    eval_args: list[str | int | float | bool] = field(default_factory=list, metadata={
+    distill_args: list[str | int | float | bool | None] = field(default_factory=list, metadata={"help": "Overrides for every round's distill."})
+    eval_args: list[str | int | float | bool | None] = field(default_factory=list, metadata={
         "help": "Overrides for every round's eval (e.g. [--prompts.split, train, --prompts.subset, validation])."})
     from_generate: str | None = field(default=None, metadata={
         "help": "A complete generate run to use as round 1's (e.g. runs/default/generate from make demo)."})
@@ -73,7 +73,7 @@ class IterateConfig:
 
 def _args(values: list) -> list[str]:
     """Overrides as a command line: YAML scalars back to text (true, not True)."""
-    return [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
+    return ["null" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for v in values]
 
 
 def generate_dir(cfg: IterateConfig, out: Path, round_: int) -> Path:
@@ -120,10 +120,40 @@ def _stage(stage: str):
     return getattr(module, STAGE_CONFIGS[stage]), module.run
 
 
+def _normalised(value):
+    """A recorded config value made comparable: paths that exist resolved to absolute ones."""
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalised(v) for v in value]
+    if isinstance(value, str) and value and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
+def _differences(recorded, wanted, where: str = "") -> list[str]:
+    """Dotted keys whose values differ. A key the recorded run does not have counts only when
+    this recipe sets it to something (a run made before the key existed had its default)."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        out = []
+        for key in sorted(set(recorded) | set(wanted)):
+            if not where and key in NOT_RECIPE:
+                continue
+            if key not in recorded:
+                if wanted[key] not in (None, False, [], {}, ""):
+                    out.append(f"{where}{key}")
+                continue
+            out += _differences(recorded[key], wanted.get(key), f"{where}{key}.")
+        return out
+    if isinstance(recorded, list) and isinstance(wanted, list) and len(recorded) == len(wanted):
+        return [d for i, (a, b) in enumerate(zip(recorded, wanted)) for d in _differences(a, b, f"{where}{i}.")]
+    return [] if recorded == wanted else [where.rstrip(".")]
+
+
 def _kept(cfg: IterateConfig, round_: int, stage: str, out: Path) -> Path | None:
     """The stage's run folder when it is complete and made with the recipe this round would use
-    (then it is kept); None when it still has to run (or resume). A complete run made with
-    another recipe is an error: iterate never mixes recipes, nor overwrites a run."""
+    (then it is kept); None when it still has to run (or resume, or be redone: ``overwrite``).
+    A complete run made with another recipe is an error: iterate never mixes recipes."""
     cls, _ = _stage(stage)
     argv = stage_argv(cfg, round_, stage, out)
     folder = Path(argv[argv.index("--output_dir") + 1])
@@ -133,12 +163,15 @@ def _kept(cfg: IterateConfig, round_: int, stage: str, out: Path) -> Path | None
     info = read_json(marker, f"{stage} run marker")
     if not info.get("complete"):
         return None
-    wanted = recipe_key(to_dict(parse_config(cls, argv)))
-    if recipe_key(info.get("config", {})) != wanted:
-        changed = sorted(k for k in set(wanted) | set(info.get("config", {})) if k not in NOT_RECIPE
-                         and wanted.get(k) != info.get("config", {}).get(k))
+    given = (round_ == 1 and ((stage == "generate" and cfg.from_generate) or (stage == "distill" and cfg.from_adapter)))
+    if cfg.overwrite and not given:
+        return None
+    wanted = _normalised(recipe_key(to_dict(parse_config(cls, argv))))
+    changed = _differences(_normalised(recipe_key(info.get("config", {}))), wanted)
+    if changed:
+        what = "from_generate / from_adapter" if given else "another output_dir, or --overwrite to redo the rounds"
         raise UserError(f"{folder} holds a complete {stage} run made with another recipe (keys differ: {changed}); "
-                        "use another output_dir, or --overwrite to redo every round")
+                        f"use {what}")
     return folder
 
 
@@ -188,7 +221,14 @@ def round_table(out: Path, rounds: int, resamples: int) -> tuple[list[dict], dic
         if sorted(rows) != ids:
             raise UserError(f"{out}: {name} was evaluated on other prompts than reference; rerun its eval")
     objectives = list(by_method["reference"][ids[0]]["normalized"])
-    z = {name: np.array([[rows[i]["normalized"][g] for g in objectives] for i in ids]) for name, rows in by_method.items()}
+    z = {name: np.array([[np.nan if rows[i]["normalized"][g] is None else rows[i]["normalized"][g]
+                          for g in objectives] for i in ids], dtype=float) for name, rows in by_method.items()}
+    # A judge objective can leave a score missing: compare on the prompts every method has whole.
+    whole = np.all([~np.isnan(v).any(1) for v in z.values()], axis=0)
+    ids = [i for i, ok in zip(ids, whole) if ok]
+    z = {name: v[whole] for name, v in z.items()}
+    if not ids:
+        raise UserError(f"{out}: no prompt has every score for every round; see each round's eval report")
     table, paired = [], {}
     for name in ["reference", "rmod"] + [f"round-{r}" for r in range(1, rounds + 1)]:
         worst = z[name].min(1)
@@ -201,7 +241,8 @@ def round_table(out: Path, rounds: int, resamples: int) -> tuple[list[dict], dic
             row["minus_rmod"] = p["differences"]["distilled - rmod"]
             row["recovery"] = p["recovery"]
         table.append(row)
-    return table, {"prompts": len(ids), "objectives": objectives, "paired": paired}
+    return table, {"prompts": len(ids), "prompts_left_out": int((~whole).sum()), "objectives": objectives,
+                   "paired": paired}
 
 
 def write_report(cfg: IterateConfig, out: Path, table: list[dict], info: dict) -> Path:
@@ -231,9 +272,12 @@ def write_report(cfg: IterateConfig, out: Path, table: list[dict], info: dict) -
 def run(cfg: IterateConfig) -> Path:
     """Run (or resume) every round, then evaluate every student; returns the output folder."""
     resolved = to_dict(cfg)
-    folder = RunFolder(cfg.output_dir, "iterate", resolved, cfg.overwrite)
-    folder.check()
+    RunFolder(cfg.output_dir, "iterate", resolved, cfg.overwrite).check()
     check(cfg)
+    # The rounds are written in place, never in a staging folder (every stage records the paths
+    # of the others); with --overwrite each stage redoes its own run, which it replaces only
+    # once the new one is complete.
+    folder = RunFolder(cfg.output_dir, "iterate", resolved, False)
     out = folder.begin()
     work = [(r, stage) for r in range(1, cfg.rounds + 1) for stage in ("generate", "distill")]
     work += [(r, "eval") for r in range(1, cfg.rounds + 1)]  # every student once all are trained
@@ -242,7 +286,7 @@ def run(cfg: IterateConfig) -> Path:
         if kept is not None:
             print(f"iterate: round {r} {stage}: complete, kept ({kept})")
             continue
-        argv = stage_argv(cfg, r, stage, out)
+        argv = stage_argv(cfg, r, stage, out) + (["--overwrite"] if cfg.overwrite else [])
         print(f"iterate: round {r} {stage} -> {argv[argv.index('--output_dir') + 1]}", flush=True)
         cls, stage_run = _stage(stage)
         stage_run(parse_config(cls, argv))

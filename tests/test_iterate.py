@@ -207,3 +207,34 @@ def test_from_adapter_must_come_from_from_generate(two_rounds, tmp_path):
     with pytest.raises(UserError, match="not a complete generate run"):
         run(parse_config(IterateConfig, ["--recipe", str(recipe), "--output_dir", str(tmp_path / "c"),
                                          "--from_generate", str(out / "round-1" / "distill")]))
+
+
+def test_a_run_made_before_a_key_existed_is_kept(two_rounds, tmp_path, capsys):
+    """make demo's run from before merge_adapter existed has no such key: still round 1."""
+    import shutil
+
+    recipe, out = two_rounds
+    old = tmp_path / "old-generate"
+    shutil.copytree(out / "round-1" / "generate", old)
+    made = json.loads((old / "run.json").read_text())
+    del made["config"]["policy"]["merge_adapter"]
+    (old / "run.json").write_text(json.dumps(made))
+    run(parse_config(IterateConfig, ["--recipe", str(recipe), "--rounds", "1", "--output_dir", str(tmp_path / "it"),
+                                     "--from_generate", str(old)]))
+    assert "round 1 generate: complete, kept" in capsys.readouterr().out
+
+
+def test_overwrite_redoes_the_rounds_in_place(two_rounds, tmp_path, capsys):
+    recipe, out = two_rounds
+    args = ["--recipe", str(recipe), "--rounds", "2", "--output_dir", str(tmp_path / "it"),
+            "--from_generate", str(out / "round-1" / "generate"), "--from_adapter", str(out / "round-1" / "distill")]
+    first = run(parse_config(IterateConfig, args))
+    stamp = (first / "round-2" / "distill" / "adapter_model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    again = run(parse_config(IterateConfig, args + ["--overwrite"]))
+    log = capsys.readouterr().out
+    assert again == first and "round 1 generate: complete, kept" in log and "round 2 generate ->" in log
+    assert (first / "round-2" / "distill" / "adapter_model.safetensors").stat().st_mtime_ns != stamp
+    gen2 = json.loads((first / "round-2" / "generate" / "run.json").read_text())
+    assert Path(gen2["config"]["policy"]["adapter"]) == out / "round-1" / "distill"  # no staging path recorded
+    assert not list(tmp_path.glob(".*overwrite*")) and not list(first.glob(".*"))
