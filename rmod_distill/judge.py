@@ -10,7 +10,7 @@ score (the authors' script scores 5 there, which pulls every method towards a ti
 
 Requests run concurrently (bounded), with a timeout each and exponential backoff on rate
 limits (HTTP 429, honouring ``Retry-After``), server errors and dropped connections. Every
-answer is kept in an on-disk SQLite cache keyed by (endpoint model, rubric hash, prompt,
+answer is kept in an on-disk SQLite cache keyed by (endpoint URL and model, rubric hash, prompt,
 response), so a resumed or repeated eval does not pay twice; parsed and unparseable replies
 are cached, failed requests are not (the next run asks again). Tokens come from the
 endpoint's ``usage`` field.
@@ -316,6 +316,9 @@ class JudgeClient:
                                 "endpoint without keys)")
             headers["Authorization"] = f"Bearer {key}"
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        # The cache knows a judge by its endpoint and model name: another URL (a wrong one too)
+        # asks again. Other weights served under the same name at the same URL are not noticed.
+        self.cache_model = f"{cfg.base_url.rstrip('/')} {model}"
         self.client = httpx.Client(timeout=cfg.timeout, headers=headers,
                                    limits=httpx.Limits(max_connections=cfg.concurrency))
         self.cache = None
@@ -401,7 +404,14 @@ class JudgeClient:
         results: list[JudgeResult | None] = [None] * len(answers)
         todo = []
         for i, (q, a) in enumerate(zip(questions, answers)):
-            hit = self.cache.get(self.model, self.rubric.digest, q, a) if self.cache is not None else None
+            hit = self.cache.get(self.cache_model, self.rubric.digest, q, a) if self.cache is not None else None
+            if hit is not None and hit.status == "unparseable":
+                # Read the stored reply with today's parser; ask again if this run allows more follow-ups.
+                score = parse_score(hit.reply, self.cfg.scale_min, self.cfg.scale_max)
+                if score is not None:
+                    hit.score, hit.status = score, "ok"
+                elif hit.attempts < self.cfg.parse_retries + 1:
+                    hit = None
             if hit is not None:
                 results[i] = hit
             else:
@@ -417,7 +427,7 @@ class JudgeClient:
                                     f"{self.model!r}) failed a test request ({r.error}); expected an OpenAI-compatible "
                                     "server at judge.base_url serving that model")
                 if self.cache is not None and r.status != "failed":
-                    self.cache.put(self.model, self.rubric.digest, questions[i], answers[i], r)
+                    self.cache.put(self.cache_model, self.rubric.digest, questions[i], answers[i], r)
         for r in results:
             self.usage.add(r)
         return results  # type: ignore[return-value]

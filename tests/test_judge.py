@@ -24,7 +24,7 @@ from rmod_distill.config import ConfigError, parse_config
 from rmod_distill.engine.selection import Method, rank_missing, select
 from rmod_distill.errors import UserError
 from rmod_distill.eval import EvalConfig, run as eval_run
-from rmod_distill.judge import JudgeCache, JudgeClient, JudgeConfig, Rubric, parse_score
+from rmod_distill.judge import JudgeCache, JudgeClient, JudgeConfig, JudgeResult, Rubric, parse_score, render_question
 from rmod_distill.metrics import method_metrics, win_rates, worst_case_reward, worst_case_win_rate
 from rmod_distill.objectives import Normalizer, ObjectiveSet, ObjectiveSpec
 
@@ -275,10 +275,14 @@ def test_cache_pays_once_and_keeps_failures_out(endpoint, rubric, tmp_path):
     assert e.requests == 4  # only the failed request is asked again
     assert [(r.score, r.cached) for r in second] == [(8.0, True), (None, True), (8.0, False)]
     assert again.usage.cache_hits == 2 and again.usage.requests == 1
+    # More follow-ups allowed than the cached unparseable reply had: asked again.
+    more = client(e.url, rubric, tmp_path, request_retries=0, parse_retries=1)
+    third = more.grade([CONV], ["odd"])
+    assert e.requests == 6 and third[0].attempts == 2 and not third[0].cached  # the question and one follow-up
     # Another rubric (here: another scale) is another key.
     other = client(e.url, rubric, tmp_path, scale_max=9.0)
     other.grade([CONV], ["fine"])
-    assert e.requests == 5
+    assert e.requests == 7
 
 
 def test_rubric_files_are_checked(tmp_path):
@@ -506,3 +510,23 @@ def test_generate_decodes_with_a_judge_objective(endpoint, rubric, tiny_policy_d
         usage["reference"]["quality"]["requests"] + usage["reference"]["quality"]["cache_hits"] >= 4
     assert info["methods"]["rmod"]["missing"]["quality"] == sum(r["rewards"]["quality"] is None for r in rows
                                                                  if r["method"] == "rmod")
+
+
+def test_cache_knows_the_endpoint(endpoint, rubric, tmp_path):
+    """The same model name at another URL (a wrong one too) is not answered from the cache."""
+    e = endpoint(lambda body, n: (200, {}, "[[8]]"))
+    client(e.url, rubric, tmp_path).grade([CONV], ["fine"])
+    assert e.requests == 1
+    wrong = client("http://127.0.0.1:9/v1", rubric, tmp_path, request_retries=0)
+    with pytest.raises(UserError, match="failed a test request"):
+        wrong.grade([CONV], ["fine"], probe=True)
+
+
+def test_a_cached_reply_is_read_with_todays_parser(tmp_path, rubric):
+    cache = JudgeCache(tmp_path / "cache.sqlite")
+    cfg = JudgeConfig(base_url="http://127.0.0.1:9/v1", rubric=str(rubric), cache=str(tmp_path / "cache.sqlite"),
+                      parse_retries=0)
+    c = JudgeClient("quality", "m", cfg)
+    cache.put(c.cache_model, c.rubric.digest, render_question(CONV), "fine", JudgeResult(None, "unparseable", "[[7]]", 1))
+    [r] = c.grade([CONV], ["fine"])  # no request: the endpoint does not even exist
+    assert (r.score, r.status, r.cached) == (7.0, "ok", True)
