@@ -89,7 +89,16 @@ def bootstrap_interval(
         (np.arange(n),), stat, n_resamples=resamples, vectorized=False, paired=True, confidence_level=level,
         method="percentile", rng=np.random.default_rng(seed),
     )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    if np.isnan(low) or np.isnan(high):
+        # A ratio (recovery) is undefined on a resample where its denominator is 0: the interval
+        # is taken over the resamples where it is defined (scipy's would be NaN).
+        dist = np.asarray(result.bootstrap_distribution, dtype=float)
+        if np.isfinite(dist).any():
+            alpha = 100 * (1 - level) / 2
+            low, high = (float(v) for v in np.nanpercentile(np.where(np.isfinite(dist), dist, np.nan),
+                                                            [alpha, 100 - alpha]))
+    return low, high
 
 
 def method_metrics(

@@ -63,3 +63,11 @@ def test_bootstrap_is_seeded_and_narrows_with_data():
 def test_bootstrap_of_one_prompt_is_the_point():
     # scipy's bootstrap needs two observations; a single prompt gives a zero-width interval.
     assert bootstrap_interval(lambda i: float(Z[:1][i, 0].mean()), 1) == (1.0, 1.0)
+
+
+def test_a_ratio_undefined_on_some_resamples_still_gets_an_interval():
+    from rmod_distill.metrics import _share, bootstrap_interval
+
+    x = np.array([0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 1.0])  # the median is 0 on many resamples
+    low, high = bootstrap_interval(lambda i: _share(1.0, float(np.median(x[i]))), len(x), 400)
+    assert np.isfinite(low) and np.isfinite(high) and low <= high
