@@ -1,6 +1,7 @@
 """`make bench`: speed, cost and scaling of the engine, as ratios measured in one run.
 
     python benchmarks/bench.py [--out runs/bench/bench.json] [--models embedded,random-360m]
+                               [--only solver,models,overhead,distillation]
 
 Every figure is the median of several repetitions after a warm-up, on the embedded
 default and on a randomly initialised model of a larger config (SmolLM2-360M's shape), so
@@ -429,49 +430,51 @@ def distillation_payoff() -> dict | None:
 def format_table(report: dict) -> str:
     """The one table ``make bench`` prints: a row per measured figure, a column per model."""
     models = report["models"]
-    heads = [m["model"] for m in models]
+    heads = [m["model"] for m in models] or ["value"]
     rows = []
 
     def row(label, target, key, fmt):
         cells = [fmt.format(m[key]) if key in m else "-" for m in models]
         rows.append([label, target, *cells])
 
-    row("1. rmod / cd wall time (same K, B, prompts, seeds)", "<= 1.03", "rmod_over_cd", "{:.3f}")
-    row("2. engine / plain generate tok/s, scoring excluded", ">= 0.8", "engine_over_generate_scoring_excluded", "{:.3f}")
-    row("2. engine / plain generate tok/s, scoring included", "", "engine_over_generate_scoring_included", "{:.3f}")
-    row("   plain generate tok/s (K x N sequences)", "", "generate_tok_s", "{:.0f}")
-    for n in (128, 256):
-        cells = [f"{m[f'cache_engine_seconds_{n}']:.1f} s vs {m[f'cache_naive_seconds_{n}']:.1f} s "
-                 f"({m[f'cache_naive_seconds_{n}'] / m[f'cache_engine_seconds_{n}']:.2f}x)"
-                 if f"cache_engine_seconds_{n}" in m else "-" for m in models]
-        rows.append([f"3. engine vs naive re-encoding loop, {n} tokens", "engine faster", *cells])
-    row("3. block 8 / block 1 time, 128-token rmod", "< 1.25", "block8_over_block1", "{:.3f}")
-    row("3. block 8 / block 2 time, 128-token rmod", "< 1.25", "block8_over_block2", "{:.3f}")
-    for key in ("N=1", "N=4", "N=16", "K=2", "K=4", "K=8", "K=16", "G=2", "G=4", "G=10"):
-        cells = [f"{m['scaling_seconds_per_response'][key]:.3f}" if "scaling_seconds_per_response" in m else "-"
-                 for m in models]
-        rows.append([f"5. s/response, rmod, {key}", "", *cells])
-    row("5. peak memory (MB)", "", "peak_memory_mb", "{:.0f}")
-    s = report["solver"]
+    if models:  # rows 1-3 and 5 (--only without models skips them)
+        row("1. rmod / cd wall time (same K, B, prompts, seeds)", "<= 1.03", "rmod_over_cd", "{:.3f}")
+        row("2. engine / plain generate tok/s, scoring excluded", ">= 0.8", "engine_over_generate_scoring_excluded", "{:.3f}")
+        row("2. engine / plain generate tok/s, scoring included", "", "engine_over_generate_scoring_included", "{:.3f}")
+        row("   plain generate tok/s (K x N sequences)", "", "generate_tok_s", "{:.0f}")
+        for n in (128, 256):
+            cells = [f"{m[f'cache_engine_seconds_{n}']:.1f} s vs {m[f'cache_naive_seconds_{n}']:.1f} s "
+                     f"({m[f'cache_naive_seconds_{n}'] / m[f'cache_engine_seconds_{n}']:.2f}x)"
+                     if f"cache_engine_seconds_{n}" in m else "-" for m in models]
+            rows.append([f"3. engine vs naive re-encoding loop, {n} tokens", "engine faster", *cells])
+        row("3. block 8 / block 1 time, 128-token rmod", "< 1.25", "block8_over_block1", "{:.3f}")
+        row("3. block 8 / block 2 time, 128-token rmod", "< 1.25", "block8_over_block2", "{:.3f}")
+        for key in ("N=1", "N=4", "N=16", "K=2", "K=4", "K=8", "K=16", "G=2", "G=4", "G=10"):
+            cells = [f"{m['scaling_seconds_per_response'][key]:.3f}" if "scaling_seconds_per_response" in m else "-"
+                     for m in models]
+            rows.append([f"5. s/response, rmod, {key}", "", *cells])
+        row("5. peak memory (MB)", "", "peak_memory_mb", "{:.0f}")
+    s = report["solver"] or {"shapes": []}
     for r in s.get("shapes", [s | {"shape": "1024x16x10"}]):
         ratio = r.get("exact_over_reference", r["exact_ms"] / r["reference_ms"])
         solver = (f"exact {r['exact_ms']:.2f} ms (max KKT gap {r['exact_max_kkt_gap']:.1e}), reference "
                   f"{r['reference_ms']:.2f} ms, ratio {ratio:.2f}")
-        rows.append([f"4. solver, {r['shape']}, 1 thread, exact / reference", "<= 2", solver] + [""] * (len(models) - 1))
-    rows.append(["4. reference's share of the gap from uniform closed (1024x16x10)", "",
-                 f"{s['reference_share_of_gap_closed_median']:.0%}"] + [""] * (len(models) - 1))
+        rows.append([f"4. solver, {r['shape']}, 1 thread, exact / reference", "<= 2", solver] + [""] * (len(heads) - 1))
+    if "reference_share_of_gap_closed_median" in s:
+        rows.append(["4. reference's share of the gap from uniform closed (1024x16x10)", "",
+                     f"{s['reference_share_of_gap_closed_median']:.0%}"] + [""] * (len(heads) - 1))
     o = report.get("overhead")
     if o:
         text = (f"{1e3 * o['seconds_per_block']:.0f} ms/block: forward {o['forward_share']:.0%}, scoring "
                 f"{o['scoring_share']:.0%}, overhead {o['overhead_share']:.1%} ({o['overhead_ms_per_block']:.1f} ms)")
-        rows.append(["7. rmod selection overhead per block (default recipe)", "", text] + [""] * (len(models) - 1))
+        rows.append(["7. rmod selection overhead per block (default recipe)", "", text] + [""] * (len(heads) - 1))
     d = report.get("distillation")
     if d:
         text = (f"{d['distilled_seconds']:.2f} vs {d['rmod_seconds']:.2f} s/resp "
                 f"({d['distilled_seconds'] / d['rmod_seconds']:.0%}); {d['distilled_tokens']:.0f} vs "
                 f"{d['rmod_tokens']:.0f} tokens; worst case {d['distilled_worst_case']:+.3f} vs "
                 f"{d['rmod_worst_case']:+.3f} (reference {d['reference_worst_case']:+.3f})")
-        rows.append(["6. distilled vs rmod (default eval)", "", text] + [""] * (len(models) - 1))
+        rows.append(["6. distilled vs rmod (default eval)", "", text] + [""] * (len(heads) - 1))
     lines = ["| figure | target | " + " | ".join(heads) + " |", "|" + "---|" * (2 + len(heads))]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -483,9 +486,16 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/bench/bench.json")
     parser.add_argument("--models", default="embedded,random-360m")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--only", default="solver,models,overhead,distillation",
+                        help="the parts to run, a comma list of solver (row 4), models (rows 1-3 and 5), overhead "
+                             "(row 7), distillation (row 6); default: all")
     parser.add_argument("--vllm", default=None,
                         help="a vLLM server URL, or 'launch': compare the vLLM backend with transformers only")
     args = parser.parse_args(argv)
+    parts = set(args.only.split(","))
+    unknown = parts - {"solver", "models", "overhead", "distillation"}
+    if unknown:
+        parser.error(f"--only: unknown part(s) {sorted(unknown)}; expected solver, models, overhead, distillation")
     device = resolve_device("auto")
     prompts = load_prompts(PromptsConfig(path=str(ROOT / "data" / "prompts" / "default.jsonl"), split="eval"))
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -496,11 +506,11 @@ def main(argv=None) -> None:
         return
     report = {
         "machine": machine,
-        "solver": bench_solver(args.reps),
+        "solver": bench_solver(args.reps) if "solver" in parts else None,
         "models": [bench_model(m, prompts, args.reps, quick=(m != "embedded" and device.type == "cpu"))
-                   for m in args.models.split(",")],
-        "overhead": bench_overhead(prompts) if "embedded" in args.models.split(",") else None,
-        "distillation": distillation_payoff(),
+                   for m in args.models.split(",")] if "models" in parts else [],
+        "overhead": bench_overhead(prompts) if "overhead" in parts and "embedded" in args.models.split(",") else None,
+        "distillation": distillation_payoff() if "distillation" in parts else None,
     }
     table = format_table(report)
     text = (f"Measured on {report['machine']['device']} ({report['machine']['threads']} threads, "
