@@ -10,10 +10,12 @@ from rmod_distill.config import ConfigError, parse_config
 from rmod_distill.distill import DistillConfig
 from rmod_distill.eval import EvalConfig
 from rmod_distill.generate import GenerateConfig
+from rmod_distill.iterate import IterateConfig
 from rmod_distill.values import ValuesConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_CONFIGS = {"generate": GenerateConfig, "distill": DistillConfig, "eval": EvalConfig, "values": ValuesConfig}
+STAGE_CONFIGS = {"generate": GenerateConfig, "distill": DistillConfig, "eval": EvalConfig, "values": ValuesConfig,
+                 "iterate": IterateConfig}
 
 
 @dataclass
