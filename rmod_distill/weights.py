@@ -111,6 +111,12 @@ _CS = np.array([1.0, 4.0]).reshape(1, 2, 1)  # the active-set rule's c for two o
 _SHORT_STEPS = np.array([4.0**-k for k in (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18)]).reshape(1, -1, 1)
 
 
+def _no_progress(h_then: np.ndarray | None, h_now: np.ndarray) -> np.ndarray | bool:
+    """Where 32 iterations lowered ``lam * h`` by less than 1e-12 relative: at the rounding
+    floor h 'improves' by noise only, so those problems are done."""
+    return False if h_then is None else h_then - h_now <= 1e-12 * (1.0 + np.abs(h_now))
+
+
 def _solve_newton(A: np.ndarray, lam: float, tol: float, max_iter: int) -> np.ndarray:
     """Batched active-set Newton method on the simplex, for G >= 3 (numpy, float64).
 
@@ -188,10 +194,9 @@ def _solve_newton(A: np.ndarray, lam: float, tol: float, max_iter: int) -> np.nd
         lgmin = lg.min(1)
         gap = (lg * w).sum(1) - lgmin
         stop = gap < ltol
-        if it % 32 == 0:  # at the rounding floor h 'improves' by noise only: stop when 32 steps gained nothing
+        if it % 32 == 0:
             h_now = zmax + np.log(esum) + (lm * w).sum(1)  # lam * h + log K
-            if h_then is not None:
-                stop |= h_then - h_now <= 1e-12 * (1.0 + np.abs(h_now))
+            stop |= _no_progress(h_then, h_now)
             h_then = h_now
         if it == max_iter or stop.all():
             out[idx] = w
@@ -327,10 +332,9 @@ def _solve_faces(A: np.ndarray, lam: float, tol: float, max_iter: int, w0: np.nd
             gmin = g.min(1, keepdims=True)
             gap = (g * w).sum(1, keepdims=True) - gmin
             stop |= gap[:, 0] < tol
-            if it % 32 == 0:  # at the rounding floor h 'improves' by noise only: stop when 32 steps gained nothing
+            if it % 32 == 0:
                 h_now = z[:, 0] - logp[:, 0]  # lam * h + log K
-                if h_then is not None:
-                    stop |= h_then - h_now <= 1e-12 * (1.0 + np.abs(h_now))
+                stop |= _no_progress(h_then, h_now)
                 h_then = h_now
             if it == max_iter or stop.all():
                 out[idx] = w
