@@ -182,14 +182,16 @@ class TransformersSampler:
         rows = torch.arange(R, device=self.device)  # which candidate each cache row holds
         running = torch.ones(R, dtype=torch.bool, device=self.device)  # per cache row: not yet finished
         logits, cache, mask, next_pos = st.logits, st.cache, st.mask, st.next_pos
+        pad = torch.full((R,), self.pad_id, dtype=torch.long, device=self.device)
         for s in range(steps):
             tok = sample_tokens(logits, u_all[s, rows], self.params)
-            tok = torch.where(running, tok, torch.full_like(tok, self.pad_id))
-            live_rows = rows[running]
-            cand[live_rows, s] = tok[running]
-            lens[live_rows] += 1
+            tok = torch.where(running, tok, pad[: len(rows)])
+            # Written through the integer row map, never a boolean mask: masked indexing needs the
+            # number of selected rows on the host, a device synchronisation per use on a GPU.
+            cand[rows, s] = tok
+            lens[rows] += running.long()
             stopped = torch.isin(tok, self._stop) & running
-            done[rows[stopped]] = True
+            done[rows] |= stopped
             running &= ~stopped
             n_running = int(running.sum())  # the one host sync per token
             if n_running == 0 or (s == steps - 1 and last):
@@ -209,6 +211,7 @@ class TransformersSampler:
     def keep(self, rows: list[int]) -> None:
         """Keep the cache rows that hold the chosen candidates."""
         st = self.state
-        idx = torch.tensor([st.rows.index(r) for r in rows], device=self.device)
+        where = {r: i for i, r in enumerate(st.rows)}  # candidate row -> cache row (a list lookup was O(rows))
+        idx = torch.tensor([where[r] for r in rows], device=self.device)
         st.cache.batch_select_indices(idx)
         st.mask, st.next_pos, st.logits = st.mask[idx], st.next_pos[idx], st.logits[idx]
