@@ -40,7 +40,7 @@ from rmod_distill.metrics import bootstrap_interval, complete, method_metrics, p
     worst_case_win_rate
 from rmod_distill.objectives import SCALES, Normalizer, check_scale, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig
-from rmod_distill.prompts import PromptsConfig, load_prompts
+from rmod_distill.prompts import PromptsConfig, base_prompt_id, load_prompts, with_samples
 from rmod_distill.tracking import Tracker, WandbConfig
 
 DEFAULT_METHODS = ["distilled", "rmod", "cd", "best-of-n", "best-of-n-maxmin", "reference"]
@@ -70,6 +70,11 @@ class EvalConfig:
     )
     backend: BackendConfig = field(default_factory=BackendConfig)
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"help": "Methods compared."})
+    samples_per_prompt: int = field(
+        default=1,
+        metadata={"help": "Answers per prompt and method (sample j > 0 as '<id>#s<j>', its own seed): tighter "
+                          "figures from the same prompts; intervals resample prompts, with all their answers."},
+    )
     batch_size: int = field(default=16, metadata={"help": "Prompts decoded together."})
     seed: int = field(default=1, metadata={"help": "Run seed (differs from generate's, so samples are fresh)."})
     bootstrap_resamples: int = field(default=2000, metadata={"help": "Resamples for the 95% intervals."})
@@ -100,6 +105,8 @@ class EvalConfig:
             raise ValueError("method 'distilled' needs `adapter`; set it or drop 'distilled' from methods")
         if "reference" not in self.methods:
             raise ValueError("methods must include 'reference': win rates are measured against it")
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         check_scale(self.scale, self.decoding.values)
 
 
@@ -219,13 +226,15 @@ def _paired_lines(paired: dict) -> list[str]:
     return lines + [""]
 
 
-def scale_summary(z: dict[str, np.ndarray], paired: dict, cfg: EvalConfig) -> dict:
-    """The headline figures of every method on one scale: worst case by mean and median, the paper's WCWR."""
+def scale_summary(z: dict[str, np.ndarray], paired: dict, cfg: EvalConfig, groups: np.ndarray | None = None) -> dict:
+    """The headline figures of every method on one scale: worst case by mean and median, the paper's WCWR
+    (``groups``: the prompt of each row, resampled together)."""
     out = {}
     for method, v in z.items():
-        worst = v[complete(v)].min(1)
+        whole = complete(v)
+        worst = v[whole].min(1)
         lo, hi = bootstrap_interval(lambda i, w=worst: float(w[i].mean()), len(worst), cfg.bootstrap_resamples,
-                                    cfg.seed)
+                                    cfg.seed, groups=None if groups is None else groups[whole])
         out[method] = {"worst_case_reward": float(worst.mean()) if worst.size else float("nan"),
                        "worst_case_reward_ci": [lo, hi],
                        "median_worst_case": float(np.median(worst)) if worst.size else float("nan"),
@@ -277,13 +286,21 @@ def grade_with_judges(judges: ObjectiveSet, rows: list[dict], methods: list[str]
     return usage, records
 
 
+def prompt_groups(cfg: EvalConfig, rows: list[dict]) -> np.ndarray | None:
+    """The prompt of each of a method's rows (the same order for every method) when a prompt has
+    several answers, so that intervals resample prompts with all their answers; None otherwise."""
+    if cfg.samples_per_prompt == 1:
+        return None
+    return np.array([base_prompt_id(r["prompt_id"]) for r in rows if r["method"] == "reference"])
+
+
 def judge_metrics(cfg: EvalConfig, rows: list[dict], names: list[str], usage: dict) -> dict:
     """The judge table's figures per method, on the rubrics' own scale (the paper compares raw 0-10 scores)."""
     s = {m: score_matrix(rows, "judge", names, m) for m in cfg.methods}
     out = {}
     for method in cfg.methods:
         m = method_metrics(s[method], names, s["reference"] if method != "reference" else None,
-                           cfg.bootstrap_resamples, cfg.seed, win_rate_intervals=True)
+                           cfg.bootstrap_resamples, cfg.seed, win_rate_intervals=True, groups=prompt_groups(cfg, rows))
         n = max(m["prompts"], 1)
         over = sorted(g for g in names if m["missing"][g] / n > cfg.judge_max_missing)
         total = {k: sum(u[k] for u in usage[method].values()) for k in next(iter(usage[method].values()))}
@@ -355,7 +372,10 @@ def write_report(cfg: EvalConfig, metrics: dict, names: list[str], rows: list[di
     ref, rmod = metrics.get("reference"), metrics.get("rmod")
     lines = [
         "# RMOD distillation: eval report", "",
-        f"{metrics['reference']['prompts']} held-out prompts ({cfg.prompts.path}, split {cfg.prompts.split}); "
+        f"{metrics['reference']['prompts']} held-out prompts ({cfg.prompts.path}, split {cfg.prompts.split}"
+        + (f", subset {cfg.prompts.subset}" if cfg.prompts.subset != "all" else "")
+        + (f"; {cfg.samples_per_prompt} answers each per method, intervals resampling prompts"
+           if cfg.samples_per_prompt > 1 else "") + "); "
         f"objectives {', '.join(names)}, z-normalised with `{cfg.generate_dir}/normalization.json`. "
         f"K={cfg.decoding.num_candidates}, B={cfg.decoding.block_size}, lambda={cfg.decoding.lam}, "
         f"solver `{cfg.decoding.solver}`, {cfg.decoding.max_new_tokens} new tokens, temperature "
@@ -455,7 +475,8 @@ def run(cfg: EvalConfig) -> Path:
     folder.check()
     norm_path = Path(cfg.generate_dir) / "normalization.json"
     normalizer = check_objectives(cfg, norm_path)
-    prompts = load_prompts(cfg.prompts)
+    base_prompts = load_prompts(cfg.prompts)
+    prompts = with_samples(base_prompts, cfg.samples_per_prompt)
     objectives = ObjectiveSet.from_specs(cfg.objectives)
     objectives.set_normalizer(normalizer.with_scale(cfg.scale, str(norm_path)), str(norm_path))
     other_scale = next(s for s in SCALES if s != cfg.scale)
@@ -466,12 +487,12 @@ def run(cfg: EvalConfig) -> Path:
         judges.probe(prompts[0].messages)
     check_decoding_inputs(cfg.decoding, objectives)
     cfg.policy.check()
-    cfg.policy.check_prompt_lengths(prompts, cfg.decoding.max_new_tokens, cfg.prompts.path)
+    cfg.policy.check_prompt_lengths(base_prompts, cfg.decoding.max_new_tokens, cfg.prompts.path)
     cfg.backend.check()
     adapter = None
     if "distilled" in cfg.methods:
         adapter = fetch_adapter(cfg.adapter)
-        check_no_overlap(adapter, [p.id for p in prompts])
+        check_no_overlap(adapter, [p.id for p in base_prompts])
     cfg.wandb.check()
 
     # ------------------------------------------------------------------ decode (the engine)
@@ -500,11 +521,12 @@ def run(cfg: EvalConfig) -> Path:
     # ------------------------------------------------------------------ metrics
     names = objectives.names
     z = {m: score_matrix(rows, "normalized", names, m) for m in cfg.methods}
+    groups = prompt_groups(cfg, rows)
     metrics = {}
     for method in cfg.methods:
         mrows = [r for r in rows if r["method"] == method]
         metrics[method] = dict(
-            method_metrics(z[method], names, z["reference"], cfg.bootstrap_resamples, cfg.seed),
+            method_metrics(z[method], names, z["reference"], cfg.bootstrap_resamples, cfg.seed, groups=groups),
             tokens_sampled_per_response=float(np.mean([r["tokens_sampled"] for r in mrows])),
             forward_tokens_per_response=float(np.mean([r["forward_tokens"] for r in mrows])),
             seconds_per_response=float(np.mean([r["seconds"] for r in mrows])),
@@ -514,13 +536,13 @@ def run(cfg: EvalConfig) -> Path:
             metrics[method]["judge_decoding"] = timings[method]["judge"]
 
     # ------------------------------------------------------------------ report
-    paired = paired_comparisons(z, cfg.bootstrap_resamples, cfg.seed)
+    paired = paired_comparisons(z, cfg.bootstrap_resamples, cfg.seed, groups)
     # The same answers on the other scale: a figure that holds on both is not an artefact of one.
-    scales = {cfg.scale: scale_summary(z, paired, cfg)}
+    scales = {cfg.scale: scale_summary(z, paired, cfg, groups)}
     if other is not None:
         z_other = {m: other(score_matrix(rows, "rewards", names, m)) for m in cfg.methods}
-        scales[other_scale] = scale_summary(z_other, paired_comparisons(z_other, cfg.bootstrap_resamples, cfg.seed),
-                                            cfg)
+        scales[other_scale] = scale_summary(
+            z_other, paired_comparisons(z_other, cfg.bootstrap_resamples, cfg.seed, groups), cfg, groups)
     plots = make_plots(metrics, names, rows, out / "plots")
     report = write_report(cfg, metrics, names, rows, plots, out, paired, scales, judge)
     write_json(out / "metrics.json", dict(provenance(to_dict(cfg)), objectives=names, methods=metrics,

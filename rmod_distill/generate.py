@@ -30,7 +30,7 @@ from rmod_distill.engine.setup import BackendConfig, build_decoder, check_decodi
 from rmod_distill.metrics import method_metrics
 from rmod_distill.objectives import Normalizer, check_scale, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig, policy_fingerprint
-from rmod_distill.prompts import Prompt, PromptsConfig, base_prompt_id, load_prompts
+from rmod_distill.prompts import Prompt, PromptsConfig, base_prompt_id, load_prompts, with_samples
 from rmod_distill.tracking import Tracker, WandbConfig
 
 
@@ -150,9 +150,7 @@ def run(cfg: GenerateConfig) -> Path:
     folder.check()
     prompts = load_prompts(cfg.prompts)
     calibration_prompts = prompts
-    if cfg.samples_per_prompt > 1:
-        prompts = [Prompt(p.id if j == 0 else f"{p.id}#s{j}", p.messages, p.category, p.split)
-                   for p in prompts for j in range(cfg.samples_per_prompt)]
+    prompts = with_samples(prompts, cfg.samples_per_prompt)
     objectives = ObjectiveSet.from_specs(cfg.objectives)
     objectives.probe(prompts[0].messages)
     normalizer = None

@@ -29,6 +29,7 @@ from rmod_distill.artifacts import NOT_RECIPE, RunFolder, provenance, read_json,
 from rmod_distill.config import ConfigError, load_yaml, parse_config, to_dict
 from rmod_distill.errors import UserError
 from rmod_distill.metrics import bootstrap_interval, paired_comparisons
+from rmod_distill.prompts import base_prompt_id
 
 STARTS = ("continue", "restart")
 STAGES = ("generate", "distill", "eval")
@@ -230,13 +231,17 @@ def round_table(out: Path, rounds: int, resamples: int) -> tuple[list[dict], dic
     if not ids:
         raise UserError(f"{out}: no prompt has every score for every round; see each round's eval report")
     table, paired = [], {}
+    # Several answers per prompt (eval's samples_per_prompt): intervals resample prompts with all their answers.
+    bases = np.array([base_prompt_id(i) for i in ids])
+    groups = bases if len(set(bases)) < len(ids) else None
     for name in ["reference", "rmod"] + [f"round-{r}" for r in range(1, rounds + 1)]:
         worst = z[name].min(1)
         row = {"method": name, "worst_case": float(worst.mean()), "median": float(np.median(worst)),
-               "ci": bootstrap_interval(lambda i, w=worst: float(w[i].mean()), len(ids), resamples, 0),
+               "ci": bootstrap_interval(lambda i, w=worst: float(w[i].mean()), len(ids), resamples, 0, groups=groups),
                "tokens": float(np.mean([by_method[name][i].get("tokens_sampled", 0) for i in ids]))}
         if name.startswith("round-"):
-            p = paired_comparisons({"distilled": z[name], "rmod": z["rmod"], "reference": z["reference"]}, resamples)
+            p = paired_comparisons({"distilled": z[name], "rmod": z["rmod"], "reference": z["reference"]}, resamples,
+                                   groups=groups)
             paired[name] = p
             row["minus_rmod"] = p["differences"]["distilled - rmod"]
             row["recovery"] = p["recovery"]

@@ -17,6 +17,7 @@ With no missing score every figure is exactly what it was before this rule exist
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -73,13 +74,26 @@ def worst_case_win_rate(z: np.ndarray, z_ref: np.ndarray) -> float:
 
 
 def bootstrap_interval(
-    stat: Callable[[np.ndarray], float], n: int, resamples: int = 1000, seed: int = 0, level: float = 0.95
+    stat: Callable[[np.ndarray], float], n: int, resamples: int = 1000, seed: int = 0, level: float = 0.95,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Percentile interval of ``stat(idx)`` over prompt indices resampled with replacement.
 
     ``scipy.stats.bootstrap`` with ``paired=True`` resamples the indices themselves, so one
     statistic can read several aligned arrays (a method's rewards and the reference's).
+    ``groups`` (one label per row, e.g. the prompt of each of several samples) resamples whole
+    groups instead: several answers to one prompt are not independent evidence, and treating
+    them as such would narrow the interval.
     """
+    if groups is not None:
+        members = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]  # in order of appearance
+        if len(members) < n:
+            row_stat = stat
+
+            def stat(gi):  # noqa: F811 - the statistic over the rows of the resampled groups
+                return row_stat(np.concatenate([members[g] for g in gi]))
+
+            n = len(members)
     if n < 2:  # scipy needs two observations; one prompt has no spread to resample
         value = float(stat(np.arange(n)))
         return value, value
@@ -101,23 +115,24 @@ def bootstrap_interval(
     return low, high
 
 
+
 def method_metrics(
     z: np.ndarray, names: list[str], z_ref: np.ndarray | None = None, resamples: int = 1000, seed: int = 0,
-    win_rate_intervals: bool = False,
+    win_rate_intervals: bool = False, groups: np.ndarray | None = None,
 ) -> dict:
-    """Every metric of one method, with intervals: a JSON-ready dict (``win_rate_intervals``: per objective too)."""
+    """Every metric of one method, with intervals: a JSON-ready dict (``win_rate_intervals``: per objective too;
+    ``groups``: the prompt of each row when a prompt has several, resampled together)."""
     n = z.shape[0]
+    ci = partial(bootstrap_interval, n=n, resamples=resamples, seed=seed, groups=groups)
     out = {
-        "prompts": n,
+        "prompts": n if groups is None else len(set(groups.tolist())),
+        "answers": n,
         "worst_case_reward": worst_case_reward(z),
-        "worst_case_reward_ci": bootstrap_interval(lambda i: worst_case_reward(z[i]), n, resamples, seed),
+        "worst_case_reward_ci": ci(lambda i: worst_case_reward(z[i])),
         "worst_objective": worst_objective(z),
-        "worst_objective_ci": bootstrap_interval(lambda i: worst_objective(z[i]), n, resamples, seed),
+        "worst_objective_ci": ci(lambda i: worst_objective(z[i])),
         "objective_means": dict(zip(names, map(float, objective_means(z)))),
-        "objective_means_ci": {
-            g: bootstrap_interval(lambda i, j=j: _nanmean(z[i, j]), n, resamples, seed)
-            for j, g in enumerate(names)
-        },
+        "objective_means_ci": {g: ci(lambda i, j=j: _nanmean(z[i, j])) for j, g in enumerate(names)},
         "average": float(np.nanmean(z)) if (~np.isnan(z)).any() else float("nan"),
         "missing": dict(zip(names, map(int, np.isnan(z).sum(0)))),
         "complete_prompts": int(complete(z).sum()),
@@ -125,11 +140,11 @@ def method_metrics(
     if z_ref is not None:
         out["win_rates"] = dict(zip(names, map(float, win_rates(z, z_ref))))
         if win_rate_intervals:
-            out["win_rates_ci"] = {g: bootstrap_interval(lambda i, j=j: float(win_rates(z[i][:, [j]], z_ref[i][:, [j]])[0]),
-                                                         n, resamples, seed) for j, g in enumerate(names)}
+            out["win_rates_ci"] = {g: ci(lambda i, j=j: float(win_rates(z[i][:, [j]], z_ref[i][:, [j]])[0]))
+                                   for j, g in enumerate(names)}
         for key, fn in (("worst_case_win_rate", worst_case_win_rate), ("min_objective_win_rate", min_objective_win_rate)):
             out[key] = fn(z, z_ref)
-            out[f"{key}_ci"] = bootstrap_interval(lambda i, fn=fn: fn(z[i], z_ref[i]), n, resamples, seed)
+            out[f"{key}_ci"] = ci(lambda i, fn=fn: fn(z[i], z_ref[i]))
     return out
 
 
@@ -141,7 +156,8 @@ def _share(got: float, lift: float) -> float:
     return got / lift if abs(lift) > 1e-12 else float("nan")
 
 
-def paired_comparisons(z: dict[str, np.ndarray], resamples: int = 1000, seed: int = 0) -> dict:
+def paired_comparisons(z: dict[str, np.ndarray], resamples: int = 1000, seed: int = 0,
+                       groups: np.ndarray | None = None) -> dict:
     """Method against method on the same prompts, with paired bootstrap intervals (the same
     resampled prompts for both sides of every difference).
 
@@ -149,6 +165,8 @@ def paired_comparisons(z: dict[str, np.ndarray], resamples: int = 1000, seed: in
       against ``reference``, ``rmod`` against ``cd``, ``distilled`` against ``rmod``);
     - ``recovery``: ``(distilled - reference) / (rmod - reference)``, the share of RMOD's
       worst-case lift the adapter keeps, by mean and by median of the per-prompt worst case.
+
+    ``groups``: the prompt of each row when a prompt has several answers (resampled together).
     """
     # A prompt with a missing score on either side of a difference is left out of it (NaN-aware mean).
     worst = {m: v.min(1) for m, v in z.items()}
@@ -159,17 +177,21 @@ def paired_comparisons(z: dict[str, np.ndarray], resamples: int = 1000, seed: in
     for a, b in pairs:
         d = worst[a] - worst[b]
         out["differences"][f"{a} - {b}"] = {
-            "mean": _nanmean(d), "ci": bootstrap_interval(lambda i, d=d: _nanmean(d[i]), n, resamples, seed),
+            "mean": _nanmean(d), "ci": bootstrap_interval(lambda i, d=d: _nanmean(d[i]), n, resamples, seed,
+                                                          groups=groups),
         }
     if {"distilled", "rmod", "reference"} <= set(z):
         d, r, ref = worst["distilled"], worst["rmod"], worst["reference"]
         keep = ~(np.isnan(d) | np.isnan(r) | np.isnan(ref))
+        g = groups
         if not keep.all():  # a ratio of aggregates: over the prompts every side has every score
             d, r, ref, n = d[keep], r[keep], ref[keep], int(keep.sum())
+            g = None if groups is None else groups[keep]
         out["recovery"] = {}
         for label, agg in (("mean", np.mean), ("median", np.median)):
             def stat(i, agg=agg):
                 return _share(float(agg(d[i]) - agg(ref[i])), float(agg(r[i]) - agg(ref[i])))
 
-            out["recovery"][label] = {"value": stat(np.arange(n)), "ci": bootstrap_interval(stat, n, resamples, seed)}
+            out["recovery"][label] = {"value": stat(np.arange(n)),
+                                      "ci": bootstrap_interval(stat, n, resamples, seed, groups=g)}
     return out

@@ -87,6 +87,12 @@ class Prompt:
         return self.messages[-1]["content"]
 
 
+def with_samples(prompts: list[Prompt], n: int) -> list[Prompt]:
+    """``n`` rows per prompt: sample j > 0 of a prompt is ``<id>#s<j>`` (its own seed, the same base id)."""
+    return [Prompt(p.id if j == 0 else f"{p.id}#s{j}", p.messages, p.category, p.split) for p in prompts
+            for j in range(n)]
+
+
 def base_prompt_id(prompt_id: str) -> str:
     """The prompt a row answers: stages store extra samples of one prompt as ``<id>#<suffix>``
     (generate's ``#s1``, normalisation's ``#calibration-0``, values' ``#rollout-1``), which is

@@ -84,3 +84,16 @@ def test_eval_refuses_other_objectives(tiny_policy_dir, tiny_generate_dir, adapt
                                              "--objectives", "[{name: warmth}, {name: concision}]"))
     with pytest.raises(ValueError, match="normalisation was measured for objectives"):
         run(cfg)
+
+
+def test_eval_samples_per_prompt(tiny_policy_dir, tiny_generate_dir, adapter, tmp_path):
+    out = run(parse_config(EvalConfig, eval_args(tiny_policy_dir, tiny_generate_dir, adapter, tmp_path / "s",
+                                                 "--methods", "[distilled, reference]", "--samples_per_prompt", "3")))
+    rows = read_jsonl(out / "generations" / "samples.jsonl")
+    ids = sorted(r["prompt_id"] for r in rows if r["method"] == "distilled")
+    assert len(ids) == 12 and sum("#s2" in i for i in ids) == 4  # 4 eval prompts x 3 answers
+    seeds = [r["seed"] for r in rows if r["method"] == "distilled"]
+    assert len(set(seeds)) == 12  # every answer its own seed
+    methods = json.loads((out / "metrics.json").read_text())["methods"]
+    assert methods["distilled"]["prompts"] == 4 and methods["distilled"]["answers"] == 12
+    assert "3 answers each per method" in (out / "report.md").read_text()

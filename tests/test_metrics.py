@@ -71,3 +71,23 @@ def test_a_ratio_undefined_on_some_resamples_still_gets_an_interval():
     x = np.array([0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 1.0])  # the median is 0 on many resamples
     low, high = bootstrap_interval(lambda i: _share(1.0, float(np.median(x[i]))), len(x), 400)
     assert np.isfinite(low) and np.isfinite(high) and low <= high
+
+
+def test_groups_resample_prompts_with_all_their_answers():
+    # Four copies of each of 30 prompts' answers are not 120 independent answers: resampled by
+    # prompt, the interval is the one of the 30 (the same draws), and wider than a row bootstrap.
+    rng = np.random.default_rng(4)
+    z, ref = rng.normal(size=(30, 3)), rng.normal(size=(30, 3))
+    z4, ref4 = np.repeat(z, 4, 0), np.repeat(ref, 4, 0)
+    groups = np.repeat([f"p{i}" for i in range(30)], 4)
+    one = method_metrics(z, ["a", "b", "c"], ref, resamples=300)
+    grouped = method_metrics(z4, ["a", "b", "c"], ref4, resamples=300, groups=groups)
+    rows = method_metrics(z4, ["a", "b", "c"], ref4, resamples=300)
+    assert grouped["prompts"] == 30 and grouped["answers"] == 120 and rows["prompts"] == 120
+    assert grouped["worst_case_reward"] == pytest.approx(one["worst_case_reward"])
+    assert grouped["worst_case_reward_ci"] == pytest.approx(one["worst_case_reward_ci"])
+    lo, hi = rows["worst_case_reward_ci"]
+    assert hi - lo < 0.7 * (grouped["worst_case_reward_ci"][1] - grouped["worst_case_reward_ci"][0])
+    paired = paired_comparisons({"reference": ref4, "rmod": ref4 + 1.0, "distilled": z4}, resamples=300, groups=groups)
+    alone = paired_comparisons({"reference": ref, "rmod": ref + 1.0, "distilled": z}, resamples=300)
+    assert paired["recovery"]["mean"]["ci"] == pytest.approx(alone["recovery"]["mean"]["ci"])
