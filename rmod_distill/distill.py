@@ -14,6 +14,7 @@ provenance, train and held-out prompt ids), ``samples.jsonl`` (completions on he
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -88,6 +89,16 @@ class DistillConfig(SFTConfig):
     min_worst_case: float | None = field(
         default=None, metadata={"help": "Keep only rows whose normalised worst-case reward is at least this."}
     )
+    samples_per_prompt: int | None = field(
+        default=None,
+        metadata={"help": "Use at most this many of each prompt's samples (generate's '<id>#s<j>' rows, j < N; "
+                          "null: all): less data from the same run, without generating again."},
+    )
+    keep_best: int | None = field(
+        default=None,
+        metadata={"help": "Of each prompt's samples (per method), train on the k with the highest worst case only "
+                          "(null: all): the teacher's best answers rather than its average one."},
+    )
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out for eval loss."})
     objective: str = field(
         default="sft",
@@ -119,6 +130,9 @@ class DistillConfig(SFTConfig):
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished adapter in output_dir."})
 
     def __post_init__(self):
+        for key in ("samples_per_prompt", "keep_best"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 or null, got {getattr(self, key)}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.objective not in OBJECTIVES:
@@ -197,8 +211,13 @@ def load_generated(cfg: DistillConfig, tokenizer, info: dict):
                 f"{name!r}: distil into the policy that generated the data"
             )
     ds = _read_dataset(gen, keep_in_memory=True)
+    if cfg.samples_per_prompt is not None:  # for DPO's pairs too
+        ds = ds.filter(lambda r: sample_index(r["prompt_id"]) < cfg.samples_per_prompt, keep_in_memory=True)
     everything = ds
     ds = ds.filter(lambda r: r["method"] in cfg.methods, keep_in_memory=True)
+    if cfg.keep_best is not None:
+        best = best_samples(ds, cfg.keep_best)
+        ds = ds.filter(lambda r: (r["method"], r["prompt_id"]) in best, keep_in_memory=True)
     if cfg.min_worst_case is not None:
         # A row whose worst case is unknown (a judge objective left a score missing) does not pass a threshold.
         ds = ds.filter(lambda r: r["worst_case"] is not None and r["worst_case"] >= cfg.min_worst_case,
@@ -212,6 +231,22 @@ def load_generated(cfg: DistillConfig, tokenizer, info: dict):
     if len(train) == 0:
         raise UserError(f"generate_dir {gen}: every row is held out (eval_fraction {cfg.eval_fraction}); lower it")
     return train, (held if len(held) else None), everything
+
+
+def sample_index(prompt_id: str) -> int:
+    """j of generate's ``<id>#s<j>`` (0 for the first sample, stored under the bare id)."""
+    suffix = prompt_id.partition("#")[2]
+    return int(suffix[1:]) if suffix.startswith("s") and suffix[1:].isdigit() else 0
+
+
+def best_samples(ds, k: int) -> set[tuple[str, str]]:
+    """(method, prompt id) of the ``k`` samples of each prompt and method with the highest worst case
+    (ties: the earlier sample); a row whose worst case is unknown (a judge's missing score) ranks last."""
+    groups: dict[tuple[str, str], list[tuple[float, int, str]]] = {}
+    for method, pid, worst in zip(ds["method"], ds["prompt_id"], ds["worst_case"]):
+        key = -math.inf if worst is None else worst
+        groups.setdefault((method, base_prompt_id(pid)), []).append((-key, sample_index(pid), pid))
+    return {(method, pid) for (method, _), rows in groups.items() for _, _, pid in sorted(rows)[:k]}
 
 
 def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:

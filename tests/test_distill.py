@@ -312,3 +312,41 @@ def test_model_section_is_trls_model_config(tiny_policy_dir, tiny_generate_dir, 
     peft = get_peft_config(cfg.model)
     # TRL would turn a one-item list into a regex over full module paths, which matches nothing.
     assert peft.r == 4 and peft.lora_alpha == 8 and peft.target_modules == {"q_proj"}
+
+
+def test_samples_per_prompt_and_keep_best_choose_the_rows(tiny_policy_dir, tmp_path):
+    from conftest import write_prompts
+
+    from rmod_distill.distill import check_generate_dir, load_generated
+    from rmod_distill.generate import GenerateConfig
+    from rmod_distill.generate import run as generate_run
+    from rmod_distill.policy import load_tokenizer
+    from rmod_distill.prompts import base_prompt_id
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n_train=6, n_eval=1)
+    gen = generate_run(parse_config(GenerateConfig, [
+        "--policy.model", str(tiny_policy_dir), "--prompts.path", str(prompts), "--samples_per_prompt", "3",
+        "--objectives", "[{name: harmlessness}, {name: concision}]", "--methods", "[reference, rmod]",
+        "--decoding.num_candidates", "2", "--decoding.block_size", "4", "--decoding.max_new_tokens", "8",
+        "--normalization_prompts", "2", "--output_dir", str(tmp_path / "generate"),
+    ]))
+    tokenizer = load_tokenizer(str(tiny_policy_dir))
+
+    def rows(*extra):
+        cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "unused", "--eval_fraction",
+                                                       "0", *extra))
+        train, _, everything = load_generated(cfg, tokenizer, check_generate_dir(cfg))
+        return list(train), list(everything)
+
+    every, _ = rows()
+    assert len(every) == 18  # 6 prompts x 3 rmod samples
+    two, everything = rows("--samples_per_prompt", "2")
+    assert sorted(r["prompt_id"] for r in two) == sorted(r["prompt_id"] for r in every if "#s2" not in r["prompt_id"])
+    assert len(everything) == 24 and "reference" in {r["method"] for r in everything}  # DPO's pairs obey it too
+    best, _ = rows("--keep_best", "1")
+    assert len(best) == 6 and len({base_prompt_id(r["prompt_id"]) for r in best}) == 6
+    for r in best:
+        group = [e["worst_case"] for e in every if base_prompt_id(e["prompt_id"]) == base_prompt_id(r["prompt_id"])]
+        assert r["worst_case"] == max(group)
+    with pytest.raises(ValueError, match="keep_best must be >= 1"):
+        parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "x", "--keep_best", "0"))
