@@ -173,6 +173,21 @@ def _newton_point(H, grad, w, x, free, M, t, gq, face):
 
 
 @numba.njit(cache=True, nogil=True)
+def _apply(B, v, out):
+    """``out = B @ v`` for ``B [K, G]``; returns the smallest and largest entry of ``out``."""
+    lo = math.inf
+    hi = -math.inf
+    for k in range(B.shape[0]):
+        s = 0.0
+        for g in range(B.shape[1]):
+            s += B[k, g] * v[g]
+        out[k] = s
+        lo = min(lo, s)
+        hi = max(hi, s)
+    return lo, hi
+
+
+@numba.njit(cache=True, nogil=True)
 def _change(p, logp, Bd, alpha, lmd):
     """``F(w + alpha d) - F(w) = log sum_k p_k exp(alpha (B d)_k) + alpha lam m.d``, computed as
     ``log1p(sum_k p_k expm1(.))`` so that a change of 1e-20 in an F of 1 is still seen; a term
@@ -275,13 +290,7 @@ def _solve_exact(A, lam, tol, max_iter):
         dec = 0.0  # how much F fell since the last progress check
         for it in range(max_iter + 1):
             # 1. the tilted distribution, the gradient and the gap
-            zmax = -math.inf
-            for k in range(K):
-                s = 0.0
-                for g in range(G):
-                    s += B[k, g] * w[g]
-                z[k] = s
-                zmax = max(zmax, s)
+            zmax = _apply(B, w, z)[1]
             se = 0.0
             for k in range(K):
                 p[k] = math.exp(z[k] - zmax)
@@ -342,11 +351,7 @@ def _solve_exact(A, lam, tol, max_iter):
                 d[g] = x[g] - w[g]
                 gd += grad[g] * d[g]
                 lmd += lm[g] * d[g]
-            for k in range(K):
-                s = 0.0
-                for g in range(G):
-                    s += B[k, g] * d[g]
-                Bd[k] = s
+            _apply(B, d, Bd)
             alpha = 1.0
             ch_newton = math.inf
             if gd < 0.0:
@@ -363,15 +368,7 @@ def _solve_exact(A, lam, tol, max_iter):
             for g in range(G):
                 fw[g] = (1.0 / nv if grad[g] == gmin else 0.0) - w[g]
                 lmu += lm[g] * fw[g]
-            blo = math.inf
-            bhi = -math.inf
-            for k in range(K):
-                s = 0.0
-                for g in range(G):
-                    s += B[k, g] * fw[g]
-                Bu[k] = s
-                blo = min(blo, s)
-                bhi = max(bhi, s)
+            blo, bhi = _apply(B, fw, Bu)
             curv = 0.25 * (bhi - blo) ** 2
             beta = 1.0 if curv <= gap else gap / curv
             ch_fw = _change(p, logp, Bu, beta, lmu)
