@@ -371,7 +371,7 @@ def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, 
 
 def run(cfg: DistillConfig) -> Path:
     """Run the distill stage; returns the adapter folder."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
     from trl import SFTTrainer
 
     from rmod_distill.policy import load_policy
@@ -402,6 +402,11 @@ def run(cfg: DistillConfig) -> Path:
     model, tokenizer = load_policy(cfg.model.model_name_or_path, dtype=cfg.model.dtype, device=device)
     train, held, everything = load_generated(cfg, tokenizer, gen_info)
     print(f"distill: {len(train)} train rows, {len(held) if held else 0} held-out rows from {cfg.generate_dir}")
+    if held is None and cfg.eval_strategy != IntervalStrategy.NO:
+        # No prompt of this run falls in the held-out split (e.g. generate ran on prompts.subset: fit):
+        # nothing to measure eval loss on, which the Trainer would refuse after the model loaded.
+        print(f"distill: no held-out rows (eval_fraction {cfg.eval_fraction}); eval loss is not measured")
+        cfg.eval_strategy = IntervalStrategy.NO
     peft_config = get_peft_config(cfg.model)
     if cfg.init_adapter:  # continue an adapter: its own LoRA config, trainable, no fresh one
         from peft import PeftModel

@@ -350,3 +350,13 @@ def test_samples_per_prompt_and_keep_best_choose_the_rows(tiny_policy_dir, tmp_p
         assert r["worst_case"] == max(group)
     with pytest.raises(ValueError, match="keep_best must be >= 1"):
         parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "x", "--keep_best", "0"))
+
+
+def test_no_held_out_rows_skips_eval_loss(tiny_policy_dir, tiny_generate_dir, tmp_path, capsys):
+    # Data generated on prompts.subset: fit has no prompt in the held-out split: training goes
+    # on without an eval loss (the Trainer would refuse eval_strategy: epoch with no eval set).
+    out = run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "a",
+                                                       "--eval_fraction", "0", "--eval_strategy", "epoch")))
+    assert "eval loss is not measured" in capsys.readouterr().out
+    info = json.loads((out / "run.json").read_text())
+    assert info["complete"] and info["rows"]["held_out"] == 0 and "eval_loss" not in info["metrics"]
