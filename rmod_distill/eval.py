@@ -301,7 +301,7 @@ def judge_metrics(cfg: EvalConfig, rows: list[dict], names: list[str], usage: di
     for method in cfg.methods:
         m = method_metrics(s[method], names, s["reference"] if method != "reference" else None,
                            cfg.bootstrap_resamples, cfg.seed, win_rate_intervals=True, groups=prompt_groups(cfg, rows))
-        n = max(m["prompts"], 1)
+        n = max(m["answers"], 1)  # missing scores are counted per answer
         over = sorted(g for g in names if m["missing"][g] / n > cfg.judge_max_missing)
         total = {k: sum(u[k] for u in usage[method].values()) for k in next(iter(usage[method].values()))}
         out[method] = dict(m, usage=usage[method], tokens=total["total_tokens"], requests=total["requests"],
@@ -359,7 +359,7 @@ def _judge_lines(judge: dict, metrics: dict) -> list[str]:
             cells.append("-" if ref else f"{_pct(j['win_rates'][g])} [{_pct(j['win_rates_ci'][g][0])}, "
                                          f"{_pct(j['win_rates_ci'][g][1])}]")
         cells.append("-" if ref else _pct(j["min_objective_win_rate"]))
-        cells += [f"{j['missing'][g]}/{j['prompts']}" for g in names]
+        cells += [f"{j['missing'][g]}/{j['answers']}" for g in names]
         cells += [str(j["requests"]), str(j["cache_hits"]), str(j["tokens"]),
                   f"**too many missing** ({', '.join(j['flagged_objectives'])})" if j["flagged"] else ""]
         lines.append("| " + " | ".join(cells) + " |")
