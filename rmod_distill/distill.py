@@ -96,7 +96,7 @@ class DistillConfig(SFTConfig):
     )
     keep_best: int | None = field(
         default=None,
-        metadata={"help": "Of each prompt's samples (per method), train on the k with the highest worst case only "
+        metadata={"help": "Of each prompt's samples (per method), SFT on the k with the highest worst case only "
                           "(null: all): the teacher's best answers rather than its average one."},
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out for eval loss."})
@@ -133,6 +133,9 @@ class DistillConfig(SFTConfig):
         for key in ("samples_per_prompt", "keep_best"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 or null, got {getattr(self, key)}")
+        if self.keep_best is not None and self.objective == "dpo":
+            raise ValueError("keep_best chooses SFT rows; objective dpo trains on pairs only (use pair_margin, "
+                             "or objective sft+dpo)")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.objective not in OBJECTIVES:
@@ -174,10 +177,12 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
     if "dpo" in cfg.objective and cfg.pairs in ("reference", "both") and "reference" not in available:
         raise UserError(f"generate_dir {gen}: DPO pairs '{cfg.pairs}' need reference answers; generate with "
                         f"`reference` among its methods (methods there: {available}) or set pairs: samples")
-    if "dpo" in cfg.objective and cfg.pairs in ("samples", "both") and (
-            info.get("config", {}).get("samples_per_prompt", 1) < 2):
-        raise UserError(f"generate_dir {gen}: DPO pairs '{cfg.pairs}' need several RMOD samples per prompt; "
-                        "generate with samples_per_prompt >= 2 or set pairs: reference")
+    made = info.get("config", {}).get("samples_per_prompt", 1)
+    if "dpo" in cfg.objective and cfg.pairs in ("samples", "both") and min(made, cfg.samples_per_prompt or made) < 2:
+        where = (f"samples_per_prompt {cfg.samples_per_prompt} keeps one" if made >= 2 else
+                 "generate with samples_per_prompt >= 2")
+        raise UserError(f"generate_dir {gen}: DPO pairs '{cfg.pairs}' need several RMOD samples per prompt "
+                        f"({where}); or set pairs: reference")
     if not (gen / "dataset").is_dir():
         raise UserError(f"generate_dir {gen}: no dataset/ folder; the run is damaged, rerun generate with --overwrite")
     _read_dataset(gen, keep_in_memory=False)  # a damaged dataset fails here, before the model loads
@@ -214,7 +219,8 @@ def load_generated(cfg: DistillConfig, tokenizer, info: dict):
     if cfg.samples_per_prompt is not None:  # for DPO's pairs too
         ds = ds.filter(lambda r: sample_index(r["prompt_id"]) < cfg.samples_per_prompt, keep_in_memory=True)
     everything = ds
-    ds = ds.filter(lambda r: r["method"] in cfg.methods, keep_in_memory=True)
+    ds = ds.filter(lambda r: r["method"] in cfg.methods and bool(r["completion"][0]["content"].strip()),
+                   keep_in_memory=True)  # an empty answer teaches nothing, and is no prompt's best sample
     if cfg.keep_best is not None:
         best = best_samples(ds, cfg.keep_best)
         ds = ds.filter(lambda r: (r["method"], r["prompt_id"]) in best, keep_in_memory=True)
@@ -222,9 +228,9 @@ def load_generated(cfg: DistillConfig, tokenizer, info: dict):
         # A row whose worst case is unknown (a judge objective left a score missing) does not pass a threshold.
         ds = ds.filter(lambda r: r["worst_case"] is not None and r["worst_case"] >= cfg.min_worst_case,
                        keep_in_memory=True)
-    ds = ds.filter(lambda r: bool(r["completion"][0]["content"].strip()), keep_in_memory=True)
     if len(ds) == 0:
         raise UserError(f"generate_dir {gen}: no rows left after filtering (methods {cfg.methods}, "
+                        f"samples_per_prompt {cfg.samples_per_prompt}, keep_best {cfg.keep_best}, "
                         f"min_worst_case {cfg.min_worst_case})")
     held = ds.filter(lambda r: held_out(r["prompt_id"], cfg.eval_fraction), keep_in_memory=True)
     train = ds.filter(lambda r: not held_out(r["prompt_id"], cfg.eval_fraction), keep_in_memory=True)
@@ -402,10 +408,15 @@ def run(cfg: DistillConfig) -> Path:
     model, tokenizer = load_policy(cfg.model.model_name_or_path, dtype=cfg.model.dtype, device=device)
     train, held, everything = load_generated(cfg, tokenizer, gen_info)
     print(f"distill: {len(train)} train rows, {len(held) if held else 0} held-out rows from {cfg.generate_dir}")
-    if held is None and cfg.eval_strategy != IntervalStrategy.NO:
+    eval_strategy = cfg.eval_strategy
+    if held is None and "sft" in cfg.objective and eval_strategy != IntervalStrategy.NO:
         # No prompt of this run falls in the held-out split (e.g. generate ran on prompts.subset: fit):
         # nothing to measure eval loss on, which the Trainer would refuse after the model loaded.
-        print(f"distill: no held-out rows (eval_fraction {cfg.eval_fraction}); eval loss is not measured")
+        for key in ("load_best_model_at_end", "eval_on_start"):
+            if getattr(cfg, key):
+                raise UserError(f"{key}: needs held-out rows, and generate_dir {cfg.generate_dir} has none at "
+                                f"eval_fraction {cfg.eval_fraction}; drop {key} or generate on held-out prompts too")
+        print(f"distill: no held-out rows (eval_fraction {cfg.eval_fraction}); SFT's eval loss is not measured")
         cfg.eval_strategy = IntervalStrategy.NO
     peft_config = get_peft_config(cfg.model)
     if cfg.init_adapter:  # continue an adapter: its own LoRA config, trainable, no fresh one
@@ -438,6 +449,7 @@ def run(cfg: DistillConfig) -> Path:
             metrics.update({k: float(v) for k, v in trainer.evaluate().items() if k.startswith("eval_")})
 
     # ------------------------------------------------------------------ train: DPO
+    cfg.eval_strategy = eval_strategy  # DPO measures its held-out pairs whenever it has some
     if "dpo" in cfg.objective:
         trainer = train_dpo(cfg, trainer.model if trainer is not None else model, tokenizer, everything,
                             None if trainer is not None or cfg.init_adapter else peft_config, out, metrics)

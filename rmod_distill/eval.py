@@ -37,10 +37,10 @@ from rmod_distill.engine.runs import decode_methods, merged_rows, process_state
 from rmod_distill.engine.setup import BackendConfig, build_decoder, check_decoding_inputs, serve_policy
 from rmod_distill.errors import UserError
 from rmod_distill.metrics import bootstrap_interval, complete, method_metrics, paired_comparisons, \
-    worst_case_win_rate
+    prompt_groups, worst_case_win_rate
 from rmod_distill.objectives import SCALES, Normalizer, check_scale, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig
-from rmod_distill.prompts import PromptsConfig, base_prompt_id, load_prompts, with_samples
+from rmod_distill.prompts import PromptsConfig, load_prompts, with_samples
 from rmod_distill.tracking import Tracker, WandbConfig
 
 DEFAULT_METHODS = ["distilled", "rmod", "cd", "best-of-n", "best-of-n-maxmin", "reference"]
@@ -286,12 +286,10 @@ def grade_with_judges(judges: ObjectiveSet, rows: list[dict], methods: list[str]
     return usage, records
 
 
-def prompt_groups(cfg: EvalConfig, rows: list[dict]) -> np.ndarray | None:
-    """The prompt of each of a method's rows (the same order for every method) when a prompt has
-    several answers, so that intervals resample prompts with all their answers; None otherwise."""
-    if cfg.samples_per_prompt == 1:
-        return None
-    return np.array([base_prompt_id(r["prompt_id"]) for r in rows if r["method"] == "reference"])
+def _groups(rows: list[dict]) -> np.ndarray | None:
+    """The prompt of each of a method's rows (every method's are in the same prompt order) when a
+    prompt has several answers (``samples_per_prompt``): intervals then resample prompts."""
+    return prompt_groups([r["prompt_id"] for r in rows if r["method"] == "reference"])
 
 
 def judge_metrics(cfg: EvalConfig, rows: list[dict], names: list[str], usage: dict) -> dict:
@@ -300,7 +298,7 @@ def judge_metrics(cfg: EvalConfig, rows: list[dict], names: list[str], usage: di
     out = {}
     for method in cfg.methods:
         m = method_metrics(s[method], names, s["reference"] if method != "reference" else None,
-                           cfg.bootstrap_resamples, cfg.seed, win_rate_intervals=True, groups=prompt_groups(cfg, rows))
+                           cfg.bootstrap_resamples, cfg.seed, win_rate_intervals=True, groups=_groups(rows))
         n = max(m["answers"], 1)  # missing scores are counted per answer
         over = sorted(g for g in names if m["missing"][g] / n > cfg.judge_max_missing)
         total = {k: sum(u[k] for u in usage[method].values()) for k in next(iter(usage[method].values()))}
@@ -521,7 +519,7 @@ def run(cfg: EvalConfig) -> Path:
     # ------------------------------------------------------------------ metrics
     names = objectives.names
     z = {m: score_matrix(rows, "normalized", names, m) for m in cfg.methods}
-    groups = prompt_groups(cfg, rows)
+    groups = _groups(rows)
     metrics = {}
     for method in cfg.methods:
         mrows = [r for r in rows if r["method"] == method]

@@ -27,7 +27,7 @@ from rmod_distill.config import parse_config, to_dict
 from rmod_distill.engine.decoding import DecodingConfig, adapter_enabled
 from rmod_distill.engine.runs import decode_methods, decode_rows, merged_rows, process_state
 from rmod_distill.engine.setup import BackendConfig, build_decoder, check_decoding_inputs, serve_policy
-from rmod_distill.metrics import method_metrics
+from rmod_distill.metrics import method_metrics, prompt_groups
 from rmod_distill.objectives import Normalizer, check_scale, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig, policy_fingerprint
 from rmod_distill.prompts import Prompt, PromptsConfig, base_prompt_id, load_prompts, with_samples
@@ -230,7 +230,8 @@ def finalize(cfg: GenerateConfig, folder: RunFolder, out: Path, prompts: list[Pr
     for method in cfg.methods:
         mrows = [r for r in ordered if r["method"] == method]
         summary[method] = dict(
-            method_metrics(z[method], objectives.names, z.get("reference"), seed=cfg.seed),
+            method_metrics(z[method], objectives.names, z.get("reference"), seed=cfg.seed,
+                           groups=prompt_groups([r["prompt_id"] for r in mrows])),
             tokens_sampled_per_response=float(np.mean([r["tokens_sampled"] for r in mrows])),
             seconds_per_response=float(np.mean([r["seconds"] for r in mrows])),
         )

@@ -28,7 +28,7 @@ import numpy as np
 from rmod_distill.artifacts import NOT_RECIPE, RunFolder, provenance, read_json, read_jsonl, recipe_key, write_json
 from rmod_distill.config import ConfigError, load_yaml, parse_config, to_dict
 from rmod_distill.errors import UserError
-from rmod_distill.metrics import bootstrap_interval, paired_comparisons
+from rmod_distill.metrics import bootstrap_interval, paired_comparisons, prompt_groups
 from rmod_distill.prompts import base_prompt_id
 
 STARTS = ("continue", "restart")
@@ -231,9 +231,7 @@ def round_table(out: Path, rounds: int, resamples: int) -> tuple[list[dict], dic
     if not ids:
         raise UserError(f"{out}: no prompt has every score for every round; see each round's eval report")
     table, paired = [], {}
-    # Several answers per prompt (eval's samples_per_prompt): intervals resample prompts with all their answers.
-    bases = np.array([base_prompt_id(i) for i in ids])
-    groups = bases if len(set(bases)) < len(ids) else None
+    groups = prompt_groups(ids)  # several answers per prompt (eval's samples_per_prompt): resampled together
     for name in ["reference", "rmod"] + [f"round-{r}" for r in range(1, rounds + 1)]:
         worst = z[name].min(1)
         row = {"method": name, "worst_case": float(worst.mean()), "median": float(np.median(worst)),
@@ -246,14 +244,17 @@ def round_table(out: Path, rounds: int, resamples: int) -> tuple[list[dict], dic
             row["minus_rmod"] = p["differences"]["distilled - rmod"]
             row["recovery"] = p["recovery"]
         table.append(row)
-    return table, {"prompts": len(ids), "prompts_left_out": int((~whole).sum()), "objectives": objectives,
-                   "paired": paired}
+    prompts = len({base_prompt_id(i) for i in ids})
+    return table, {"prompts": prompts, "answers": len(ids), "answers_left_out": int((~whole).sum()),
+                   "objectives": objectives, "paired": paired}
 
 
 def write_report(cfg: IterateConfig, out: Path, table: list[dict], info: dict) -> Path:
     """``report.md``: the rounds side by side."""
     lines = [f"# Iterated distillation: {cfg.rounds} round(s), start: {cfg.start}", "",
-             f"{info['prompts']} held-out prompts; objectives {', '.join(info['objectives'])}; every round on round 1's "
+             f"{info['prompts']} held-out prompts"
+             + (f" ({info['answers']} answers)" if info["answers"] != info["prompts"] else "")
+             + f"; objectives {', '.join(info['objectives'])}; every round on round 1's "
              "normalisation. `rmod` is round 1's teacher (K samples a block over the base policy); `round-r` is "
              "the student after r rounds, sampled plainly. Recovery: `(student - reference) / (rmod - reference)` "
              "of the per-prompt worst case, by mean and by median, with paired 95% bootstrap intervals.", "",

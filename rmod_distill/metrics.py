@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 
+from rmod_distill.prompts import base_prompt_id
+
 
 def complete(z: np.ndarray) -> np.ndarray:
     """Rows (prompts) where every objective has a score."""
@@ -73,6 +75,13 @@ def worst_case_win_rate(z: np.ndarray, z_ref: np.ndarray) -> float:
     return _mean((a > b) + 0.5 * (a == b))
 
 
+def prompt_groups(prompt_ids: list[str]) -> np.ndarray | None:
+    """The prompt each row answers (generate's and eval's ``<id>#s<j>`` are sample j of ``<id>``)
+    when some prompt has several rows, for ``groups`` below; None when every prompt has one."""
+    bases = np.array([base_prompt_id(i) for i in prompt_ids])
+    return bases if len(set(bases.tolist())) < len(bases) else None
+
+
 def bootstrap_interval(
     stat: Callable[[np.ndarray], float], n: int, resamples: int = 1000, seed: int = 0, level: float = 0.95,
     groups: np.ndarray | None = None,
@@ -86,14 +95,16 @@ def bootstrap_interval(
     them as such would narrow the interval.
     """
     if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"groups: one label per row is needed, got {len(groups)} for {n} rows")
         members = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]  # in order of appearance
         if len(members) < n:
             row_stat = stat
 
-            def stat(gi):  # noqa: F811 - the statistic over the rows of the resampled groups
+            def group_stat(gi):  # the statistic over the rows of the resampled groups
                 return row_stat(np.concatenate([members[g] for g in gi]))
 
-            n = len(members)
+            stat, n = group_stat, len(members)
     if n < 2:  # scipy needs two observations; one prompt has no spread to resample
         value = float(stat(np.arange(n)))
         return value, value
@@ -113,7 +124,6 @@ def bootstrap_interval(
             low, high = (float(v) for v in np.nanpercentile(np.where(np.isfinite(dist), dist, np.nan),
                                                             [alpha, 100 - alpha]))
     return low, high
-
 
 
 def method_metrics(

@@ -246,7 +246,15 @@ def _solve_exact(A, lam, tol, max_iter):
     convergence is quadratic: about 4 iterations from uniform weights at lam = 1. A problem
     also stops when neither step lowers F at all, or when 32 iterations lowered it by less than
     1e-12 relative: F is then optimal to rounding, which only happens when ``tol`` is below what
-    float64 resolves (values ~1e3 with lam ~1e3).
+    float64 resolves (lam times the value spread above about 1e6).
+
+    Where lam times the value spread exceeds 1e4, F is nearly piecewise linear and the exact
+    Hessian sees its kinks only within about ``1 / (lam * spread)`` of them, so Newton steps from
+    afar zig-zag. The problem is then solved by continuation: first at the lam that makes that
+    product 1e4, then at ten times that lam from its weights, and so on up to lam; each start
+    lies near the next optimum. In the limit this is the linear program
+    ``min_w max_k (A w)_k``, which it solves to rounding (tested against scipy's ``linprog``).
+    Below 1e4 (z-normalised values at lam up to about 100) it is one stage, as described above.
     """
     P, K, G = A.shape
     out = np.empty((P, G))
@@ -270,7 +278,7 @@ def _solve_exact(A, lam, tol, max_iter):
     logp = np.empty(K)
     Bd = np.empty(K)
     Bu = np.empty(K)
-    ltol = lam * tol
+    mean = np.empty(G)
     for i in range(P):
         lo = math.inf
         hi = -math.inf
@@ -278,119 +286,138 @@ def _solve_exact(A, lam, tol, max_iter):
             m = 0.0
             for k in range(K):
                 a = A[i, k, g]
-                m += a
+                m += a / K  # (a sum of values near the float64 limit would overflow)
                 lo = min(lo, a)
                 hi = max(hi, a)
-            m /= K
-            lm[g] = lam * m
-            for k in range(K):
-                B[k, g] = lam * (A[i, k, g] - m)
+            mean[g] = m
             w[g] = 1.0 / G
-        ridge_abs = 1e-10 * lam * (hi - lo) + 1e-300
-        dec = 0.0  # how much F fell since the last progress check
-        for it in range(max_iter + 1):
-            # 1. the tilted distribution, the gradient and the gap
-            zmax = _apply(B, w, z)[1]
-            se = 0.0
-            for k in range(K):
-                p[k] = math.exp(z[k] - zmax)
-                se += p[k]
-            gmin = math.inf
-            gw = 0.0
-            lse = math.log(se)
-            for k in range(K):
-                p[k] /= se
-                logp[k] = z[k] - zmax - lse
+        # Continuation for a nearly piecewise-linear F (see the docstring).
+        lspan = lam * hi - lam * lo  # finite: the caller refuses lam * |values| above 1e100
+        stage = lam if lspan <= 1e4 else lam * (1e4 / lspan)
+        while True:
             for g in range(G):
-                s = 0.0
+                lm[g] = stage * mean[g]
                 for k in range(K):
-                    s += p[k] * B[k, g]
-                bbar[g] = s
-                grad[g] = s + lm[g]
-                gmin = min(gmin, grad[g])
-                gw += grad[g] * w[g]
-            if gw - gmin < ltol or it == max_iter:
+                    v = A[i, k, g] - mean[g]
+                    B[k, g] = stage * v if abs(v) < math.inf else stage * A[i, k, g] - stage * mean[g]
+            _minimise(B, lm, w, stage * tol, 1e-10 * (stage / lam) * lspan + 1e-300, max_iter,
+                      x, d, fw, grad, bbar, c, H, M, t, gq, face, free, z, p, logp, Bd, Bu)
+            if stage >= lam:
                 break
-            gap = gw - gmin
-            if it % 32 == 0:
-                if it > 0:
-                    f_now = zmax + lse
-                    for g in range(G):
-                        f_now += lm[g] * w[g]
-                    if dec <= 1e-12 * (1.0 + abs(f_now)):
-                        break
-                dec = 0.0
-            # 2. the Newton point over the simplex
-            # H = sum_k p_k c_k c_k' with c_k = B_k - bbar, accumulated candidate by candidate
-            # (the innermost loop runs over contiguous memory and vectorises)
-            for a in range(G):
-                for b in range(G):
-                    H[a, b] = 0.0
-            for k in range(K):
-                for g in range(G):
-                    c[g] = B[k, g] - bbar[g]
-                for a in range(G):
-                    pc = p[k] * c[a]
-                    for b in range(a, G):
-                        H[a, b] += pc * c[b]
-            tr = 0.0
-            for a in range(G):
-                tr += H[a, a]
-                for b in range(a + 1, G):
-                    H[b, a] = H[a, b]
-            ridge = 1e-10 * tr / G + ridge_abs
-            for a in range(G):
-                H[a, a] += ridge
-                x[a] = w[a]
-                free[a] = w[a] > 0.0
-            _newton_point(H, grad, w, x, free, M, t, gq, face)
-            # 3. the line search on the Newton direction, and the Frank-Wolfe step beside it
-            gd = 0.0
-            lmd = 0.0
-            for g in range(G):
-                d[g] = x[g] - w[g]
-                gd += grad[g] * d[g]
-                lmd += lm[g] * d[g]
-            _apply(B, d, Bd)
-            alpha = 1.0
-            ch_newton = math.inf
-            if gd < 0.0:
-                for _ in range(64):
-                    ch_newton = _change(p, logp, Bd, alpha, lmd)
-                    if ch_newton <= 1e-4 * alpha * gd:
-                        break
-                    alpha *= 0.5
-            nv = 0
-            for g in range(G):
-                if grad[g] == gmin:
-                    nv += 1
-            lmu = 0.0
-            for g in range(G):
-                fw[g] = (1.0 / nv if grad[g] == gmin else 0.0) - w[g]
-                lmu += lm[g] * fw[g]
-            blo, bhi = _apply(B, fw, Bu)
-            curv = 0.25 * (bhi - blo) ** 2
-            beta = 1.0 if curv <= gap else gap / curv
-            ch_fw = _change(p, logp, Bu, beta, lmu)
-            if not min(ch_newton, ch_fw) < 0.0:
-                break  # neither step lowers F: optimal to rounding
-            if ch_newton <= ch_fw:
-                dec -= ch_newton
-                for g in range(G):
-                    w[g] += alpha * d[g]
-            else:
-                dec -= ch_fw
-                for g in range(G):
-                    w[g] += beta * fw[g]
-            s = 0.0
-            for g in range(G):  # a convex combination of simplex points, up to rounding
-                w[g] = max(w[g], 0.0)
-                s += w[g]
-            for g in range(G):
-                w[g] /= s
+            stage = min(10.0 * stage, lam)
         for g in range(G):
             out[i, g] = w[g]
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _minimise(B, lm, w, ltol, ridge_abs, max_iter, x, d, fw, grad, bbar, c, H, M, t, gq, face, free, z, p, logp,
+              Bd, Bu):
+    """The iterations of :func:`_solve_exact` on one problem, from ``w`` (overwritten with the
+    result): ``F(w) = log sum_k exp((B w)_k) + lm.w`` to a Frank-Wolfe gap below ``ltol``; the
+    other arguments are buffers."""
+    K, G = B.shape
+    dec = 0.0  # how much F fell since the last progress check
+    for it in range(max_iter + 1):
+        # 1. the tilted distribution, the gradient and the gap
+        zmax = _apply(B, w, z)[1]
+        se = 0.0
+        for k in range(K):
+            p[k] = math.exp(z[k] - zmax)
+            se += p[k]
+        gmin = math.inf
+        gw = 0.0
+        lse = math.log(se)
+        for k in range(K):
+            p[k] /= se
+            logp[k] = z[k] - zmax - lse
+        for g in range(G):
+            s = 0.0
+            for k in range(K):
+                s += p[k] * B[k, g]
+            bbar[g] = s
+            grad[g] = s + lm[g]
+            gmin = min(gmin, grad[g])
+            gw += grad[g] * w[g]
+        if gw - gmin < ltol or it == max_iter:
+            break
+        gap = gw - gmin
+        if it % 32 == 0:
+            if it > 0:
+                f_now = zmax + lse
+                for g in range(G):
+                    f_now += lm[g] * w[g]
+                if dec <= 1e-12 * (1.0 + abs(f_now)):
+                    break
+            dec = 0.0
+        # 2. the Newton point over the simplex
+        # H = sum_k p_k c_k c_k' with c_k = B_k - bbar, accumulated candidate by candidate
+        # (the innermost loop runs over contiguous memory and vectorises)
+        for a in range(G):
+            for b in range(G):
+                H[a, b] = 0.0
+        for k in range(K):
+            for g in range(G):
+                c[g] = B[k, g] - bbar[g]
+            for a in range(G):
+                pc = p[k] * c[a]
+                for b in range(a, G):
+                    H[a, b] += pc * c[b]
+        tr = 0.0
+        for a in range(G):
+            tr += H[a, a]
+            for b in range(a + 1, G):
+                H[b, a] = H[a, b]
+        ridge = 1e-10 * tr / G + ridge_abs
+        for a in range(G):
+            H[a, a] += ridge
+            x[a] = w[a]
+            free[a] = w[a] > 0.0
+        _newton_point(H, grad, w, x, free, M, t, gq, face)
+        # 3. the line search on the Newton direction, and the Frank-Wolfe step beside it
+        gd = 0.0
+        lmd = 0.0
+        for g in range(G):
+            d[g] = x[g] - w[g]
+            gd += grad[g] * d[g]
+            lmd += lm[g] * d[g]
+        _apply(B, d, Bd)
+        alpha = 2.0
+        ch_newton = math.inf
+        if gd < 0.0:
+            for _ in range(64):  # alpha = 1, 1/2, ... 2^-63: the last one tried is the one taken
+                alpha *= 0.5
+                ch_newton = _change(p, logp, Bd, alpha, lmd)
+                if ch_newton <= 1e-4 * alpha * gd:
+                    break
+        nv = 0
+        for g in range(G):
+            if grad[g] == gmin:
+                nv += 1
+        lmu = 0.0
+        for g in range(G):
+            fw[g] = (1.0 / nv if grad[g] == gmin else 0.0) - w[g]
+            lmu += lm[g] * fw[g]
+        blo, bhi = _apply(B, fw, Bu)
+        curv = 0.25 * (bhi - blo) ** 2
+        beta = 1.0 if curv <= gap else gap / curv
+        ch_fw = _change(p, logp, Bu, beta, lmu)
+        if not min(ch_newton, ch_fw) < 0.0:
+            break  # neither step lowers F: optimal to rounding
+        if ch_newton <= ch_fw:
+            dec -= ch_newton
+            for g in range(G):
+                w[g] += alpha * d[g]
+        else:
+            dec -= ch_fw
+            for g in range(G):
+                w[g] += beta * fw[g]
+        s = 0.0
+        for g in range(G):  # a convex combination of simplex points, up to rounding
+            w[g] = max(w[g], 0.0)
+            s += w[g]
+        for g in range(G):
+            w[g] /= s
 
 
 def _solve_reference(A: torch.Tensor, lam: float, steps: int = 10) -> torch.Tensor:
@@ -412,7 +439,9 @@ def worst_case_weights(
 
     Batched over every leading dimension. ``exact`` stops when the Frank-Wolfe gap of
     ``f / lam`` is below ``tol`` for every problem (default 1e-7, inside the 1e-6 the
-    project promises); ``reference`` runs the reference implementation's 10 steps.
+    project promises), or, where lam times the values is so large that float64 cannot resolve
+    that gap (above about 1e6), when the objective is optimal to rounding; ``reference`` runs
+    the reference implementation's 10 steps.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -433,7 +462,7 @@ def worst_case_weights(
         if lam * float(A.abs().max()) > 1e100:  # (lam * A)^2 must stay finite in float64
             raise ValueError(f"lambda x the largest value is {lam * float(A.abs().max()):.3g}: too large to solve in "
                              "float64; normalise the values or lower lambda")
-        wn = _solve_exact(np.ascontiguousarray(A.cpu().numpy()), float(lam), float(tol), int(max_iter))
+        wn = _solve_exact(np.ascontiguousarray(A.detach().cpu().numpy()), float(lam), float(tol), int(max_iter))
         w = torch.from_numpy(wn).to(A.device)
     else:
         w = _solve_reference(A, lam)

@@ -350,6 +350,13 @@ def test_samples_per_prompt_and_keep_best_choose_the_rows(tiny_policy_dir, tmp_p
         assert r["worst_case"] == max(group)
     with pytest.raises(ValueError, match="keep_best must be >= 1"):
         parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "x", "--keep_best", "0"))
+    with pytest.raises(ValueError, match="keep_best chooses SFT rows"):
+        parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "x", "--keep_best", "1",
+                                                 "--objective", "dpo"))
+    one = parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "x", "--samples_per_prompt", "1",
+                                                   "--objective", "dpo", "--pairs", "samples"))
+    with pytest.raises(UserError, match="samples_per_prompt 1 keeps one"):
+        check_generate_dir(one)
 
 
 def test_no_held_out_rows_skips_eval_loss(tiny_policy_dir, tiny_generate_dir, tmp_path, capsys):

@@ -304,3 +304,34 @@ def test_weights_are_ordinary_tensors(shape):
 def test_values_too_large_for_float64_are_refused():
     with pytest.raises(ValueError, match="too large"):
         worst_case_weights(1e200 * torch.randn(2, 4, 3, dtype=torch.float64), 1e200)
+
+
+@pytest.mark.parametrize("lam", [1e5, 1e9, 1e20, 1e99])
+@pytest.mark.parametrize("K,G", [(16, 10), (4, 4), (8, 2), (3, 16)])
+def test_huge_lambda_solves_the_linear_program(lam, K, G):
+    # As lam grows, h = f / lam tends to max_k (A w)_k: the weights must solve that linear
+    # program (continuation; the old batched solver was off by 0.25 of the values at 1e20).
+    from scipy.optimize import linprog
+
+    A = torch.randn(8, K, G, generator=torch.Generator().manual_seed(K * G), dtype=torch.float64)
+    w = worst_case_weights(A, lam)
+    assert torch.isfinite(w).all() and torch.all(w >= 0)
+    assert torch.allclose(w.sum(-1), torch.ones(8, dtype=torch.float64), atol=1e-12)
+    for a, wi in zip(A.numpy(), w.numpy()):
+        res = linprog(np.r_[np.zeros(G), 1.0], A_ub=np.c_[a, -np.ones(K)], b_ub=np.zeros(K),
+                      A_eq=np.r_[np.ones(G), 0.0][None], b_eq=[1.0], bounds=[(0, None)] * G + [(None, None)],
+                      method="highs")
+        slack = math.log(K) / lam  # f / lam lies within log(K) / lam of max_k (A w)_k
+        assert (a @ wi).max() <= res.fun + slack + 1e-12 * np.abs(a).max()
+
+
+def test_values_near_the_float64_limit_stay_finite():
+    # Per-objective means of values near 1e308 would overflow a plain sum.
+    A = torch.tensor([[1e308, -1e308, 0.0], [1e308, 1e308, 1.0]], dtype=torch.float64)
+    assert torch.equal(worst_case_weights(A, 1e-300), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+
+
+def test_values_that_require_grad():
+    A = torch.randn(5, 4, 2, dtype=torch.float64, requires_grad=True)
+    w = worst_case_weights(A, 1.0)
+    assert torch.all(kkt_gap(A.detach(), w, 1.0) < 1e-7)
