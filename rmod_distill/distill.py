@@ -23,7 +23,7 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig, get_peft_config
 
 from rmod_distill.adapters import MANIFEST, PORTABLE_FILES, check_adapter_folder
-from rmod_distill.artifacts import RunFolder, atomic_write_text, provenance, read_json, write_jsonl
+from rmod_distill.artifacts import RunFolder, atomic_write_text, dpo_pairs_problem, provenance, read_json, write_jsonl
 from rmod_distill.cards import adapter_card
 from rmod_distill.config import parse_config, to_dict
 from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
@@ -174,15 +174,10 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
     missing = [m for m in cfg.methods if m not in available]
     if missing:
         raise UserError(f"generate_dir {gen}: no rows for method {missing[0]!r} (methods there: {available})")
-    if "dpo" in cfg.objective and cfg.pairs in ("reference", "both") and "reference" not in available:
-        raise UserError(f"generate_dir {gen}: DPO pairs '{cfg.pairs}' need reference answers; generate with "
-                        f"`reference` among its methods (methods there: {available}) or set pairs: samples")
-    made = info.get("config", {}).get("samples_per_prompt", 1)
-    if "dpo" in cfg.objective and cfg.pairs in ("samples", "both") and min(made, cfg.samples_per_prompt or made) < 2:
-        where = (f"samples_per_prompt {cfg.samples_per_prompt} keeps one" if made >= 2 else
-                 "generate with samples_per_prompt >= 2")
-        raise UserError(f"generate_dir {gen}: DPO pairs '{cfg.pairs}' need several RMOD samples per prompt "
-                        f"({where}); or set pairs: reference")
+    problem = dpo_pairs_problem(cfg.objective, cfg.pairs, cfg.samples_per_prompt, available,
+                                info.get("config", {}).get("samples_per_prompt", 1))
+    if problem:
+        raise UserError(f"generate_dir {gen}: {problem}")
     if not (gen / "dataset").is_dir():
         raise UserError(f"generate_dir {gen}: no dataset/ folder; the run is damaged, rerun generate with --overwrite")
     _read_dataset(gen, keep_in_memory=False)  # a damaged dataset fails here, before the model loads

@@ -5,9 +5,10 @@ from it (distill). Round r > 1 runs RMOD with round r-1's student as the policy 
 folded into the weights, ``policy.merge_adapter``), keeps round 1's normalisation so every
 round scores on one scale, and distils again: continuing round r-1's adapter
 (``start: continue``, distill's ``init_adapter``) or a fresh one from the base policy
-(``start: restart``). Then every round's student is evaluated on the same held-out prompts
-and seeds, beside round 1's teacher (``rmod``) and ``reference``, and ``report.md`` puts the
-rounds side by side with paired intervals.
+(``start: restart``). With ``final_dpo``, the last round's adapter is then trained further by
+DPO on round 1's pairs (its RMOD answers over its ``reference`` answers). Then every student
+is evaluated on the same held-out prompts and seeds, beside round 1's teacher (``rmod``) and
+``reference``, and ``report.md`` puts them side by side with paired intervals.
 
 Each stage writes its usual run folder under ``output_dir/round-<r>/``; a complete one made
 with the same recipe is kept, an unfinished one resumes, so a killed ``iterate`` picks up
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rmod_distill.artifacts import NOT_RECIPE, RunFolder, provenance, read_json, read_jsonl, recipe_key, write_json
+from rmod_distill.artifacts import (NOT_RECIPE, RunFolder, dpo_pairs_problem, provenance, read_json, read_jsonl, recipe_key,
+                                    write_json)
 from rmod_distill.config import ConfigError, load_yaml, parse_config, to_dict
 from rmod_distill.errors import UserError
 from rmod_distill.metrics import bootstrap_interval, paired_comparisons, prompt_groups
@@ -34,6 +36,9 @@ from rmod_distill.prompts import base_prompt_id
 STARTS = ("continue", "restart")
 STAGES = ("generate", "distill", "eval")
 STAGE_CONFIGS = {"generate": "GenerateConfig", "distill": "DistillConfig", "eval": "EvalConfig"}
+# The final DPO's training and its eval are a distill and an eval run of their own.
+KINDS = {"dpo": "distill", "dpo-eval": "eval"}
+ARG_KEYS = ("generate_args", "later_generate_args", "distill_args", "dpo_args", "eval_args")
 
 
 @dataclass
@@ -47,7 +52,14 @@ class IterateConfig:
         "help": "continue (round r trains round r-1's adapter further) | restart (a fresh adapter on the base)."})
     generate_args: list[str | int | float | bool | None] = field(default_factory=list, metadata={
         "help": "Overrides for every round's generate, as on its command line: [--prompts.subset, fit]."})
+    later_generate_args: list[str | int | float | bool | None] = field(default_factory=list, metadata={
+        "help": "Overrides for the generate of rounds 2 and later, after generate_args: [--samples_per_prompt, 1]."})
     distill_args: list[str | int | float | bool | None] = field(default_factory=list, metadata={"help": "Overrides for every round's distill."})
+    final_dpo: bool = field(default=False, metadata={
+        "help": "After the last round, train its adapter further by DPO on round 1's generate run (RMOD's answers "
+                "over its reference answers: round 1 needs reference among its methods); evaluated as round-N+dpo."})
+    dpo_args: list[str | int | float | bool | None] = field(default_factory=list, metadata={
+        "help": "Overrides for that DPO, after distill_args: [--pair_margin, 0.5, --dpo_learning_rate, 5.0e-4]."})
     eval_args: list[str | int | float | bool | None] = field(default_factory=list, metadata={
         "help": "Overrides for every round's eval (e.g. [--prompts.split, train, --prompts.subset, validation])."})
     from_generate: str | None = field(default=None, metadata={
@@ -66,7 +78,9 @@ class IterateConfig:
         if self.from_adapter and not self.from_generate:
             raise ValueError("from_adapter needs from_generate (the generate run it was distilled from: round 2 "
                              "keeps its normalisation)")
-        for key in ("generate_args", "distill_args", "eval_args"):
+        if self.dpo_args and not self.final_dpo:
+            raise ValueError("dpo_args are overrides for the final DPO; set final_dpo: true to run it")
+        for key in ARG_KEYS:
             args = getattr(self, key)
             if args and not str(args[0]).startswith("--"):
                 raise ValueError(f"{key} must be a list of command-line overrides starting with a --key, got {args}")
@@ -92,13 +106,24 @@ def adapter_dir(cfg: IterateConfig, out: Path, round_: int) -> Path:
 
 
 def stage_argv(cfg: IterateConfig, round_: int, stage: str, out: Path) -> list[str]:
-    """The command line of one round's stage (what ``rmod-distill <stage>`` would be given)."""
-    argv = ["--config", str(Path(cfg.recipe) / f"{stage}.yaml")]
+    """The command line of one round's stage (what ``rmod-distill <stage>`` would be given);
+    ``dpo`` and ``dpo-eval`` are the final DPO (a distill run) and its eval, after the last round."""
+    argv = ["--config", str(Path(cfg.recipe) / f"{KINDS.get(stage, stage)}.yaml")]
     if stage == "generate":
-        argv += [*_args(cfg.generate_args), "--output_dir", str(generate_dir(cfg, out, round_))]
+        argv += _args(cfg.generate_args)
         if round_ > 1:
-            argv += ["--policy.adapter", str(adapter_dir(cfg, out, round_ - 1)), "--policy.merge_adapter", "true",
+            argv += [*_args(cfg.later_generate_args),
+                     "--policy.adapter", str(adapter_dir(cfg, out, round_ - 1)), "--policy.merge_adapter", "true",
                      "--normalization", str(generate_dir(cfg, out, 1) / "normalization.json")]
+        argv += ["--output_dir", str(generate_dir(cfg, out, round_))]
+    elif stage == "dpo":
+        argv += [*_args(cfg.distill_args), *_args(cfg.dpo_args), "--objective", "dpo",
+                 "--generate_dir", str(generate_dir(cfg, out, 1)), "--init_adapter", str(adapter_dir(cfg, out, cfg.rounds)),
+                 "--output_dir", str(out / "dpo" / "distill")]
+    elif stage == "dpo-eval":
+        argv += [*_args(cfg.eval_args), "--adapter", str(out / "dpo" / "distill"),
+                 "--generate_dir", str(generate_dir(cfg, out, 1)), "--methods", "[distilled, reference]",
+                 "--output_dir", str(out / "dpo" / "eval")]
     elif stage == "distill":
         argv += [*_args(cfg.distill_args), "--generate_dir", str(generate_dir(cfg, out, round_)),
                  "--output_dir", str(adapter_dir(cfg, out, round_))]
@@ -117,8 +142,9 @@ def stage_argv(cfg: IterateConfig, round_: int, stage: str, out: Path) -> list[s
 def _stage(stage: str):
     """The stage's config class and ``run``, reached by name as the CLI reaches them (no stage
     imports another)."""
-    module = importlib.import_module(f"rmod_distill.{stage}")
-    return getattr(module, STAGE_CONFIGS[stage]), module.run
+    kind = KINDS.get(stage, stage)
+    module = importlib.import_module(f"rmod_distill.{kind}")
+    return getattr(module, STAGE_CONFIGS[kind]), module.run
 
 
 def _normalised(value):
@@ -199,23 +225,41 @@ def check(cfg: IterateConfig) -> None:
             raise UserError(f"from_adapter: {cfg.from_adapter} was distilled from {made_from}, not from_generate "
                             f"{cfg.from_generate}")
     out = Path(cfg.output_dir)
-    for stage in STAGES:  # round 2's command lines name every key a round uses
+    parsed = {}
+    for stage in STAGES + (("dpo", "dpo-eval") if cfg.final_dpo else ()):
+        # round 2's command lines name every key a round uses
         cls, _ = _stage(stage)
         try:
-            parse_config(cls, stage_argv(cfg, min(cfg.rounds, 2), stage, out))
+            parsed[stage] = parse_config(cls, stage_argv(cfg, min(cfg.rounds, 2), stage, out))
         except (ConfigError, ValueError) as exc:
-            raise UserError(f"{stage}_args: {' '.join(str(exc).split())}") from None
+            keys = {"generate": "generate_args / later_generate_args", "dpo": "distill_args / dpo_args",
+                    "dpo-eval": "eval_args"}.get(stage, f"{stage}_args")
+            raise UserError(f"{keys}: {' '.join(str(exc).split())}") from None
+    if cfg.final_dpo:  # the pairs come from round 1's run: say so now, not after every round has run
+        if cfg.from_generate:
+            made = read_json(Path(cfg.from_generate) / "run.json", "from_generate run marker").get("config", {})
+            methods, samples, where = made.get("methods", []), made.get("samples_per_prompt", 1), cfg.from_generate
+        else:
+            first = parse_config(_stage("generate")[0], stage_argv(cfg, 1, "generate", out))
+            methods, samples, where = first.methods, first.samples_per_prompt, "round 1's generate"
+        dpo = parsed["dpo"]
+        problem = dpo_pairs_problem(dpo.objective, dpo.pairs, dpo.samples_per_prompt, list(methods), samples)
+        if problem:
+            raise UserError(f"final_dpo: {where}: {problem} (generate_args for round 1)")
 
 
-def round_table(out: Path, rounds: int, resamples: int) -> tuple[list[dict], dict]:
-    """Per round: the student's worst case (mean with interval, median) and its paired
-    difference from round 1's teacher and recovery of the teacher's lift over ``reference``."""
+def round_table(out: Path, rounds: int, resamples: int, final_dpo: bool = False) -> tuple[list[dict], dict]:
+    """Per student (each round's, and ``round-N+dpo`` with ``final_dpo``): its worst case (mean
+    with interval, median) and its paired difference from round 1's teacher and recovery of the
+    teacher's lift over ``reference``."""
     by_method: dict[str, dict[str, dict]] = {}
-    for r in range(1, rounds + 1):
-        for row in read_jsonl(out / f"round-{r}" / "eval" / "generations" / "samples.jsonl"):
-            if r > 1 and row["method"] != "distilled":
+    evals = [(f"round-{r}", out / f"round-{r}" / "eval") for r in range(1, rounds + 1)]
+    evals += [(f"round-{rounds}+dpo", out / "dpo" / "eval")] if final_dpo else []
+    for i, (student, folder) in enumerate(evals):
+        for row in read_jsonl(folder / "generations" / "samples.jsonl"):
+            if i > 0 and row["method"] != "distilled":
                 continue  # round 1's reference and teacher are the ones every round is compared with
-            name = f"round-{r}" if row["method"] == "distilled" else row["method"]
+            name = student if row["method"] == "distilled" else row["method"]
             by_method.setdefault(name, {})[row["prompt_id"]] = row
     ids = sorted(by_method["reference"])
     for name, rows in by_method.items():
@@ -232,12 +276,12 @@ def round_table(out: Path, rounds: int, resamples: int) -> tuple[list[dict], dic
         raise UserError(f"{out}: no prompt has every score for every round; see each round's eval report")
     table, paired = [], {}
     groups = prompt_groups(ids)  # several answers per prompt (eval's samples_per_prompt): resampled together
-    for name in ["reference", "rmod"] + [f"round-{r}" for r in range(1, rounds + 1)]:
+    for name in ["reference", "rmod"] + [student for student, _ in evals]:
         worst = z[name].min(1)
         row = {"method": name, "worst_case": float(worst.mean()), "median": float(np.median(worst)),
                "ci": bootstrap_interval(lambda i, w=worst: float(w[i].mean()), len(ids), resamples, 0, groups=groups),
                "tokens": float(np.mean([by_method[name][i].get("tokens_sampled", 0) for i in ids]))}
-        if name.startswith("round-"):
+        if name not in ("reference", "rmod"):
             p = paired_comparisons({"distilled": z[name], "rmod": z["rmod"], "reference": z["reference"]}, resamples,
                                    groups=groups)
             paired[name] = p
@@ -251,12 +295,15 @@ def round_table(out: Path, rounds: int, resamples: int) -> tuple[list[dict], dic
 
 def write_report(cfg: IterateConfig, out: Path, table: list[dict], info: dict) -> Path:
     """``report.md``: the rounds side by side."""
-    lines = [f"# Iterated distillation: {cfg.rounds} round(s), start: {cfg.start}", "",
+    dpo = (f" `round-{cfg.rounds}+dpo` is the last student trained further by DPO on round 1's pairs."
+           if cfg.final_dpo else "")
+    lines = [f"# Iterated distillation: {cfg.rounds} round(s), start: {cfg.start}"
+             + (", then DPO" if cfg.final_dpo else ""), "",
              f"{info['prompts']} held-out prompts"
              + (f" ({info['answers']} answers)" if info["answers"] != info["prompts"] else "")
              + f"; objectives {', '.join(info['objectives'])}; every round on round 1's "
              "normalisation. `rmod` is round 1's teacher (K samples a block over the base policy); `round-r` is "
-             "the student after r rounds, sampled plainly. Recovery: `(student - reference) / (rmod - reference)` "
+             "the student after r rounds, sampled plainly." + dpo + " Recovery: `(student - reference) / (rmod - reference)` "
              "of the per-prompt worst case, by mean and by median, with paired 95% bootstrap intervals.", "",
              "| method | worst case [95% CI] | median | student - rmod [95% CI] | recovery by mean | recovery by median "
              "| tokens/resp |", "|---|---|---|---|---|---|---|"]
@@ -275,6 +322,11 @@ def write_report(cfg: IterateConfig, out: Path, table: list[dict], info: dict) -
     return path
 
 
+def _name(round_: int, stage: str) -> str:
+    """How the log names a stage: ``round 2 distill``, ``final dpo``, ``final dpo-eval``."""
+    return f"final {stage}" if stage in KINDS else f"round {round_} {stage}"
+
+
 def run(cfg: IterateConfig) -> Path:
     """Run (or resume) every round, then evaluate every student; returns the output folder."""
     resolved = to_dict(cfg)
@@ -286,17 +338,19 @@ def run(cfg: IterateConfig) -> Path:
     folder = RunFolder(cfg.output_dir, "iterate", resolved, False)
     out = folder.begin()
     work = [(r, stage) for r in range(1, cfg.rounds + 1) for stage in ("generate", "distill")]
+    work += [(cfg.rounds, "dpo")] if cfg.final_dpo else []
     work += [(r, "eval") for r in range(1, cfg.rounds + 1)]  # every student once all are trained
+    work += [(cfg.rounds, "dpo-eval")] if cfg.final_dpo else []
     for r, stage in work:
         kept = _kept(cfg, r, stage, out)
         if kept is not None:
-            print(f"iterate: round {r} {stage}: complete, kept ({kept})")
+            print(f"iterate: {_name(r, stage)}: complete, kept ({kept})")
             continue
         argv = stage_argv(cfg, r, stage, out) + (["--overwrite"] if cfg.overwrite else [])
-        print(f"iterate: round {r} {stage} -> {argv[argv.index('--output_dir') + 1]}", flush=True)
+        print(f"iterate: {_name(r, stage)} -> {argv[argv.index('--output_dir') + 1]}", flush=True)
         cls, stage_run = _stage(stage)
         stage_run(parse_config(cls, argv))
-    table, info = round_table(out, cfg.rounds, cfg.bootstrap_resamples)
+    table, info = round_table(out, cfg.rounds, cfg.bootstrap_resamples, cfg.final_dpo)
     write_json(out / "metrics.json", dict(provenance(resolved), rounds=table, **info))
     report = write_report(cfg, out, table, info)
     path = folder.finish({"rounds": table})

@@ -75,13 +75,18 @@ def shipped_recipes():
 
 
 @pytest.mark.parametrize("recipe", shipped_recipes(), ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_every_shipped_recipe_loads(recipe):
-    stage = recipe.stem
+def test_every_shipped_recipe_loads(recipe, monkeypatch):
+    stage = recipe.stem.split("-")[0]  # <stage>.yaml, or a variant <stage>-<name>.yaml
     assert stage in STAGE_CONFIGS, f"{recipe}: no config class for stage {stage!r}"
     overrides = []
     if stage == "distill" and not torch.cuda.is_available():
         overrides = ["--bf16", "false"]  # TrainingArguments refuses bf16 without a GPU; every other key is checked
     cfg = parse_config(STAGE_CONFIGS[stage], ["--config", str(recipe), *overrides])
+    if stage == "iterate":  # its stage recipes and overrides parse together too
+        from rmod_distill.iterate import check
+
+        monkeypatch.chdir(ROOT)
+        check(cfg)
     prompts = getattr(cfg, "prompts", None)
     if prompts is not None and prompts.path.endswith((".jsonl", ".parquet", ".json")):
         assert (ROOT / prompts.path).is_file(), f"{recipe}: prompt file {prompts.path} is missing"

@@ -149,8 +149,59 @@ def test_restart_and_overrides_reach_the_stage_command_lines(tmp_path):
     assert g3[g3.index("--policy.adapter") + 1] == str(tmp_path / "it" / "round-2" / "distill")
 
 
+def test_final_dpo_and_later_generate_args_reach_the_stage_command_lines(tmp_path):
+    out = tmp_path / "it"
+    cfg = parse_config(IterateConfig, ["--rounds", "2", "--output_dir", str(out), "--final_dpo", "true",
+                                       "--generate_args", "[--methods, '[rmod, reference]']",
+                                       "--later_generate_args", "[--methods, '[rmod]', --samples_per_prompt, 1]",
+                                       "--distill_args", "[--eval_fraction, 0.15]", "--dpo_args", "[--pair_margin, 0.5]"])
+    g1, g2 = stage_argv(cfg, 1, "generate", out), stage_argv(cfg, 2, "generate", out)
+    assert "--samples_per_prompt" not in g1 and g1[g1.index("--methods") + 1] == "[rmod, reference]"
+    assert g2[g2.index("--samples_per_prompt") + 1] == "1"
+    assert g2[len(g2) - 1 - g2[::-1].index("--methods") + 1] == "[rmod]"  # the later override wins
+    d = stage_argv(cfg, 2, "dpo", out)
+    assert d[d.index("--config") + 1].endswith("distill.yaml") and d[d.index("--objective") + 1] == "dpo"
+    assert d[d.index("--init_adapter") + 1] == str(out / "round-2" / "distill")
+    assert d[d.index("--generate_dir") + 1] == str(out / "round-1" / "generate")
+    assert d[d.index("--pair_margin") + 1] == "0.5" and d[d.index("--eval_fraction") + 1] == "0.15"
+    e = stage_argv(cfg, 2, "dpo-eval", out)
+    assert e[e.index("--adapter") + 1] == str(out / "dpo" / "distill")
+    assert e[e.index("--output_dir") + 1] == str(out / "dpo" / "eval")
+
+
+def test_final_dpo_after_two_rounds(tiny_policy_dir, tmp_path):
+    """Round 1 with reference rows, round 2 RMOD only (later_generate_args), then DPO from round
+    2's adapter on round 1's pairs, evaluated beside the rounds."""
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path / "recipe", tiny_policy_dir)
+    out = run(parse_config(IterateConfig, [
+        "--recipe", str(recipe), "--rounds", "2", "--output_dir", str(tmp_path / "it"),
+        "--generate_args", "[--methods, '[rmod, reference]']", "--later_generate_args", "[--methods, '[rmod]']",
+        "--final_dpo", "true", "--dpo_args", "[--pair_margin, -100]"]))
+    gen2 = json.loads((out / "round-2" / "generate" / "run.json").read_text())
+    assert gen2["config"]["methods"] == ["rmod"]
+    dpo = json.loads((out / "dpo" / "distill" / "run.json").read_text())
+    assert dpo["complete"] and dpo["config"]["objective"] == "dpo" and dpo["metrics"]["dpo_pairs"] > 0
+    assert Path(dpo["config"]["init_adapter"]) == out / "round-2" / "distill"
+    assert Path(dpo["config"]["generate_dir"]) == out / "round-1" / "generate"
+    a2 = load_file(out / "round-2" / "distill" / "adapter_model.safetensors")
+    a3 = load_file(out / "dpo" / "distill" / "adapter_model.safetensors")
+    assert a2.keys() == a3.keys() and any(not torch.equal(a2[k], a3[k]) for k in a2)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["method"] for r in metrics["rounds"]] == ["reference", "rmod", "round-1", "round-2", "round-2+dpo"]
+    assert set(metrics["rounds"][-1]["recovery"]) == {"mean", "median"}
+    assert "`round-2+dpo`" in (out / "report.md").read_text()
+    rows = read_jsonl(out / "dpo" / "eval" / "generations" / "samples.jsonl")
+    assert {row["method"] for row in rows} == {"distilled", "reference"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "0"], "rounds must be >= 1"),
+    (["--dpo_args", "[--pair_margin, 0.5]"], "set final_dpo: true"),
+    (["--final_dpo", "true"], "final_dpo: round 1's generate: DPO pairs 'reference' need reference answers"),
+    (["--final_dpo", "true", "--dpo_args", "[--pairs, neither]"], "distill_args / dpo_args: .*pairs must be"),
+    (["--later_generate_args", "[--decoding.num_candidates, many]"], "later_generate_args"),
     (["--start", "resume"], "start must be one of"),
     (["--recipe", "no/such/folder"], "no/such/folder/generate.yaml does not exist"),
     (["--generate_args", "[--decoding.num_candidates, many]"], "generate_args"),
