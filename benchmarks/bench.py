@@ -7,7 +7,9 @@ Every figure is the median of several repetitions after a warm-up, on the embedd
 default and on a randomly initialised model of a larger config (SmolLM2-360M's shape), so
 the same script runs on a GPU machine (bf16 there). Rows:
 
-1. rmod / cd wall time at the same K, B, prompts and seeds (target <= 1.03);
+1. rmod / cd wall time at the same K, B, prompts and seeds (target <= 1.03): the median of
+   the ratios of adjacent runs, rows 1 and 2 taking turns so a drift of the machine's speed
+   does not fall on one method;
 2. engine tokens/s over one plain batched ``generate`` sampling the same sequences and
    tokens (target >= 0.8 with scoring excluded), and with scoring included;
 3. cache reuse: the engine against re-running ``generate`` over the whole prefix every
@@ -296,6 +298,24 @@ def run_vllm(args, prompts, machine: dict) -> None:
     print(text)
 
 
+def interleaved_times(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall seconds of every ``fns[name]()`` over ``reps`` rounds after ``warmup`` rounds, the
+    functions taking turns within each round, so that a drift of the machine's speed (another
+    process, a frequency change) falls on all of them alike instead of on whichever ran last."""
+    times = {name: [] for name in fns}
+    for r in range(warmup + reps):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
     """Rows 1, 2, 3 and 5 for one model."""
     model, tok = load_model(name)
@@ -308,16 +328,23 @@ def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
                          temperature=0.7, top_p=0.9)
     res = {"model": name, "prompts": n, "K": cfg.num_candidates, "B": cfg.block_size, "new_tokens": cfg.max_new_tokens}
 
-    # 1. RMOD over CD: identical work but for the weight solve.
-    t_cd = median_time(lambda: run_method(model, tok, convs, "cd", cfg, value_fn, names), reps)
-    t_rmod = median_time(lambda: run_method(model, tok, convs, "rmod", cfg, value_fn, names), reps)
-    res["rmod_seconds"], res["cd_seconds"], res["rmod_over_cd"] = t_rmod, t_cd, t_rmod / t_cd
-    print(f"[{name}] 1. rmod/cd = {t_rmod:.2f}/{t_cd:.2f} s = {t_rmod / t_cd:.3f}", flush=True)
+    # 1. RMOD over CD: identical work but for the weight solve; 2. the engine over one plain
+    # batched generate of the same sequences and tokens. All four take turns (interleaved_times);
+    # row 1 is the median of the ratios of adjacent runs.
+    times = interleaved_times({
+        "cd": lambda: run_method(model, tok, convs, "cd", cfg, value_fn, names),
+        "rmod": lambda: run_method(model, tok, convs, "rmod", cfg, value_fn, names),
+        "generate": lambda: plain_generate(model, tok, convs, cfg.num_candidates, cfg.max_new_tokens, cfg),
+        "free": lambda: run_method(model, tok, convs, "cd", cfg, free_fn, free_names),
+    }, reps)
+    t_cd, t_rmod, t_gen, t_free = (statistics.median(times[k]) for k in ("cd", "rmod", "generate", "free"))
+    ratio = statistics.median(r / c for r, c in zip(times["rmod"], times["cd"]))
+    res["rmod_seconds"], res["cd_seconds"], res["rmod_over_cd"] = t_rmod, t_cd, ratio
+    res["rmod_over_cd_each"] = [r / c for r, c in zip(times["rmod"], times["cd"])]
+    print(f"[{name}] 1. rmod/cd = {t_rmod:.2f}/{t_cd:.2f} s, median ratio of adjacent runs {ratio:.3f} "
+          f"(each: {', '.join(f'{x:.3f}' for x in res['rmod_over_cd_each'])})", flush=True)
 
-    # 2. Engine over one plain batched generate of the same sequences and tokens.
     tokens = n * cfg.num_candidates * cfg.max_new_tokens
-    t_gen = median_time(lambda: plain_generate(model, tok, convs, cfg.num_candidates, cfg.max_new_tokens, cfg), reps)
-    t_free = median_time(lambda: run_method(model, tok, convs, "cd", cfg, free_fn, free_names), reps)
     res["generate_tok_s"] = tokens / t_gen
     res["engine_tok_s_scoring_excluded"] = tokens / t_free
     res["engine_tok_s_scoring_included"] = tokens / t_cd
@@ -374,7 +401,7 @@ def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
 def bench_solver(reps: int) -> dict:
     """Row 4: both solvers, one thread, on 1024 x K16 x G10, 64 x K16 x G2 and 64 x K4 x G4 (the default recipe).
 
-    Per shape: median ms of each solver (after a warm-up), their ratio and the exact solver's
+    Per shape: median ms of each solver (after a warm-up, the two taking turns), their ratio and the exact solver's
     largest KKT gap; for the first shape also how much of the gap from uniform the reference closes.
     """
     threads = torch.get_num_threads()
@@ -383,8 +410,9 @@ def bench_solver(reps: int) -> dict:
         shapes = []
         for P, K, G in ((1024, 16, 10), (64, 16, 2), (64, 4, 4)):
             A = torch.randn(P, K, G, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-            t_exact = median_time(lambda: worst_case_weights(A, 1.0, "exact"), reps)
-            t_ref = median_time(lambda: worst_case_weights(A, 1.0, "reference"), reps)
+            times = interleaved_times({"exact": lambda: worst_case_weights(A, 1.0, "exact"),
+                                       "reference": lambda: worst_case_weights(A, 1.0, "reference")}, reps)
+            t_exact, t_ref = statistics.median(times["exact"]), statistics.median(times["reference"])
             w_exact, w_ref = worst_case_weights(A, 1.0, "exact"), worst_case_weights(A, 1.0, "reference")
             shapes.append({
                 "shape": f"{P}x{K}x{G}", "exact_ms": 1e3 * t_exact, "reference_ms": 1e3 * t_ref,
@@ -506,7 +534,7 @@ def main(argv=None) -> None:
         return
     report = {
         "machine": machine,
-        "solver": bench_solver(args.reps) if "solver" in parts else None,
+        "solver": bench_solver(max(args.reps, 31)) if "solver" in parts else None,  # milliseconds each
         "models": [bench_model(m, prompts, args.reps, quick=(m != "embedded" and device.type == "cpu"))
                    for m in args.models.split(",")] if "models" in parts else [],
         "overhead": bench_overhead(prompts) if "overhead" in parts and "embedded" in args.models.split(",") else None,
