@@ -56,20 +56,22 @@ from rmod_distill.weights import kkt_gap, log_mean_exp_objective, worst_case_wei
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def wall_time(fn) -> float:
+    """Wall seconds of one ``fn()``, the GPU's queued work included."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def median_time(fn, reps: int, warmup: int = 1) -> float:
     """Median wall seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(wall_time(fn) for _ in range(reps))
 
 
 def load_model(name: str):
@@ -305,14 +307,9 @@ def interleaved_times(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[f
     times = {name: [] for name in fns}
     for r in range(warmup + reps):
         for name, fn in fns.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            seconds = wall_time(fn)
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
     return times
 
 
