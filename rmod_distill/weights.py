@@ -10,8 +10,9 @@ No library solves a batch of tiny simplex-constrained problems, so this is writt
 compiled by numba: G is 2 to 16, so second-order steps are cheap, and a problem is a few
 thousand flops that batched array code would spend on per-call overhead. Each iteration is
 a step of sequential quadratic programming: the minimiser of the quadratic model over the
-simplex (an active-set method on G x G systems), an Armijo line search towards it, and a
-Frank-Wolfe step beside it as the safeguard that makes it converge. A problem stops once its
+simplex (an active-set method on G x G systems) and an Armijo line search towards it; a unit
+step that passes is taken, any other is compared with a Frank-Wolfe step, the safeguard that
+makes it converge. A problem stops once its
 Frank-Wolfe gap ``grad.w - min_g grad_g``, an upper bound on ``h(w) - h(w*)`` for
 ``h = f / lam``, is below ``tol``; its weights do not depend on the other problems of the
 batch. ``solver="reference"`` reproduces the public reference implementation's 10 steps of
@@ -108,6 +109,7 @@ def _newton_point(H, grad, w, x, free, M, t, gq, face):
     otherwise ``x`` moves along it until a weight reaches zero, and that objective leaves the
     face. Every round lowers ``q`` (H is positive definite), so ``x`` stays feasible with
     ``q(x) <= q(w) = 0``, and ``x - w`` is a descent direction even if the round limit stops it.
+    Returns whether ``x`` is the model's minimiser (False: the round limit stopped it first).
     """
     G = grad.shape[0]
     scale = 0.0
@@ -133,7 +135,7 @@ def _newton_point(H, grad, w, x, free, M, t, gq, face):
                     worst = gq[g] - gq[j]
                     release = g
             if release < 0:
-                return
+                return True
             free[release] = True
             at_face_optimum = False
             continue
@@ -170,6 +172,7 @@ def _newton_point(H, grad, w, x, free, M, t, gq, face):
             free[block] = False
         else:
             at_face_optimum = True
+    return False
 
 
 @numba.njit(cache=True, nogil=True)
@@ -238,8 +241,10 @@ def _solve_exact(A, lam, tol, max_iter):
        along ``u`` is a variance under p, at most a quarter of the squared range); the one that
        lowers F more is taken, each change of F computed without cancellation (:func:`_change`).
 
-    When the unit Newton step passes the line search it is taken at once, and the Frank-Wolfe
-    candidate is not computed (the usual case: it saves a product and K exponentials a step).
+    When the unit step towards the model's minimiser passes the line search it is taken at once,
+    and the Frank-Wolfe candidate is not computed (the usual case: it saves a product and K
+    exponentials a step); when the active-set method stopped at its round limit short of the
+    minimiser, every step is compared with the Frank-Wolfe one.
 
     Why it converges: the Frank-Wolfe candidate alone lowers F by at least
     ``gap * min(1, gap / L) / 2``, and a step compared with it is never worse. A unit step
@@ -380,7 +385,7 @@ def _minimise(B, lm, w, ltol, ridge_abs, max_iter, x, d, fw, grad, bbar, c, H, M
             H[a, a] += ridge
             x[a] = w[a]
             free[a] = w[a] > 0.0
-        _newton_point(H, grad, w, x, free, M, t, gq, face)
+        solved = _newton_point(H, grad, w, x, free, M, t, gq, face)
         # 3. the line search on the Newton direction, and the Frank-Wolfe step beside it
         gd = 0.0
         lmd = 0.0
@@ -397,7 +402,7 @@ def _minimise(B, lm, w, ltol, ridge_abs, max_iter, x, d, fw, grad, bbar, c, H, M
                 ch_newton = _change(p, logp, Bd, alpha, lmd)
                 if ch_newton <= 1e-4 * alpha * gd:
                     break
-        if alpha == 1.0 and ch_newton <= 1e-4 * gd:
+        if solved and alpha == 1.0 and ch_newton <= 1e-4 * gd:
             # The unit step passed: it is taken without the Frank-Wolfe comparison (see why it
             # still converges in _solve_exact's docstring).
             dec -= ch_newton
