@@ -14,7 +14,9 @@ Each stage writes its usual run folder under ``output_dir/round-<r>/``; a comple
 with the same recipe is kept, an unfinished one resumes, so a killed ``iterate`` picks up
 where it stopped. Round 1 can be an existing generate run and adapter (``from_generate``,
 ``from_adapter``: ``make demo``'s, say). The stage recipes are the recipe folder's own ``generate.yaml``, ``distill.yaml``
-and ``eval.yaml``, with ``*_args`` overrides applied to every round.
+and ``eval.yaml``, with ``generate_args``, ``distill_args`` and ``eval_args`` applied to every
+round (and to the final DPO and its eval), ``later_generate_args`` to rounds 2 and later only,
+and ``dpo_args`` to the final DPO only.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ class IterateConfig:
                              "keeps its normalisation)")
         if self.dpo_args and not self.final_dpo:
             raise ValueError("dpo_args are overrides for the final DPO; set final_dpo: true to run it")
+        if "--objective" in [str(a) for a in self.dpo_args]:
+            raise ValueError("dpo_args: the final DPO's objective is dpo; set the other DPO keys there "
+                             "(--pairs, --pair_margin, --dpo_learning_rate, ...)")
         for key in ARG_KEYS:
             args = getattr(self, key)
             if args and not str(args[0]).startswith("--"):
@@ -225,27 +230,37 @@ def check(cfg: IterateConfig) -> None:
             raise UserError(f"from_adapter: {cfg.from_adapter} was distilled from {made_from}, not from_generate "
                             f"{cfg.from_generate}")
     out = Path(cfg.output_dir)
+    # Round 1's and round 2's command lines name every key a round uses.
+    steps = [(1, "generate", "generate_args"), (1, "distill", "distill_args"), (1, "eval", "eval_args")]
+    if cfg.rounds > 1:
+        steps += [(2, "generate", "generate_args / later_generate_args"), (2, "distill", "distill_args")]
+    if cfg.final_dpo:
+        steps += [(cfg.rounds, "dpo", "distill_args / dpo_args"), (cfg.rounds, "dpo-eval", "eval_args")]
     parsed = {}
-    for stage in STAGES + (("dpo", "dpo-eval") if cfg.final_dpo else ()):
-        # round 2's command lines name every key a round uses
-        cls, _ = _stage(stage)
+    for r, stage, keys in steps:
         try:
-            parsed[stage] = parse_config(cls, stage_argv(cfg, min(cfg.rounds, 2), stage, out))
+            parsed[r, stage] = parse_config(_stage(stage)[0], stage_argv(cfg, r, stage, out))
         except (ConfigError, ValueError) as exc:
-            keys = {"generate": "generate_args / later_generate_args", "dpo": "distill_args / dpo_args",
-                    "dpo-eval": "eval_args"}.get(stage, f"{stage}_args")
             raise UserError(f"{keys}: {' '.join(str(exc).split())}") from None
-    if cfg.final_dpo:  # the pairs come from round 1's run: say so now, not after every round has run
-        if cfg.from_generate:
-            made = read_json(Path(cfg.from_generate) / "run.json", "from_generate run marker").get("config", {})
-            methods, samples, where = made.get("methods", []), made.get("samples_per_prompt", 1), cfg.from_generate
-        else:
-            first = parse_config(_stage("generate")[0], stage_argv(cfg, 1, "generate", out))
-            methods, samples, where = first.methods, first.samples_per_prompt, "round 1's generate"
-        dpo = parsed["dpo"]
-        problem = dpo_pairs_problem(dpo.objective, dpo.pairs, dpo.samples_per_prompt, list(methods), samples)
+    # A DPO's pairs come from a generate run made earlier in the chain: say now that they cannot,
+    # not hours later when that DPO starts.
+    made = {}  # round -> (methods, samples per prompt, where they are set)
+    if cfg.from_generate:
+        recorded = read_json(Path(cfg.from_generate) / "run.json", "from_generate run marker").get("config", {})
+        made[1] = (recorded.get("methods", []), recorded.get("samples_per_prompt", 1), f"from_generate {cfg.from_generate}")
+    else:
+        made[1] = (parsed[1, "generate"].methods, parsed[1, "generate"].samples_per_prompt, "generate_args")
+    if cfg.rounds > 1:
+        made[2] = (parsed[2, "generate"].methods, parsed[2, "generate"].samples_per_prompt,
+                   "generate_args / later_generate_args")
+    checks = [(r, parsed[r, "distill"], "distill_args") for r in made if not (r == 1 and cfg.from_adapter)]
+    if cfg.final_dpo:
+        checks.append((1, parsed[cfg.rounds, "dpo"], "final_dpo, distill_args / dpo_args"))
+    for r, dist, keys in checks:
+        methods, samples, where = made[r]
+        problem = dpo_pairs_problem(dist.objective, dist.pairs, dist.samples_per_prompt, list(methods), samples)
         if problem:
-            raise UserError(f"final_dpo: {where}: {problem} (generate_args for round 1)")
+            raise UserError(f"{keys}: round {r}'s generate ({where}): {problem}")
 
 
 def round_table(out: Path, rounds: int, resamples: int, final_dpo: bool = False) -> tuple[list[dict], dict]:

@@ -199,7 +199,14 @@ def test_final_dpo_after_two_rounds(tiny_policy_dir, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "0"], "rounds must be >= 1"),
     (["--dpo_args", "[--pair_margin, 0.5]"], "set final_dpo: true"),
-    (["--final_dpo", "true"], "final_dpo: round 1's generate: DPO pairs 'reference' need reference answers"),
+    (["--final_dpo", "true"],
+     r"final_dpo, distill_args / dpo_args: round 1's generate \(generate_args\): DPO pairs 'reference' need reference"),
+    (["--final_dpo", "true", "--dpo_args", "[--objective, sft]"], "the final DPO's objective is dpo"),
+    (["--distill_args", "[--objective, sft+dpo]"], r"distill_args: round 1's generate \(generate_args\): DPO pairs"),
+    (["--generate_args", "[--methods, '[rmod, reference]']", "--later_generate_args", "[--methods, '[rmod]']",
+      "--distill_args", "[--objective, sft+dpo]"], r"distill_args: round 2's generate \(generate_args / later_generate_args\)"),
+    (["--rounds", "2", "--generate_args", "[--decoding.num_candidates, many]",
+      "--later_generate_args", "[--decoding.num_candidates, 2]"], "generate_args: "),
     (["--final_dpo", "true", "--dpo_args", "[--pairs, neither]"], "distill_args / dpo_args: .*pairs must be"),
     (["--later_generate_args", "[--decoding.num_candidates, many]"], "later_generate_args"),
     (["--start", "resume"], "start must be one of"),
@@ -244,6 +251,14 @@ def test_a_kept_round_must_match_the_recipe(two_rounds, tmp_path):
     (partial / "run.json").write_text(json.dumps(marker))
     with pytest.raises(UserError, match="another recipe.*decoding"):
         run(parse_config(IterateConfig, ["--recipe", str(recipe), "--rounds", "2", "--output_dir", str(partial)]))
+
+
+def test_final_dpo_checks_from_generate_for_reference_rows(two_rounds, tmp_path):
+    recipe, out = two_rounds  # its round 1 generated rmod only
+    with pytest.raises(UserError, match="round 1's generate \\(from_generate .*need reference answers"):
+        run(parse_config(IterateConfig, ["--recipe", str(recipe), "--output_dir", str(tmp_path / "it"), "--final_dpo",
+                                         "true", "--from_generate", str(out / "round-1" / "generate")]))
+    assert not (tmp_path / "it").exists()
 
 
 def test_from_adapter_must_come_from_from_generate(two_rounds, tmp_path):
