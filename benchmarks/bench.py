@@ -16,7 +16,8 @@ the same script runs on a GPU machine (bf16 there). Rows:
    block (the reference implementation's loop), at 128 and 256 new tokens, and the time
    of block 8 over block 1 of a 128-token run;
 4. the weight solvers, one thread, on 1024 problems of K=16, G=10, 64 of K=16, G=2 and 64 of
-   K=4, G=4 (the default recipe's shape), and how much of the gap the reference solver closes;
+   K=4, G=4 (the default recipe's shape), taking turns, medians of 31, and how much of the gap
+   the reference solver closes;
 5. scaling of time per response with N, K and G, and peak memory;
 6. distillation's payoff, read from the default eval report when it exists;
 7. RMOD's selection overhead per block on the default recipe: the share of a block's time
@@ -302,11 +303,12 @@ def run_vllm(args, prompts, machine: dict) -> None:
 
 def interleaved_times(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
     """Wall seconds of every ``fns[name]()`` over ``reps`` rounds after ``warmup`` rounds, the
-    functions taking turns within each round, so that a drift of the machine's speed (another
-    process, a frequency change) falls on all of them alike instead of on whichever ran last."""
+    functions taking turns within each round, in reversed order every other round, so that a
+    drift of the machine's speed (another process, a frequency change) falls on all of them
+    alike instead of on whichever ran last."""
     times = {name: [] for name in fns}
     for r in range(warmup + reps):
-        for name, fn in fns.items():
+        for name, fn in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
             seconds = wall_time(fn)
             if r >= warmup:
                 times[name].append(seconds)
@@ -463,7 +465,10 @@ def format_table(report: dict) -> str:
         rows.append([label, target, *cells])
 
     if models:  # rows 1-3 and 5 (--only without models skips them)
-        row("1. rmod / cd wall time (same K, B, prompts, seeds)", "<= 1.03", "rmod_over_cd", "{:.3f}")
+        rows.append(["1. rmod / cd wall time (same K, B, prompts, seeds)", "<= 1.03", *[
+            f"{m['rmod_over_cd']:.3f}" + (f" (runs: {', '.join(f'{x:.3f}' for x in m['rmod_over_cd_each'])})"
+                                          if "rmod_over_cd_each" in m else "") if "rmod_over_cd" in m else "-"
+            for m in models]])
         row("2. engine / plain generate tok/s, scoring excluded", ">= 0.8", "engine_over_generate_scoring_excluded", "{:.3f}")
         row("2. engine / plain generate tok/s, scoring included", "", "engine_over_generate_scoring_included", "{:.3f}")
         row("   plain generate tok/s (K x N sequences)", "", "generate_tok_s", "{:.0f}")
@@ -482,8 +487,8 @@ def format_table(report: dict) -> str:
     s = report["solver"] or {"shapes": []}
     for r in s.get("shapes", [s | {"shape": "1024x16x10"}]):
         ratio = r.get("exact_over_reference", r["exact_ms"] / r["reference_ms"])
-        solver = (f"exact {r['exact_ms']:.2f} ms (max KKT gap {r['exact_max_kkt_gap']:.1e}), reference "
-                  f"{r['reference_ms']:.2f} ms, ratio {ratio:.2f}")
+        solver = (f"{ratio:.2f}: exact {r['exact_ms']:.2f} ms (max KKT gap {r['exact_max_kkt_gap']:.1e}), reference "
+                  f"{r['reference_ms']:.2f} ms")
         rows.append([f"4. solver, {r['shape']}, 1 thread, exact / reference", "<= 2", solver] + [""] * (len(heads) - 1))
     if "reference_share_of_gap_closed_median" in s:
         rows.append(["4. reference's share of the gap from uniform closed (1024x16x10)", "",
