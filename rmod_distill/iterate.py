@@ -126,9 +126,7 @@ def stage_argv(cfg: IterateConfig, round_: int, stage: str, out: Path) -> list[s
                  "--generate_dir", str(generate_dir(cfg, out, 1)), "--init_adapter", str(adapter_dir(cfg, out, cfg.rounds)),
                  "--output_dir", str(out / "dpo" / "distill")]
     elif stage == "dpo-eval":
-        argv += [*_args(cfg.eval_args), "--adapter", str(out / "dpo" / "distill"),
-                 "--generate_dir", str(generate_dir(cfg, out, 1)), "--methods", "[distilled, reference]",
-                 "--output_dir", str(out / "dpo" / "eval")]
+        argv += _eval_argv(cfg, out, out / "dpo" / "distill", "[distilled, reference]", out / "dpo" / "eval")
     elif stage == "distill":
         argv += [*_args(cfg.distill_args), "--generate_dir", str(generate_dir(cfg, out, round_)),
                  "--output_dir", str(adapter_dir(cfg, out, round_))]
@@ -138,10 +136,14 @@ def stage_argv(cfg: IterateConfig, round_: int, stage: str, out: Path) -> list[s
         # Later rounds add only their student; eval always needs `reference` (win rates), which
         # costs one plain sample a prompt and comes out the same in every round (same seeds).
         methods = "[distilled, rmod, reference]" if round_ == 1 else "[distilled, reference]"
-        argv += [*_args(cfg.eval_args), "--adapter", str(adapter_dir(cfg, out, round_)),
-                 "--generate_dir", str(generate_dir(cfg, out, 1)), "--methods", methods,
-                 "--output_dir", str(out / f"round-{round_}" / "eval")]
+        argv += _eval_argv(cfg, out, adapter_dir(cfg, out, round_), methods, out / f"round-{round_}" / "eval")
     return argv
+
+
+def _eval_argv(cfg: IterateConfig, out: Path, adapter: Path, methods: str, folder: Path) -> list[str]:
+    """An eval of one student on round 1's normalisation, into ``folder``."""
+    return [*_args(cfg.eval_args), "--adapter", str(adapter), "--generate_dir", str(generate_dir(cfg, out, 1)),
+            "--methods", methods, "--output_dir", str(folder)]
 
 
 def _stage(stage: str):
