@@ -337,9 +337,9 @@ def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
         "free": lambda: run_method(model, tok, convs, "cd", cfg, free_fn, free_names),
     }, reps)
     t_cd, t_rmod, t_gen, t_free = (statistics.median(times[k]) for k in ("cd", "rmod", "generate", "free"))
-    ratio = statistics.median(r / c for r, c in zip(times["rmod"], times["cd"]))
-    res["rmod_seconds"], res["cd_seconds"], res["rmod_over_cd"] = t_rmod, t_cd, ratio
-    res["rmod_over_cd_each"] = [r / c for r, c in zip(times["rmod"], times["cd"])]
+    each = [r / c for r, c in zip(times["rmod"], times["cd"])]
+    ratio = statistics.median(each)
+    res["rmod_seconds"], res["cd_seconds"], res["rmod_over_cd"], res["rmod_over_cd_each"] = t_rmod, t_cd, ratio, each
     print(f"[{name}] 1. rmod/cd = {t_rmod:.2f}/{t_cd:.2f} s, median ratio of adjacent runs {ratio:.3f} "
           f"(each: {', '.join(f'{x:.3f}' for x in res['rmod_over_cd_each'])})", flush=True)
 
@@ -465,10 +465,11 @@ def format_table(report: dict) -> str:
         rows.append([label, target, *cells])
 
     if models:  # rows 1-3 and 5 (--only without models skips them)
-        rows.append(["1. rmod / cd wall time (same K, B, prompts, seeds)", "<= 1.03", *[
-            f"{m['rmod_over_cd']:.3f}" + (f" (runs: {', '.join(f'{x:.3f}' for x in m['rmod_over_cd_each'])})"
-                                          if "rmod_over_cd_each" in m else "") if "rmod_over_cd" in m else "-"
-            for m in models]])
+        def ratio_cell(m):  # the median ratio and, when recorded, each run's
+            runs = ", ".join(f"{x:.3f}" for x in m.get("rmod_over_cd_each", []))
+            return "-" if "rmod_over_cd" not in m else f"{m['rmod_over_cd']:.3f}" + (f" (runs: {runs})" if runs else "")
+
+        rows.append(["1. rmod / cd wall time (same K, B, prompts, seeds)", "<= 1.03", *map(ratio_cell, models)])
         row("2. engine / plain generate tok/s, scoring excluded", ">= 0.8", "engine_over_generate_scoring_excluded", "{:.3f}")
         row("2. engine / plain generate tok/s, scoring included", "", "engine_over_generate_scoring_included", "{:.3f}")
         row("   plain generate tok/s (K x N sequences)", "", "generate_tok_s", "{:.0f}")
