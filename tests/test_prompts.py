@@ -18,9 +18,14 @@ def test_shipped_default_prompt_set():
     every = load_prompts(PromptsConfig(path=str(SHIPPED), split=None))
     assert len(every) >= 240
     splits = Counter(p.split for p in every)
-    assert splits["eval"] >= 60 and splits["train"] + splits["eval"] == len(every)
+    assert splits["eval"] >= 60 and splits["validation"] >= 150
+    assert splits["train"] + splits["validation"] + splits["eval"] == len(every)
     cats = Counter(p.category for p in every)
     assert set(cats) == {"advice", "explanation", "opinion", "complaint", "creative", "borderline"}
+    # The validation split covers every category evenly, so a choice made on it is not one category's.
+    assert set(Counter(p.category for p in every if p.split == "validation").values()) == {30}
+    texts = [" ".join(p.text.lower().split()) for p in every]
+    assert len(set(texts)) == len(texts)  # no prompt is repeated across splits
     assert any(len(p.messages) > 1 for p in every)  # multi-turn prompts are there
     assert all(p.messages[-1]["role"] == "user" and p.text.strip() for p in every)
     train = load_prompts(PromptsConfig(path=str(SHIPPED), split="train"))
