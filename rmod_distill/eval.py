@@ -37,7 +37,7 @@ from rmod_distill.engine.runs import decode_methods, merged_rows, process_state
 from rmod_distill.engine.setup import BackendConfig, build_decoder, check_decoding_inputs, serve_policy
 from rmod_distill.errors import UserError
 from rmod_distill.metrics import bootstrap_interval, complete, method_metrics, paired_comparisons, \
-    prompt_groups, worst_case_win_rate
+    median_worst_case, prompt_groups, TAIL_Z, worst_case_win_rate
 from rmod_distill.objectives import SCALES, Normalizer, check_scale, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig
 from rmod_distill.prompts import PromptsConfig, load_prompts, with_samples
@@ -132,7 +132,8 @@ def score_matrix(rows: list[dict], key: str, names: list[str], method: str) -> n
 
 
 def _table(metrics: dict, names: list[str]) -> str:
-    head = ["method", "worst-case reward [95% CI]", "worst objective", *names, "WCWR (paper) vs reference",
+    head = ["method", "worst-case reward [95% CI]", "median worst case", "below z=-3", "worst 5% (mean)",
+            "worst objective", *names, "WCWR (paper) vs reference",
             "min-objective win rate", "tokens/resp", "s/resp"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, m in sorted(metrics.items(), key=lambda kv: _order(kv[1]["worst_case_reward"])):
@@ -140,7 +141,8 @@ def _table(metrics: dict, names: list[str]) -> str:
         wcwr = "-" if method == "reference" else _pct(m["worst_case_win_rate"])
         minwr = "-" if method == "reference" else _pct(m["min_objective_win_rate"])
         lines.append("| " + " | ".join([
-            f"`{method}`", f"{m['worst_case_reward']:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{m['worst_objective']:+.3f}",
+            f"`{method}`", f"{m['worst_case_reward']:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{m['median_worst_case']:+.3f}",
+            _pct(m["tail_share"]), f"{m['worst_5pct']:+.2f}", f"{m['worst_objective']:+.3f}",
             *[f"{m['objective_means'][g]:+.3f}" for g in names], wcwr, minwr,
             f"{m['tokens_sampled_per_response']:.0f}", f"{m['seconds_per_response']:.2f}",
         ]) + " |")
@@ -237,7 +239,7 @@ def scale_summary(z: dict[str, np.ndarray], paired: dict, cfg: EvalConfig, group
                                     cfg.seed, groups=None if groups is None else groups[whole])
         out[method] = {"worst_case_reward": float(worst.mean()) if worst.size else float("nan"),
                        "worst_case_reward_ci": [lo, hi],
-                       "median_worst_case": float(np.median(worst)) if worst.size else float("nan"),
+                       "median_worst_case": median_worst_case(v),
                        "worst_case_win_rate": worst_case_win_rate(v, z["reference"])}
     return {"methods": out, "recovery": paired.get("recovery")}
 
@@ -381,7 +383,8 @@ def write_report(cfg: EvalConfig, metrics: dict, names: list[str], rows: list[di
         "Worst-case reward is mean over prompts of the lowest normalised objective (the headline). "
         "WCWR (paper) is the share of prompts where the method's lowest objective beats `reference`'s lowest "
         "objective, ties counting half (the paper's definition); min-objective win rate is the lowest of the "
-        "per-objective win rates against `reference`.", "",
+        "per-objective win rates against `reference`. The tail: the share of answers whose lowest objective is "
+        f"below z = {TAIL_Z:g}, and the mean of the worst 5% of answers' worst case.", "",
         _table(metrics, names), "",
     ]
     if paired:

@@ -46,6 +46,28 @@ def worst_case_reward(z: np.ndarray) -> float:
     return _mean(z[complete(z)].min(1)) if np.isnan(z).any() else float(z.min(1).mean())
 
 
+def median_worst_case(z: np.ndarray) -> float:
+    """The median over answers of ``min_g z``: the typical answer, which a rare outlier cannot move."""
+    worst = z[complete(z)].min(1)
+    return float(np.median(worst)) if worst.size else float("nan")
+
+
+TAIL_Z = -3.0
+
+
+def tail_share(z: np.ndarray, threshold: float = TAIL_Z) -> float:
+    """The share of answers whose lowest objective is below ``threshold`` (z = -3): the lower tail
+    that owns a mean worst case and that a distilled student must remove."""
+    worst = z[complete(z)].min(1)
+    return float((worst < threshold).mean()) if worst.size else float("nan")
+
+
+def worst_tail_mean(z: np.ndarray, share: float = 0.05) -> float:
+    """The mean of the lowest ``share`` of answers' worst case (CVaR at 5%: at least one answer)."""
+    worst = np.sort(z[complete(z)].min(1))
+    return float(worst[: max(1, int(np.ceil(share * worst.size)))].mean()) if worst.size else float("nan")
+
+
 def worst_objective(z: np.ndarray) -> float:
     """``min_g mean_x z[x, g]``: the weakest objective on average."""
     return float(objective_means(z).min())
@@ -139,6 +161,11 @@ def method_metrics(
         "answers": n,
         "worst_case_reward": worst_case_reward(z),
         "worst_case_reward_ci": ci(lambda i: worst_case_reward(z[i])),
+        "median_worst_case": median_worst_case(z),
+        "median_worst_case_ci": ci(lambda i: median_worst_case(z[i])),
+        "tail_share": tail_share(z),
+        "worst_5pct": worst_tail_mean(z),
+        "worst_5pct_ci": ci(lambda i: worst_tail_mean(z[i])),
         "worst_objective": worst_objective(z),
         "worst_objective_ci": ci(lambda i: worst_objective(z[i])),
         "objective_means": dict(zip(names, map(float, objective_means(z)))),

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from rmod_distill.metrics import (
-    bootstrap_interval, method_metrics, min_objective_win_rate, paired_comparisons, win_rates, worst_case_reward,
-    worst_case_win_rate, worst_objective,
+    bootstrap_interval, median_worst_case, method_metrics, min_objective_win_rate, paired_comparisons, tail_share,
+    win_rates, worst_case_reward, worst_case_win_rate, worst_objective, worst_tail_mean,
 )
 
 # Three prompts, two objectives.
@@ -21,6 +21,20 @@ def test_hand_computed_values():
     assert min_objective_win_rate(Z, REF) == pytest.approx(0.5)
     # The paper's WCWR compares worst objectives: minima -1, 0, 0.5 against -1, 1, 1: tie, loss, loss.
     assert worst_case_win_rate(Z, REF) == pytest.approx(0.5 / 3)
+
+
+def test_tail_figures_by_hand():
+    # Worst cases -1, 0, 0.5 (Z) and, with two flagged answers, -5 and -3.5 beside them.
+    assert median_worst_case(Z) == pytest.approx(0.0)
+    assert tail_share(Z) == 0.0
+    flagged = np.vstack([Z, [[-5.0, 1.0], [2.0, -3.5]], [[np.nan, -9.0]]])  # the NaN row has no known minimum
+    assert tail_share(flagged) == pytest.approx(2 / 5)
+    assert worst_tail_mean(flagged) == pytest.approx(-5.0)  # 5% of 5 answers: the single worst one
+    assert worst_tail_mean(flagged, share=0.4) == pytest.approx((-5.0 - 3.5) / 2)
+    m = method_metrics(flagged[:5], ["a", "b"], resamples=200)
+    assert m["tail_share"] == pytest.approx(0.4) and m["median_worst_case"] == pytest.approx(-1.0)
+    lo, hi = m["worst_5pct_ci"]
+    assert lo <= m["worst_5pct"] <= hi
 
 
 def test_paired_comparisons_and_recovery():
