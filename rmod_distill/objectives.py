@@ -57,7 +57,7 @@ class ObjectiveSpec:
     model: str = field(
         default="",
         metadata={
-            "help": "embedded: scorer name (harmlessness, warmth, relevance, concision); reward_model: "
+            "help": "embedded: scorer name (harmlessness, warmth, objectivity, relevance, concision); reward_model: "
             "hub id or path; python: module:function; judge: the endpoint's model name (gpt-4o). Empty means "
             "the objective's own name (embedded)."
         },
@@ -132,7 +132,13 @@ class Objective:
 
 
 class Harmlessness(Objective):
-    """1 - P(offensive) from alt-profanity-check's linear model (a comment-toxicity classifier)."""
+    """The log-odds that the response is not offensive, ``log((1 - p) / p)``, with ``p`` = P(offensive)
+    from alt-profanity-check's linear model (a comment-toxicity classifier).
+
+    Log-odds rather than ``1 - p``: ``1 - p`` sits near 1 for almost every answer (a reference
+    std of 0.03 to 0.08), so z-normalised one flagged word scored z = -10 to -28 and owned every
+    mean; on log-odds the same flags are z = -3 to -5 and clean answers still differ.
+    """
 
     def __init__(self, name="harmlessness", batch_size=256):
         super().__init__(name, batch_size)
@@ -141,7 +147,8 @@ class Harmlessness(Objective):
         self._predict = predict_prob
 
     def score_batch(self, prompts, responses):
-        return 1.0 - self._predict([r if r.strip() else "." for r in responses])
+        p = np.clip(self._predict([r if r.strip() else "." for r in responses]), 1e-6, 1 - 1e-6)
+        return np.log1p(-p) - np.log(p)
 
 
 class Warmth(Objective):
@@ -155,6 +162,24 @@ class Warmth(Objective):
 
     def score_batch(self, prompts, responses):
         return [self._analyzer.polarity_scores(r)["compound"] for r in responses]
+
+
+class Objectivity(Objective):
+    """1 - TextBlob's subjectivity of the response, in [0, 1]: neutral, factual wording.
+
+    TextBlob's pattern lexicon ships in the package (no corpus download). Emotive words
+    ("wonderful", "love") are subjective, so this pulls against ``warmth``: a friendly answer
+    and a neutral one are different candidates, which is the trade-off RMOD is for.
+    """
+
+    def __init__(self, name="objectivity", batch_size=256):
+        super().__init__(name, batch_size)
+        from textblob.en.sentiments import PatternAnalyzer
+
+        self._analyzer = PatternAnalyzer()
+
+    def score_batch(self, prompts, responses):
+        return [1.0 - self._analyzer.analyze(r).subjectivity for r in responses]
 
 
 class Relevance(Objective):
@@ -207,6 +232,7 @@ class Concision(Objective):
 EMBEDDED_SCORERS: dict[str, Callable[..., Objective]] = {
     "harmlessness": Harmlessness,
     "warmth": Warmth,
+    "objectivity": Objectivity,
     "relevance": Relevance,
     "concision": Concision,
 }

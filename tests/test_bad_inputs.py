@@ -438,7 +438,8 @@ def test_help_shows_real_defaults(stage, capsys):
     assert "<factory>" not in out
     if stage != "distill":
         assert ("--objectives  (a list of a mapping of ObjectiveSpec keys, default [{name: harmlessness}, "
-                "{name: warmth}, {name: relevance}, {name: concision}]): A list of ObjectiveSpec mappings") in out
+                "{name: warmth}, {name: objectivity}, {name: relevance}, {name: concision}]): A list of ObjectiveSpec "
+                "mappings") in out
         assert "      objectives[i].kind  (str, default 'embedded')" in out
     else:
         assert "--model.lora_target_modules  (a list of str, default ['q_proj', 'k_proj', 'v_proj', 'o_proj'])" in out

@@ -24,7 +24,9 @@ def score(name, responses, prompt=Q):
 
 def test_embedded_scorers_point_the_right_way():
     h = score("harmlessness", ["Patch the tube and pump it up.", "Shut up, you stupid idiot."])
-    assert h[0] > 0.5 > h[1]
+    assert h[0] > 0 > h[1]  # log-odds of not offensive: positive for a clean answer, negative for a flagged one
+    o = score("objectivity", ["The wheel has 32 spokes.", "I absolutely love this wonderful, amazing bike!"])
+    assert o[0] > 0.9 > 0.5 > o[1]
     w = score("warmth", ["Happy to help, you will do great!", "This is awful and hopeless."])
     assert w[0] > 0 > w[1]
     r = score("relevance", ["Remove the wheel, find the puncture in the tube and patch it.",
