@@ -4,7 +4,12 @@ command of the README runs (when cheap) or names things that exist (when not).""
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,12 +54,6 @@ def test_recipe_reference_covers_every_stage_and_key():
 #                                  its --config_file must exist; the stage's arguments are dry-run
 # Every ```yaml block is a recipe, or part of one, whose first line names it
 # (`# recipes/<experiment>/<stage>.yaml`): it is dry-run as that stage's recipe.
-
-import re
-import shlex
-import subprocess
-
-import pytest
 
 README = ROOT / "README.md"
 SHELL_SYNTAX = {"|", "||", "&", "&&", ";", ">", ">>", "<"}
@@ -120,7 +119,8 @@ def run_make(args: list[str], capsys) -> None:
             run_accelerate(["accelerate", *shlex.split(line)[1:]], capsys)
 
 
-RULES = {"rmod-distill": lambda w, capsys: run_stage(w[1:], capsys), "make": lambda w, capsys: run_make(w[1:], capsys),
+RULES = {"rmod-distill": lambda words, capsys: run_stage(words[1:], capsys),
+         "make": lambda words, capsys: run_make(words[1:], capsys),
          "accelerate": run_accelerate}
 
 
@@ -143,7 +143,8 @@ def test_readme_has_commands_of_every_rule():
 def test_readme_recipe_parses(block, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     named = re.match(r"# recipes/[\w.-]+/([a-z]+)(?:-[\w-]+)?\.yaml\b", block)
-    assert named, f"README: a yaml block starts with the recipe it belongs to (# recipes/<experiment>/<stage>.yaml):\n{block}"
+    assert named, ("README: a yaml block starts with the recipe it belongs to "
+                   f"(# recipes/<experiment>/<stage>.yaml):\n{block}")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(block)
     run_stage([named.group(1), "--config", str(recipe)], capsys)
@@ -157,7 +158,8 @@ def stage_key_tables() -> list[tuple[str, str, str]]:
     (``### 1. generate: ...``)."""
     rows = []
     for stage, section in re.findall(r"^### \d\. (\w+):.*?\n(.*?)(?=^##)", README.read_text(), re.M | re.S):
-        rows += [(stage, key, value.strip()) for key, value in re.findall(r"^\| `([\w.]+)` \|([^|]*)\|", section, re.M)]
+        cells = re.findall(r"^\| `([\w.]+)` \|([^|]*)\|", section, re.M)
+        rows += [(stage, key, value.strip()) for key, value in cells]
     return rows
 
 
@@ -178,7 +180,8 @@ def test_readme_key_tables_name_real_keys_with_the_default_recipes_values():
             assert isinstance(node, dict) and part in node, f"README: {stage} has no key {key}"
             node = node[part]
         if cell.startswith("`") and cell.endswith("`"):  # a value; other cells describe it in words
-            assert yaml_load(cell.strip("`")) == node, f"README: {stage}'s {key} shows {cell}; the default recipe has {node!r}"
+            assert yaml_load(cell.strip("`")) == node, (f"README: {stage}'s {key} shows {cell}; the default recipe "
+                                                        f"has {node!r}")
 
 
 def test_links_point_at_files_and_every_page_is_named_in_the_readme():
@@ -186,7 +189,7 @@ def test_links_point_at_files_and_every_page_is_named_in_the_readme():
     for page in [README, *pages, *sorted((ROOT / "recipes").glob("*/README.md"))]:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if not re.match(r"[a-z]+://", target):
-                assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
+                assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to {target}: no such file"
     readme = README.read_text()
     unnamed = [p.name for p in pages if f"docs/{p.name}" not in readme]
     assert not unnamed, f"README.md does not point to docs/{unnamed}; add it to 'Where to read more'"
