@@ -116,16 +116,15 @@ def rows(cls: type, names: list[str] | None = None, values: dict[str, Any] | Non
         text = f.metadata.get("help", "")
         if section is not None:
             link = f"[{section.__name__}](#{anchor(section.__name__)})"
-            kind = f"list of {link}" if is_list else (link if dataclasses.is_dataclass(tp) else f"{link} or null")
-            if is_list:
-                shown = _inline([_changed(section, v) for v in default]) if default else "[]"
+            kind_cell = f"list of {link}" if is_list else (link if dataclasses.is_dataclass(tp) else f"{link} or null")
+            if is_list:  # the items' keys that differ from the section's defaults: [{name: warmth}, ...]
+                default_cell = f"`{_inline([_changed(section, v) for v in default])}`"
             elif default is None:
-                shown = "null"
+                default_cell = "`null`"
             else:
                 changed = _changed(section, default)
-                shown = "the section's defaults" + (f", but {_inline(changed)}" if changed else "")
+                default_cell = "the section's defaults" + (f", but `{_inline(changed)}`" if changed else "")
             text = text or _summary(section)
-            kind_cell, default_cell = kind, shown if shown.startswith("the section") else f"`{shown}`"
         else:
             kind_cell = _cell(_describe(tp))
             if default is dataclasses.MISSING:
@@ -185,7 +184,7 @@ def render() -> str:
         if stage == "distill":
             recipe = load_yaml(ROOT / "recipes" / "default" / "distill.yaml")
             inherited = [k for k in recipe if k not in own]
-            out += ["", f"### Inherited keys (TRL's SFTConfig and transformers' TrainingArguments)", "",
+            out += ["", "### Inherited keys (TRL's SFTConfig and transformers' TrainingArguments)", "",
                     f"Every key of TRL's [`SFTConfig`]({TRL_DOCS}) and transformers' "
                     f"[`TrainingArguments`]({TRAINING_ARGUMENTS_DOCS}) is a key of this recipe too (`rmod-distill "
                     "distill --help` lists them all with the installed versions' help). The ones "
