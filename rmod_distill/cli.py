@@ -2,6 +2,7 @@
 
     rmod-distill generate --config recipes/default/generate.yaml
     rmod-distill <stage> --help     # every recipe key of that stage
+    rmod-distill <stage> --config recipes/default/<stage>.yaml --dry-run   # check the recipe, print it resolved
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ def usage() -> str:
     """The top-level help text."""
     lines = ["usage: rmod-distill <stage> --config recipes/<recipe>/<stage>.yaml [--key value ...]", "", "stages:"]
     lines += [f"  {name:<10} {desc}" for name, (_, desc) in STAGES.items()]
-    lines += ["", "Run `rmod-distill <stage> --help` for the keys of a stage's recipe; add --debug to see a",
-              "traceback behind an error."]
+    lines += ["", "Run `rmod-distill <stage> --help` for the keys of a stage's recipe; add --dry-run to check a",
+              "recipe and print it resolved without running anything, --debug to see a traceback behind an error."]
     return "\n".join(lines)
 
 

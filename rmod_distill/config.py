@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import re
 import sys
 import types
@@ -205,11 +206,24 @@ def parse_config(cls: type[T], argv: list[str] | None = None) -> T:
     """Parse ``--config FILE`` plus ``--key value`` / ``--key=value`` overrides into ``cls``.
 
     A bare ``--flag`` sets a boolean to true. ``--help`` prints every key with its help.
+    ``--dry-run`` parses and validates the recipe (types, unknown keys, each section's own
+    checks), prints it resolved as YAML and exits 0: no model loads, no folder is written.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(config_help(cls))
         raise SystemExit(0)
+    if "--dry-run" in argv:
+        cfg = _parse(cls, [a for a in argv if a != "--dry-run"])
+        # Through JSON so that library enums and paths print as the plain values a recipe holds.
+        resolved = json.loads(json.dumps(to_dict(cfg), default=str))
+        print(f"# {cls.__name__}, resolved (--dry-run: nothing loaded, nothing written)")
+        print(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), end="")
+        raise SystemExit(0)
+    return _parse(cls, argv)
+
+
+def _parse(cls: type[T], argv: list[str]) -> T:
     data: dict = {}
     source = "command line"
     overrides: list[tuple[str, Any]] = []

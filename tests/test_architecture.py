@@ -14,8 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "rmod_distill"
+# Entry points: the stages, and what reaches them by name (the command line, the recipe reference).
 STAGE_MODULES = {f"rmod_distill.{name}" for name in ("generate", "distill", "eval", "values", "download", "iterate",
-                                                   "cli")}
+                                                   "cli", "recipe_docs")}
 
 
 def module_name(path: Path) -> str:

@@ -90,3 +90,36 @@ def test_every_shipped_recipe_loads(recipe, monkeypatch):
     prompts = getattr(cfg, "prompts", None)
     if prompts is not None and prompts.path.endswith((".jsonl", ".parquet", ".json")):
         assert (ROOT / prompts.path).is_file(), f"{recipe}: prompt file {prompts.path} is missing"
+
+
+def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as done:
+        parse_config(GenerateConfig, ["--config", str(ROOT / "recipes/default/generate.yaml"), "--dry-run",
+                                      "--decoding.num_candidates", "8", "--output_dir", str(out)])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# GenerateConfig, resolved")
+    from rmod_distill.config import yaml_load
+
+    resolved = yaml_load(printed)
+    assert resolved["decoding"]["num_candidates"] == 8 and resolved["methods"] == ["rmod"]
+    assert not out.exists()
+    # What it prints is a recipe: it parses back into the same config.
+    again = tmp_path / "resolved.yaml"
+    again.write_text(printed)
+    assert parse_config(GenerateConfig, ["--config", str(again)]) == parse_config(
+        GenerateConfig, ["--config", str(ROOT / "recipes/default/generate.yaml"), "--decoding.num_candidates", "8",
+                         "--output_dir", str(out)])
+
+
+def test_dry_run_of_a_bad_key_fails_with_exit_2_naming_it():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "rmod_distill.cli", "eval", "--config", "recipes/default/eval.yaml",
+                           "--decoding.num_candidatez", "8", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "unknown key 'num_candidatez' for DecodingConfig; did you mean 'num_candidates'?" in proc.stderr
+    assert proc.stdout == ""

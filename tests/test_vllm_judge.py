@@ -107,7 +107,7 @@ def test_eval_with_a_served_judge_completes_caches_and_counts_missing(server_url
         assert m["requests"] == 0 and m["tokens"] == 0 and m["cache_hits"] == 2 * N_PROMPTS
         assert m["missing"] == judge["methods"][method]["missing"]
 
-    # The stand-in run's figures (quoted in the README, labelled as a stand-in's).
+    # The stand-in run's figures (quoted in docs/judge.md, labelled as a stand-in's).
     statuses = {s: sum(r["status"] == s for r in records) for s in ("ok", "unparseable", "failed")}
     print(f"\nstand-in judge (SmolLM2-135M on vLLM), {N_PROMPTS} prompts x 2 methods x 2 objectives, "
           f"first eval {seconds:.0f} s: server requests {after_first - before:.0f} (client, probes excluded: "
