@@ -16,6 +16,7 @@ STAGES = {
     "distill": ("rmod_distill.distill", "LoRA SFT (TRL + PEFT) of the policy on RMOD's outputs"),
     "eval": ("rmod_distill.eval", "the adapter against RMOD and the baselines on held-out prompts"),
     "iterate": ("rmod_distill.iterate", "rounds of RMOD over the latest student, each distilled again"),
+    "compare": ("rmod_distill.compare", "students side by side: several evals' adapters against one eval's baselines"),
     "values": ("rmod_distill.values", "train a value model (G heads) by Monte-Carlo regression on rollouts"),
     "download": ("rmod_distill.download", "fetch and verify an adapter: folder, W&B offline run or artifact, hub repo"),
 }

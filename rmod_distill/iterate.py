@@ -26,14 +26,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
-from rmod_distill.artifacts import (NOT_RECIPE, RunFolder, dpo_pairs_problem, provenance, read_json, read_jsonl, recipe_key,
+from rmod_distill.artifacts import (NOT_RECIPE, RunFolder, dpo_pairs_problem, provenance, read_json, recipe_key,
                                     write_json)
 from rmod_distill.config import ConfigError, load_yaml, parse_config, to_dict
 from rmod_distill.errors import UserError
-from rmod_distill.metrics import bootstrap_interval, paired_comparisons, prompt_groups
-from rmod_distill.prompts import base_prompt_id
+from rmod_distill.compare import compare_students, intro, table_lines
 
 STARTS = ("continue", "restart")
 STAGES = ("generate", "distill", "eval")
@@ -267,47 +265,12 @@ def check(cfg: IterateConfig) -> None:
 
 def round_table(out: Path, rounds: int, resamples: int, final_dpo: bool = False) -> tuple[list[dict], dict]:
     """Per student (each round's, and ``round-N+dpo`` with ``final_dpo``): its worst case (mean
-    with interval, median) and its paired difference from round 1's teacher and recovery of the
-    teacher's lift over ``reference``."""
-    by_method: dict[str, dict[str, dict]] = {}
+    with interval, median, tail) and its paired difference from round 1's teacher and recovery of
+    the teacher's lift over ``reference`` (:func:`rmod_distill.compare.compare_students`)."""
     evals = [(f"round-{r}", out / f"round-{r}" / "eval") for r in range(1, rounds + 1)]
     evals += [(f"round-{rounds}+dpo", out / "dpo" / "eval")] if final_dpo else []
-    for i, (student, folder) in enumerate(evals):
-        for row in read_jsonl(folder / "generations" / "samples.jsonl"):
-            if i > 0 and row["method"] != "distilled":
-                continue  # round 1's reference and teacher are the ones every round is compared with
-            name = student if row["method"] == "distilled" else row["method"]
-            by_method.setdefault(name, {})[row["prompt_id"]] = row
-    ids = sorted(by_method["reference"])
-    for name, rows in by_method.items():
-        if sorted(rows) != ids:
-            raise UserError(f"{out}: {name} was evaluated on other prompts than reference; rerun its eval")
-    objectives = list(by_method["reference"][ids[0]]["normalized"])
-    z = {name: np.array([[np.nan if rows[i]["normalized"][g] is None else rows[i]["normalized"][g]
-                          for g in objectives] for i in ids], dtype=float) for name, rows in by_method.items()}
-    # A judge objective can leave a score missing: compare on the prompts every method has whole.
-    whole = np.all([~np.isnan(v).any(1) for v in z.values()], axis=0)
-    ids = [i for i, ok in zip(ids, whole) if ok]
-    z = {name: v[whole] for name, v in z.items()}
-    if not ids:
-        raise UserError(f"{out}: no prompt has every score for every round; see each round's eval report")
-    table, paired = [], {}
-    groups = prompt_groups(ids)  # several answers per prompt (eval's samples_per_prompt): resampled together
-    for name in ["reference", "rmod"] + [student for student, _ in evals]:
-        worst = z[name].min(1)
-        row = {"method": name, "worst_case": float(worst.mean()), "median": float(np.median(worst)),
-               "ci": bootstrap_interval(lambda i, w=worst: float(w[i].mean()), len(ids), resamples, 0, groups=groups),
-               "tokens": float(np.mean([by_method[name][i].get("tokens_sampled", 0) for i in ids]))}
-        if name not in ("reference", "rmod"):
-            p = paired_comparisons({"distilled": z[name], "rmod": z["rmod"], "reference": z["reference"]}, resamples,
-                                   groups=groups)
-            paired[name] = p
-            row["minus_rmod"] = p["differences"]["distilled - rmod"]
-            row["recovery"] = p["recovery"]
-        table.append(row)
-    prompts = len({base_prompt_id(i) for i in ids})
-    return table, {"prompts": prompts, "answers": len(ids), "answers_left_out": int((~whole).sum()),
-                   "objectives": objectives, "paired": paired}
+    # Round 1's reference and teacher are the ones every round is compared with.
+    return compare_students(evals[0][1], evals, resamples)
 
 
 def write_report(cfg: IterateConfig, out: Path, table: list[dict], info: dict) -> Path:
@@ -316,24 +279,9 @@ def write_report(cfg: IterateConfig, out: Path, table: list[dict], info: dict) -
            if cfg.final_dpo else "")
     lines = [f"# Iterated distillation: {cfg.rounds} round(s), start: {cfg.start}"
              + (", then DPO" if cfg.final_dpo else ""), "",
-             f"{info['prompts']} held-out prompts"
-             + (f" ({info['answers']} answers)" if info["answers"] != info["prompts"] else "")
-             + f"; objectives {', '.join(info['objectives'])}; every round on round 1's "
-             "normalisation. `rmod` is round 1's teacher (K samples a block over the base policy); `round-r` is "
-             "the student after r rounds, sampled plainly." + dpo + " Recovery: `(student - reference) / (rmod - reference)` "
-             "of the per-prompt worst case, by mean and by median, with paired 95% bootstrap intervals.", "",
-             "| method | worst case [95% CI] | median | student - rmod [95% CI] | recovery by mean | recovery by median "
-             "| tokens/resp |", "|---|---|---|---|---|---|---|"]
-    for r in table:
-        ci = f"{r['worst_case']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
-        if "recovery" in r:
-            d = r["minus_rmod"]
-            diff = f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
-            rec = [f"{v['value']:.0%} [{v['ci'][0]:.0%}, {v['ci'][1]:.0%}]" for v in
-                   (r["recovery"]["mean"], r["recovery"]["median"])]
-        else:
-            diff, rec = "-", ["-", "-"]
-        lines.append(f"| `{r['method']}` | {ci} | {r['median']:+.3f} | {diff} | {rec[0]} | {rec[1]} | {r['tokens']:.0f} |")
+             "Held-out answers, every round on round 1's normalisation. `rmod` is round 1's teacher (K samples a "
+             "block over the base policy); `round-r` is the student after r rounds." + dpo + " " + intro(info), "",
+             *table_lines(table)]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
