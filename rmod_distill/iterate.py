@@ -31,7 +31,7 @@ from rmod_distill.artifacts import (NOT_RECIPE, RunFolder, dpo_pairs_problem, pr
                                     write_json)
 from rmod_distill.config import ConfigError, load_yaml, parse_config, to_dict
 from rmod_distill.errors import UserError
-from rmod_distill.compare import compare_students, intro, table_lines
+from rmod_distill.comparison import compare_students, intro, table_lines
 
 STARTS = ("continue", "restart")
 STAGES = ("generate", "distill", "eval")
@@ -266,7 +266,7 @@ def check(cfg: IterateConfig) -> None:
 def round_table(out: Path, rounds: int, resamples: int, final_dpo: bool = False) -> tuple[list[dict], dict]:
     """Per student (each round's, and ``round-N+dpo`` with ``final_dpo``): its worst case (mean
     with interval, median, tail) and its paired difference from round 1's teacher and recovery of
-    the teacher's lift over ``reference`` (:func:`rmod_distill.compare.compare_students`)."""
+    the teacher's lift over ``reference`` (:func:`rmod_distill.comparison.compare_students`)."""
     evals = [(f"round-{r}", out / f"round-{r}" / "eval") for r in range(1, rounds + 1)]
     evals += [(f"round-{rounds}+dpo", out / "dpo" / "eval")] if final_dpo else []
     # Round 1's reference and teacher are the ones every round is compared with.

@@ -30,7 +30,7 @@ from rmod_distill.config import _describe, _hints, load_yaml, to_dict
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "recipes.md"
 # Stage -> its config class; the command line reaches stages by name (rmod_distill.cli), and so
-# does this page. ``download`` takes a source and --to, not a recipe.
+# does this page. ``download`` and ``compare`` take arguments, not a recipe.
 STAGES = {
     "generate": "rmod_distill.generate:GenerateConfig",
     "distill": "rmod_distill.distill:DistillConfig",

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "rmod_distill"
 # Entry points: the stages, and what reaches them by name (the command line, the recipe reference).
 STAGE_MODULES = {f"rmod_distill.{name}" for name in ("generate", "distill", "eval", "values", "download", "iterate",
-                                                   "cli", "recipe_docs")}
+                                                   "compare", "cli", "recipe_docs")}
 
 
 def module_name(path: Path) -> str:
@@ -176,10 +176,10 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-# The typed recipe of each stage; download takes a source and --to instead of a recipe.
+# The typed recipe of each stage; download and compare take arguments instead of a recipe.
 STAGE_CONFIGS = {"generate": "GenerateConfig", "distill": "DistillConfig", "eval": "EvalConfig",
                  "values": "ValuesConfig", "iterate": "IterateConfig"}
-DOWNLOAD_KEYS = ["source", "--to"]
+ARGUMENT_KEYS = {"download": ["source", "--to"], "compare": ["base", "--out"]}
 
 
 def recipe_keys(cls, prefix: str = "") -> list[str]:
@@ -202,15 +202,15 @@ def recipe_keys(cls, prefix: str = "") -> list[str]:
 def test_every_stage_is_covered():
     from rmod_distill.cli import STAGES
 
-    assert set(STAGES) == set(STAGE_CONFIGS) | {"download"}
+    assert set(STAGES) == set(STAGE_CONFIGS) | set(ARGUMENT_KEYS)
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS) + ["download"])
+@pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS) + sorted(ARGUMENT_KEYS))
 def test_stage_help_lists_keys(stage):
     from rmod_distill.cli import STAGES
 
-    if stage == "download":
-        expected = DOWNLOAD_KEYS
+    if stage in ARGUMENT_KEYS:
+        expected = ARGUMENT_KEYS[stage]
     else:
         module = importlib.import_module(STAGES[stage][0])
         expected = recipe_keys(getattr(module, STAGE_CONFIGS[stage]))

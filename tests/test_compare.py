@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rmod_distill.cli import main as cli
-from rmod_distill.compare import compare_students
+from rmod_distill.comparison import compare_students
 from rmod_distill.errors import UserError
 
 NAMES = ["a", "b"]

@@ -28,7 +28,7 @@ def test_recipe_reference_covers_every_stage_and_key():
     from rmod_distill.cli import STAGES
     from rmod_distill.recipe_docs import STAGES as DOCUMENTED, config_class
 
-    assert set(DOCUMENTED) == set(STAGES) - {"download"}
+    assert set(DOCUMENTED) == set(STAGES) - {"download", "compare"}
     page = (ROOT / "docs" / "recipes.md").read_text()
     for stage in DOCUMENTED:
         cls = config_class(stage)
@@ -80,9 +80,9 @@ def run_stage(argv: list[str], capsys) -> None:
     from rmod_distill.cli import STAGES, main
 
     assert argv and argv[0] in STAGES, f"no stage {argv[:1]} (stages: {', '.join(STAGES)})"
-    if argv[0] == "download" and "--help" not in argv:
+    if argv[0] in ("download", "compare") and "--help" not in argv:  # they take arguments, not a recipe
         options = [a for a in argv if a.startswith("--")]
-        argv = ["download", "--help"]
+        argv = [argv[0], "--help"]
     else:
         options = []
         argv = argv if "--help" in argv or "--dry-run" in argv else [*argv, "--dry-run"]
@@ -92,7 +92,7 @@ def run_stage(argv: list[str], capsys) -> None:
     out, err = capsys.readouterr()
     assert done.value.code == 0, f"rmod-distill {shlex.join(argv)} exited {done.value.code}:\n{err[-2000:]}"
     missing = [o for o in options if o not in out]
-    assert not missing, f"rmod-distill download takes no {missing}:\n{out}"
+    assert not missing, f"rmod-distill {argv[0]} takes no {missing}:\n{out}"
 
 
 def run_accelerate(words: list[str], capsys) -> None:
