@@ -2,7 +2,7 @@
 sized to run within 8 minutes on a bare GPU machine (docs/gpu.md).
 
     bash scripts/gpu_check.sh --out DIR [--device auto|cuda|cpu] [--smoke] [--tokenizer DIR]
-                              [--budget PART=SECONDS ...] [--total SECONDS]
+                              [--only PART,...] [--budget PART=SECONDS ...] [--total SECONDS]
 
 (the script installs the carried wheels the machine lacks, then runs ``python benchmarks/gpu_check.py``
 with the same arguments). The model is a random Llama of SmolLM2-360M's shape (``bench.random_llama``;
@@ -231,7 +231,7 @@ def table_rows(report: dict) -> list[list[str]]:
                          f"{t['seconds_per_step']:.3f} s/step (median of {len(t['step_seconds'])}); "
                          f"peak memory {peak} MB"])
     for name, part in report["parts"].items():
-        text = f"{part['status']}, {part.get('seconds', 0):.1f} s of {part.get('budget_s', 0):.0f} s"
+        text = part["status"] + (f", {part['seconds']:.1f} s of {part['budget_s']:g} s" if "seconds" in part else "")
         rows.append([f"part `{name}`", "", text + (f": {part['reason']}" if "reason" in part else "")])
     return rows
 
@@ -259,6 +259,9 @@ def main(argv=None) -> None:
                         help="a tokenizer folder with a chat template (`make gpu-wheels` saves SmolLM2's there)")
     parser.add_argument("--budget", action="append", default=[], metavar="PART=SECONDS",
                         help=f"override a part's budget; parts: {', '.join(BUDGETS)}")
+    parser.add_argument("--only", default=",".join(BUDGETS),
+                        help="the parts to run, a comma list (the model part always runs: the others need its "
+                             "tokenizer); default: all")
     parser.add_argument("--total", type=float, default=None,
                         help=f"seconds for all parts together (default 450, with --smoke {SMOKE_TOTAL:.0f})")
     args = parser.parse_args(argv)
@@ -268,6 +271,9 @@ def main(argv=None) -> None:
         if name not in BUDGETS or not seconds.replace(".", "", 1).isdigit():
             parser.error(f"--budget {item!r}: expected PART=SECONDS with PART one of {', '.join(BUDGETS)}")
         budgets[name] = float(seconds)
+    only = {"model", *args.only.split(",")}
+    if only - set(BUDGETS):
+        parser.error(f"--only: unknown part(s) {sorted(only - set(BUDGETS))}; expected some of {', '.join(BUDGETS)}")
     total = args.total or (SMOKE_TOTAL if args.smoke else 450.0)
     deadline = time.monotonic() + total
     device = resolve_device(args.device)
@@ -350,7 +356,10 @@ def main(argv=None) -> None:
     ]
     write_outputs(out, report)
     for name, fn in plan:
-        run_part(name, fn, budgets[name], deadline, report["parts"])
+        if name in only:
+            run_part(name, fn, budgets[name], deadline, report["parts"])
+        else:
+            report["parts"][name] = {"status": "skipped", "reason": "not asked for (--only)"}
         write_outputs(out, report)
     print()
     print((out / "gpu_check.md").read_text())

@@ -5,10 +5,10 @@
 #
 #     bash scripts/gpu_check.sh --out DIR [--device cpu --smoke] [...]    (see benchmarks/gpu_check.py)
 #
-# PYTHON picks the interpreter (default python3), GPU_WHEELS the wheel folder.
+# PYTHON picks the interpreter (default python3, else python), GPU_WHEELS the wheel folder.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 WHEELS="${GPU_WHEELS:-$ROOT/.gpu-wheels}"
 LIMIT_S=480
 
