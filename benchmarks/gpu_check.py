@@ -16,8 +16,9 @@ Each part runs under its own time budget (a SIGALRM in this process) and all of 
 ``gpu_check.json`` and ``gpu_check.md`` (one table) are rewritten in ``--out`` after every part,
 so a run killed from outside still leaves what it measured.
 
-``--smoke``: a 2-layer model of hidden size 64 and few repetitions, to run on a CPU in about a
-minute (``tests/test_gpu_check.py`` runs it so the check cannot rot).
+``--smoke``: a 2-layer model of hidden size 64 over the tokenizer retrained to 1024 tokens, few
+repetitions and 10 s a part, to run on a CPU in about a minute (``tests/test_gpu_check.py`` runs it
+so that the check cannot rot).
 """
 
 from __future__ import annotations
@@ -42,20 +43,21 @@ from bench import (ROOT, SMOLLM2_360M, bench_overhead, bench_solver, block_rows,
                    format_table, peak_memory_mb, random_llama, run_method, scaling_rows, speed_rows)
 from rmod_distill.artifacts import PACKAGES, atomic_write_text, package_versions, provenance, write_json
 from rmod_distill.engine.decoding import DecodingConfig
-from rmod_distill.policy import load_tokenizer, resolve_device
+from rmod_distill.policy import load_tokenizer, prepare_tokenizer, resolve_device
 from rmod_distill.prompts import PromptsConfig, load_prompts
 
 # Seconds each part may take on the full run: their sum, 440 s, fits the default --total of 450 s,
 # which fits the script's hard limit of 480 s (8 minutes) with Python's start-up.
 BUDGETS = {"model": 45, "solver": 40, "speed": 75, "blocks": 30, "scaling": 50, "overhead": 45, "syncs": 20,
            "cache": 35, "sft": 50, "dpo": 50}
-# --smoke: any part at most this long, all of them 120 s, so that the run takes about a minute on a CPU
-# whatever the tokenizer (nucleus sampling over SmolLM2's 49k-token vocabulary is slow on one thread).
+# --smoke: a tiny model over the tokenizer retrained to a small vocabulary (nucleus sampling over SmolLM2's 49k
+# tokens is most of a CPU's time), and any part at most 10 s, all of them 120 s: about a minute on a CPU.
+SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
+SMOKE_VOCABULARY = 1024
 SMOKE_BUDGET, SMOKE_TOTAL = 10.0, 120.0
 # Recorded beside the project's packages: what the carried wheels may have replaced, and what they rely on.
 MACHINE_PACKAGES = PACKAGES + ("huggingface-hub", "tokenizers", "pyarrow", "fsspec", "numba")
-SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
 # A part is not started with less than this left of the total: it could measure nothing.
 MIN_PART_SECONDS = 5.0
 
@@ -240,7 +242,7 @@ def write_outputs(out: Path, report: dict) -> None:
     """``gpu_check.json`` and ``gpu_check.md``: the machine, then one table (bench's rows and the check's)."""
     m = report["machine"]
     table = format_table(report, table_rows(report))
-    size = f"{m['parameters_m']:.0f}M parameters, " if m["parameters_m"] else ""
+    size = f"{m['parameters_m']:.1f}M parameters, vocabulary {m['vocabulary']}, " if m["parameters_m"] else ""
     text = (f"GPU check on {m['device']} ({m['dtype']}, torch {m['torch']}, CUDA {m['cuda']}, transformers "
             f"{m['packages']['transformers']}, trl {m['packages']['trl']}, peft {m['packages']['peft']}, "
             f"datasets {m['packages']['datasets']}), {m['date']}{', smoke sizes' if m['smoke'] else ''}; "
@@ -295,7 +297,7 @@ def main(argv=None) -> None:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "cuda": torch.version.cuda, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "dtype": "bf16" if device.type == "cuda" else "fp32", "smoke": args.smoke, "model": model_res["model"],
-            "parameters_m": None,
+            "vocabulary": None, "parameters_m": None,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **provenance(vars(args) | {"budgets": budgets, "total": total}),
             "packages": package_versions(MACHINE_PACKAGES),
@@ -316,9 +318,14 @@ def main(argv=None) -> None:
         return part
 
     def build_model():
-        ctx["tok"] = load_tokenizer(args.tokenizer)
+        tok = load_tokenizer(args.tokenizer)
+        if args.smoke:  # the same tokenizer retrained to a small vocabulary: sampling over 49k tokens is the CPU's cost
+            tok = prepare_tokenizer(tok.train_new_from_iterator([p.messages[-1]["content"] for p in prompts],
+                                                                vocab_size=SMOKE_VOCABULARY))
+        ctx["tok"] = tok
         ctx["model"] = random_llama(ctx["tok"], shape, str(device))
-        report["machine"]["parameters_m"] = sum(p.numel() for p in ctx["model"].parameters()) / 1e6
+        report["machine"].update(vocabulary=len(tok),
+                                 parameters_m=sum(p.numel() for p in ctx["model"].parameters()) / 1e6)
 
     def overhead(model, tok):
         report["overhead"] = bench_overhead(prompts, model, tok, constant_values(4))
