@@ -112,7 +112,7 @@ def run_part(name: str, fn, budget: float, deadline: float, parts: dict) -> None
         record.update(status="failed", reason=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
     record.update(seconds=round(time.monotonic() - t0, 2), peak_memory_mb=round(peak_memory_mb()))
     parts[name] = record
-    print(f"gpu_check: {name}: {record['status']} in {record['seconds']:.1f} s of {limit:.0f} s"
+    print(f"gpu_check: {name}: {record['status']} in {record['seconds']:.1f} s of {record['budget_s']:g} s"
           + (f" ({record['reason']})" if "reason" in record else ""), flush=True)
 
 
