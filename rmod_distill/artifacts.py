@@ -44,10 +44,10 @@ def git_revision() -> str | None:
     return rev + ("-dirty" if dirty else "")
 
 
-def package_versions() -> dict[str, str | None]:
-    """Versions of the packages a result depends on."""
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    """Versions of the packages a result depends on (``names``: the project's by default)."""
     out = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
