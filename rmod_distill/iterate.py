@@ -15,8 +15,11 @@ with the same recipe is kept, an unfinished one resumes, so a killed ``iterate``
 where it stopped. Round 1 can be an existing generate run and adapter (``from_generate``,
 ``from_adapter``: ``make demo``'s, say). The stage recipes are the recipe folder's own ``generate.yaml``, ``distill.yaml``
 and ``eval.yaml``, with ``generate_args``, ``distill_args`` and ``eval_args`` applied to every
-round (and to the final DPO and its eval), ``later_generate_args`` to rounds 2 and later only,
-and ``dpo_args`` to the final DPO only.
+round (and to the final DPO and its eval), ``later_generate_args`` and ``later_distill_args`` to
+rounds 2 and later only, and ``dpo_args`` to the final DPO only. The on-policy round is
+``later_generate_args: [--methods, "[rmod, reference]"]`` with ``later_distill_args:
+[--objective, sft+dpo, --pairs, reference]``: over the merged student, ``reference`` is the
+student's own plain sample, so each pair is RMOD's answer over what the student would have said.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ STAGES = ("generate", "distill", "eval")
 STAGE_CONFIGS = {"generate": "GenerateConfig", "distill": "DistillConfig", "eval": "EvalConfig"}
 # The final DPO's training and its eval are a distill and an eval run of their own.
 KINDS = {"dpo": "distill", "dpo-eval": "eval"}
-ARG_KEYS = ("generate_args", "later_generate_args", "distill_args", "dpo_args", "eval_args")
+ARG_KEYS = ("generate_args", "later_generate_args", "distill_args", "later_distill_args", "dpo_args", "eval_args")
 
 
 @dataclass
@@ -55,6 +58,9 @@ class IterateConfig:
     later_generate_args: list[str | int | float | bool | None] = field(default_factory=list, metadata={
         "help": "Overrides for the generate of rounds 2 and later, after generate_args: [--samples_per_prompt, 1]."})
     distill_args: list[str | int | float | bool | None] = field(default_factory=list, metadata={"help": "Overrides for every round's distill."})
+    later_distill_args: list[str | int | float | bool | None] = field(default_factory=list, metadata={
+        "help": "Overrides for the distill of rounds 2 and later, after distill_args: the on-policy round's "
+                "[--objective, sft+dpo, --pairs, reference] (RMOD over the student against the student's own sample)."})
     final_dpo: bool = field(default=False, metadata={
         "help": "After the last round, train its adapter further by DPO on round 1's generate run (RMOD's answers "
                 "over its reference answers: round 1 needs reference among its methods); evaluated as round-N+dpo."})
@@ -126,8 +132,8 @@ def stage_argv(cfg: IterateConfig, round_: int, stage: str, out: Path) -> list[s
     elif stage == "dpo-eval":
         argv += _eval_argv(cfg, out, out / "dpo" / "distill", "[distilled, reference]", out / "dpo" / "eval")
     elif stage == "distill":
-        argv += [*_args(cfg.distill_args), "--generate_dir", str(generate_dir(cfg, out, round_)),
-                 "--output_dir", str(adapter_dir(cfg, out, round_))]
+        argv += [*_args(cfg.distill_args), *(_args(cfg.later_distill_args) if round_ > 1 else []),
+                 "--generate_dir", str(generate_dir(cfg, out, round_)), "--output_dir", str(adapter_dir(cfg, out, round_))]
         if round_ > 1 and cfg.start == "continue":
             argv += ["--init_adapter", str(adapter_dir(cfg, out, round_ - 1))]
     else:
@@ -233,7 +239,7 @@ def check(cfg: IterateConfig) -> None:
     # Round 1's and round 2's command lines name every key a round uses.
     steps = [(1, "generate", "generate_args"), (1, "distill", "distill_args"), (1, "eval", "eval_args")]
     if cfg.rounds > 1:
-        steps += [(2, "generate", "generate_args / later_generate_args"), (2, "distill", "distill_args")]
+        steps += [(2, "generate", "generate_args / later_generate_args"), (2, "distill", "distill_args / later_distill_args")]
     if cfg.final_dpo:
         steps += [(cfg.rounds, "dpo", "distill_args / dpo_args"), (cfg.rounds, "dpo-eval", "eval_args")]
     parsed = {}
@@ -253,7 +259,8 @@ def check(cfg: IterateConfig) -> None:
     if cfg.rounds > 1:
         made[2] = (parsed[2, "generate"].methods, parsed[2, "generate"].samples_per_prompt,
                    "generate_args / later_generate_args")
-    checks = [(r, parsed[r, "distill"], "distill_args") for r in made if not (r == 1 and cfg.from_adapter)]
+    checks = [(r, parsed[r, "distill"], "distill_args" if r == 1 else "distill_args / later_distill_args")
+              for r in made if not (r == 1 and cfg.from_adapter)]
     if cfg.final_dpo:
         checks.append((1, parsed[cfg.rounds, "dpo"], "final_dpo, distill_args / dpo_args"))
     for r, dist, keys in checks:

@@ -196,8 +196,29 @@ def test_final_dpo_after_two_rounds(tiny_policy_dir, tmp_path):
     assert {row["method"] for row in rows} == {"distilled", "reference"}
 
 
+def test_an_on_policy_round_trains_on_rmod_over_the_students_own_answers(tiny_policy_dir, tmp_path):
+    """later_distill_args: round 1 SFT; round 2 SFT + DPO on its own generate run, whose `reference` is
+    the merged student's plain sample, so every pair is RMOD over the student against the student."""
+    recipe = write_recipe(tmp_path / "recipe", tiny_policy_dir)
+    cfg = parse_config(IterateConfig, [
+        "--recipe", str(recipe), "--rounds", "2", "--output_dir", str(tmp_path / "it"),
+        "--later_generate_args", "[--methods, '[rmod, reference]']",
+        "--later_distill_args", "[--objective, sft+dpo, --pairs, reference, --pair_margin, -100]"])
+    assert "--objective" not in stage_argv(cfg, 1, "distill", tmp_path / "it")
+    out = run(cfg)
+    d1 = json.loads((out / "round-1" / "distill" / "run.json").read_text())
+    d2 = json.loads((out / "round-2" / "distill" / "run.json").read_text())
+    assert d1["config"]["objective"] == "sft" and d2["config"]["objective"] == "sft+dpo"
+    assert d2["metrics"]["dpo_pairs"] > 0 and Path(d2["config"]["generate_dir"]) == out / "round-2" / "generate"
+    gen2 = json.loads((out / "round-2" / "generate" / "run.json").read_text())
+    assert gen2["config"]["policy"]["merge_adapter"] and gen2["config"]["methods"] == ["rmod", "reference"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "0"], "rounds must be >= 1"),
+    (["--later_distill_args", "[--objective, sft+dpo]"],
+     r"distill_args / later_distill_args: round 2's generate \(generate_args / later_generate_args\): DPO pairs"),
+    (["--later_distill_args", "[--learning_rate, fast]"], "distill_args / later_distill_args: "),
     (["--dpo_args", "[--pair_margin, 0.5]"], "set final_dpo: true"),
     (["--final_dpo", "true"],
      r"final_dpo, distill_args / dpo_args: round 1's generate \(generate_args\): DPO pairs 'reference' need reference"),
