@@ -23,7 +23,8 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig, get_peft_config
 
 from rmod_distill.adapters import MANIFEST, PORTABLE_FILES, check_adapter_folder
-from rmod_distill.artifacts import RunFolder, atomic_write_text, dpo_pairs_problem, provenance, read_json, write_jsonl
+from rmod_distill.artifacts import (RunFolder, atomic_write_text, dpo_pairs_problem, provenance, read_json, read_jsonl,
+                                    write_jsonl)
 from rmod_distill.cards import adapter_card
 from rmod_distill.config import parse_config, to_dict
 from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
@@ -234,6 +235,40 @@ def load_generated(cfg: DistillConfig, tokenizer, info: dict):
     return train, (held if len(held) else None), everything
 
 
+def unfinished_answers(gen: Path) -> set[tuple[str, str]]:
+    """``(prompt_id, method)`` of the generate run's answers cut off at ``max_new_tokens``: their text
+    is a prefix of an answer, not one that ends."""
+    return {(r["prompt_id"], r["method"]) for r in read_jsonl(gen / "samples.jsonl") if not r.get("finished", True)}
+
+
+def sft_examples(ds, tokenizer, unfinished: set[tuple[str, str]]):
+    """The SFT rows as token ids and labels, the loss on the completion only.
+
+    A finished answer is the chat template's rendering of prompt and answer, its end-of-turn
+    included (what TRL does with a conversational prompt/completion row). An answer cut off at
+    ``max_new_tokens`` (most of RMOD's, at 64 tokens) ends after its text: with the end-of-turn
+    that the template appends, the student would learn to stop wherever the teacher was cut off.
+    """
+
+    def render(messages, generation_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def example(row):
+        prompt = render(row["prompt"], True)
+        if (row["prompt_id"], row["method"]) in unfinished:
+            answer = tokenizer(row["completion"][0]["content"], add_special_tokens=False)["input_ids"]
+        else:
+            whole = render(row["prompt"] + row["completion"], False)
+            start = 0
+            while start < min(len(prompt), len(whole)) and prompt[start] == whole[start]:
+                start += 1
+            prompt, answer = whole[:start], whole[start:]
+        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+
+    return ds.map(example, remove_columns=ds.column_names, keep_in_memory=True)
+
+
 def sample_index(prompt_id: str) -> int:
     """j of generate's ``<id>#s<j>`` (0 for the first sample, stored under the bare id)."""
     suffix = prompt_id.partition("#")[2]
@@ -427,12 +462,12 @@ def run(cfg: DistillConfig) -> Path:
     # ------------------------------------------------------------------ train: SFT
     trainer = None
     if "sft" in cfg.objective:
-        keep = ["prompt", "completion"]
+        unfinished = unfinished_answers(Path(cfg.generate_dir))
         trainer = SFTTrainer(
             model=model,
             args=cfg,
-            train_dataset=train.select_columns(keep),
-            eval_dataset=held.select_columns(keep) if held is not None else None,
+            train_dataset=sft_examples(train, tokenizer, unfinished),
+            eval_dataset=sft_examples(held, tokenizer, unfinished) if held is not None else None,
             processing_class=tokenizer,
             peft_config=peft_config,
         )

@@ -73,17 +73,24 @@ def test_loss_falls(tiny_policy_dir, tiny_generate_dir, tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
 
-def test_only_completion_tokens_carry_loss(tiny_policy_dir, tiny_generate_dir):
+def test_only_completion_tokens_carry_loss_and_cut_off_answers_do_not_stop(tiny_policy_dir, tiny_generate_dir):
     from peft import LoraConfig
     from trl import SFTTrainer
 
-    from rmod_distill.distill import check_generate_dir, load_generated
+    from rmod_distill.distill import check_generate_dir, load_generated, sft_examples
 
     cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, "/tmp/unused-distill"))
     model, tok = load_policy(str(tiny_policy_dir), device="cpu")
     train, _, _ = load_generated(cfg, tok, check_generate_dir(cfg))
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=train.select_columns(["prompt", "completion"]),
+    cut = {(train[1]["prompt_id"], train[1]["method"])}  # row 1 as if cut off at max_new_tokens
+    examples = sft_examples(train, tok, cut)
+    # A finished answer is tokenized exactly as TRL tokenizes the conversational row itself.
+    trl_own = SFTTrainer(model=model, args=cfg, train_dataset=train.select_columns(["prompt", "completion"]),
                          processing_class=tok, peft_config=LoraConfig(r=4, task_type="CAUSAL_LM"))
+    assert examples[0]["input_ids"] == trl_own.train_dataset[0]["input_ids"]
+    fresh, _ = load_policy(str(tiny_policy_dir), device="cpu")
+    trainer = SFTTrainer(model=fresh, args=cfg, train_dataset=examples, processing_class=tok,
+                         peft_config=LoraConfig(r=4, task_type="CAUSAL_LM"))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     for row in range(3):
         ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
@@ -92,8 +99,12 @@ def test_only_completion_tokens_carry_loss(tiny_policy_dir, tiny_generate_dir):
         assert all(label == -100 for label in labels[:start])  # prompt and padding carry no loss
         trained = [i for i, label in enumerate(labels) if label != -100]
         assert trained and trained[0] >= start
-        assert tok.eos_token_id in [ids[i] for i in trained]  # the model learns to stop
         assert tok.pad_token_id not in [ids[i] for i in trained]
+        if row == 1:  # learnt as a prefix: its text and nothing after it, no end-of-turn
+            assert tok.eos_token_id not in [ids[i] for i in trained]
+            assert tok.decode([ids[i] for i in trained]) == train[1]["completion"][0]["content"]
+        else:
+            assert tok.eos_token_id in [ids[i] for i in trained]  # the model learns to stop
 
 
 def test_refuses_data_from_another_policy(tiny_generate_dir, tmp_path):
