@@ -50,8 +50,16 @@ def test_students_against_one_base(tmp_path):
 def test_a_student_decoded_with_other_seeds_or_prompts_is_refused(tmp_path):
     base = write_eval(tmp_path / "base", {"reference": REF, "rmod": RMOD})
     other_seed = write_eval(tmp_path / "seed", {"reference": REF, "distilled": RMOD}, reference_text="other")
-    with pytest.raises(UserError, match=r"reference` answer to p0 differs"):
+    with pytest.raises(UserError, match=r"reference` answer to p0 \(text or normalised scores\) differs"):
         compare_students(base, [("s", other_seed)])
+    # iterate's rounds ran one recipe: a differing reference answer is counted, not fatal
+    _, info = compare_students(base, [("s", other_seed)], resamples=50, strict=False)
+    assert info["reference_differs"] == {"s": 8}
+    other_objectives = write_eval(tmp_path / "objectives", {"reference": REF, "distilled": RMOD})
+    rows = (other_objectives / "generations" / "samples.jsonl").read_text().replace('"b": 1.0', '"c": 1.0')
+    (other_objectives / "generations" / "samples.jsonl").write_text(rows)
+    with pytest.raises(UserError, match=r"scored on objectives \['a', 'c'\]"):
+        compare_students(base, [("s", other_objectives)])
     fewer = write_eval(tmp_path / "fewer", {"reference": REF, "distilled": RMOD}, answers=1)
     with pytest.raises(UserError, match=r"other prompts .*\(4 answers against 8\)"):
         compare_students(base, [("s", fewer)])
