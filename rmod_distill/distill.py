@@ -241,32 +241,58 @@ def unfinished_answers(gen: Path) -> set[tuple[str, str]]:
     return {(r["prompt_id"], r["method"]) for r in read_jsonl(gen / "samples.jsonl") if not r.get("finished", True)}
 
 
-def sft_examples(ds, tokenizer, unfinished: set[tuple[str, str]]):
-    """The SFT rows as token ids and labels, the loss on the completion only.
+def prompt_and_answer(tokenizer, prompt: list[dict], completion: list[dict], cut_off: bool) -> tuple[list[int], list[int]]:
+    """Token ids of a chat prompt (its generation prompt included) and of one answer to it.
 
     A finished answer is the chat template's rendering of prompt and answer, its end-of-turn
-    included (what TRL does with a conversational prompt/completion row). An answer cut off at
-    ``max_new_tokens`` (most of RMOD's, at 64 tokens) ends after its text: with the end-of-turn
-    that the template appends, the student would learn to stop wherever the teacher was cut off.
+    included (what TRL does with a conversational row). An answer cut off at ``max_new_tokens``
+    (most of RMOD's, at 64 tokens) ends after its text: with the end-of-turn that the template
+    appends, the student would learn to stop wherever the teacher was cut off.
     """
 
     def render(messages, generation_prompt: bool) -> list[int]:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    prompt_ids = render(prompt, True)
+    if cut_off:
+        return prompt_ids, tokenizer(completion[0]["content"], add_special_tokens=False)["input_ids"]
+    whole = render(prompt + completion, False)
+    start = 0
+    while start < min(len(prompt_ids), len(whole)) and prompt_ids[start] == whole[start]:
+        start += 1
+    return whole[:start], whole[start:]
+
+
+def sft_examples(ds, tokenizer, unfinished: set[tuple[str, str]]):
+    """The SFT rows as token ids and labels, the loss on the completion only; a cut-off answer
+    (``unfinished``: :func:`unfinished_answers`) without end-of-turn (:func:`prompt_and_answer`)."""
+
     def example(row):
-        prompt = render(row["prompt"], True)
-        if (row["prompt_id"], row["method"]) in unfinished:
-            answer = tokenizer(row["completion"][0]["content"], add_special_tokens=False)["input_ids"]
-        else:
-            whole = render(row["prompt"] + row["completion"], False)
-            start = 0
-            while start < min(len(prompt), len(whole)) and prompt[start] == whole[start]:
-                start += 1
-            prompt, answer = whole[:start], whole[start:]
+        prompt, answer = prompt_and_answer(tokenizer, row["prompt"], row["completion"],
+                                           (row["prompt_id"], row["method"]) in unfinished)
         return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
 
     return ds.map(example, remove_columns=ds.column_names, keep_in_memory=True)
+
+
+def dpo_examples(pairs: list[dict], tokenizer, unfinished: set[tuple[str, str]]):
+    """:func:`preference_pairs` as the token ids TRL's DPOTrainer trains on (``prompt_ids``,
+    ``chosen_ids``, ``rejected_ids``), each side cut off or finished as its answer was
+    (:func:`prompt_and_answer`): TRL's own tokenisation would end both with end-of-turn."""
+    import datasets
+
+    rows = []
+    for p in pairs:
+        prompt, chosen = prompt_and_answer(tokenizer, p["prompt"], p["chosen"], tuple(p["chosen_key"]) in unfinished)
+        prompt_r, rejected = prompt_and_answer(tokenizer, p["prompt"], p["rejected"],
+                                               tuple(p["rejected_key"]) in unfinished)
+        common = 0  # both renderings share the prompt; keep the part they agree on
+        while common < min(len(prompt), len(prompt_r)) and prompt[common] == prompt_r[common]:
+            common += 1
+        rows.append({"prompt_ids": prompt[:common], "chosen_ids": prompt[common:] + chosen,
+                     "rejected_ids": prompt_r[common:] + rejected})
+    return datasets.Dataset.from_list(rows)
 
 
 def sample_index(prompt_id: str) -> int:
@@ -303,6 +329,8 @@ def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
         if chosen["worst_case"] - rejected["worst_case"] > cfg.pair_margin:
             pairs.append({"prompt_id": chosen["prompt_id"], "prompt": chosen["prompt"],
                           "chosen": chosen["completion"], "rejected": rejected["completion"],
+                          "chosen_key": (chosen["prompt_id"], chosen["method"]),
+                          "rejected_key": (rejected["prompt_id"], rejected["method"]),
                           "margin": chosen["worst_case"] - rejected["worst_case"]})
 
     if cfg.pairs in ("reference", "both"):
@@ -371,7 +399,6 @@ def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, 
     """
     import dataclasses
 
-    import datasets
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOConfig, DPOTrainer
@@ -390,11 +417,23 @@ def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, 
         num_train_epochs=cfg.dpo_epochs or cfg.num_train_epochs,
         eval_strategy=cfg.eval_strategy if held else "no",
     ))
-    columns = ["prompt", "chosen", "rejected"]
-    trainer = DPOTrainer(
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer on rows already tokenised by :func:`dpo_examples` (its own tokenisation
+        would end a cut-off answer with end-of-turn); anything else goes through TRL's."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" not in dataset.column_names:
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if args.max_length is not None and args.truncation_mode == "keep_start":
+                # as TRL does: a prompt that fills max_length leaves no completion token to learn from
+                dataset = dataset.filter(lambda r: len(r["prompt_ids"]) < args.max_length, keep_in_memory=True)
+            return dataset
+
+    unfinished = unfinished_answers(Path(cfg.generate_dir))
+    trainer = PreTokenizedDPOTrainer(
         model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
-        train_dataset=datasets.Dataset.from_list([{k: p[k] for k in columns} for p in train]),
-        eval_dataset=datasets.Dataset.from_list([{k: p[k] for k in columns} for p in held]) if held else None,
+        train_dataset=dpo_examples(train, tokenizer, unfinished),
+        eval_dataset=dpo_examples(held, tokenizer, unfinished) if held else None,
     )
     resume = get_last_checkpoint(str(out / "dpo")) if (out / "dpo").is_dir() else None
     result = trainer.train(resume_from_checkpoint=resume)

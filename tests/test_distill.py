@@ -280,6 +280,36 @@ def test_preference_pairs_follow_the_worst_case(tiny_policy_dir, tiny_generate_d
                for (m, pid) in rows if m == "rmod" and pid not in kept)
 
 
+def test_dpo_rows_match_trl_and_cut_off_answers_do_not_stop(tiny_policy_dir, tiny_generate_dir):
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    from rmod_distill.distill import dpo_examples, preference_pairs
+
+    cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, "/tmp/unused-distill",
+                                                   "--objective", "dpo", "--pair_margin", "-100"))
+    ds = datasets.load_from_disk(str(tiny_generate_dir / "dataset"))
+    pairs = preference_pairs(cfg, ds)[:3]
+    model, tok = load_policy(str(tiny_policy_dir), device="cpu")
+    ours = dpo_examples(pairs, tok, set())
+    # Finished answers: exactly TRL's own tokenisation of the conversational pair.
+    trl_own = DPOTrainer(model=model, args=DPOConfig(output_dir="/tmp/unused-dpo", report_to=[], use_cpu=True),
+                         processing_class=tok,
+                         train_dataset=datasets.Dataset.from_list(
+                             [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]),
+                         peft_config=__import__("peft").LoraConfig(r=4, task_type="CAUSAL_LM"))
+    for mine, theirs in zip(ours, trl_own.train_dataset):
+        assert [mine[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")] == \
+               [theirs[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    # A cut-off side ends after its text; the other side of the pair keeps its end-of-turn.
+    cut = dpo_examples(pairs, tok, {tuple(pairs[0]["rejected_key"])})[0]
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn in ours[0]["rejected_ids"] and end_of_turn not in cut["rejected_ids"]
+    assert cut["chosen_ids"] == ours[0]["chosen_ids"] and cut["prompt_ids"] == ours[0]["prompt_ids"]
+    text = tok.decode(cut["rejected_ids"], skip_special_tokens=True)
+    assert text.split() == pairs[0]["rejected"][0]["content"].split()  # the tiny tokenizer keeps words, not spaces
+
+
 @pytest.mark.parametrize("objective", ["dpo", "sft+dpo"])
 def test_dpo_trains_an_adapter(tiny_policy_dir, tiny_generate_dir, tmp_path, objective):
     from safetensors.torch import load_file
