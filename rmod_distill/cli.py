@@ -26,8 +26,9 @@ def usage() -> str:
     """The top-level help text."""
     lines = ["usage: rmod-distill <stage> --config recipes/<recipe>/<stage>.yaml [--key value ...]", "", "stages:"]
     lines += [f"  {name:<10} {desc}" for name, (_, desc) in STAGES.items()]
-    lines += ["", "Run `rmod-distill <stage> --help` for the keys of a stage's recipe; add --dry-run to check a",
-              "recipe and print it resolved without running anything, --debug to see a traceback behind an error."]
+    lines += ["", "Run `rmod-distill <stage> --help` for a stage's keys. The recipe stages (generate, distill, eval,",
+              "iterate, values) take --dry-run: check the recipe and print it resolved without running anything",
+              "(compare and download take paths, not recipes). Add --debug to see a traceback behind an error."]
     return "\n".join(lines)
 
 

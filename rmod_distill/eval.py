@@ -38,7 +38,8 @@ from rmod_distill.engine.setup import BackendConfig, build_decoder, check_decodi
 from rmod_distill.errors import UserError
 from rmod_distill.metrics import bootstrap_interval, complete, method_metrics, paired_comparisons, \
     median_worst_case, prompt_groups, TAIL_Z, worst_case_win_rate
-from rmod_distill.objectives import SCALES, Normalizer, check_scale, ObjectiveSet, ObjectiveSpec, default_objectives
+from rmod_distill.objectives import (SCALES, Normalizer, ObjectiveSet, ObjectiveSpec, check_scale, default_objectives,
+                                     scorer_id)
 from rmod_distill.policy import PolicyConfig
 from rmod_distill.prompts import PromptsConfig, load_prompts, with_samples
 from rmod_distill.tracking import Tracker, WandbConfig
@@ -449,7 +450,8 @@ def update_model_card(adapter_dir: Path, metrics: dict, report: Path, prompts: s
 def check_objectives(cfg: EvalConfig, norm_path: Path) -> Normalizer:
     """The recipe's objectives must be the generate run's, spec for spec, and match its normalisation."""
     normalizer = Normalizer.load(norm_path)
-    normalizer.check_names([o.name for o in cfg.objectives], str(norm_path))
+    normalizer.check_names([o.name for o in cfg.objectives], str(norm_path),
+                           [scorer_id(o) for o in cfg.objectives])
     gen_json = Path(cfg.generate_dir) / "run.json"
     if gen_json.exists():
         made = read_json(gen_json, "generate run marker").get("objective_specs")

@@ -132,7 +132,7 @@ def measure_normalization(cfg: GenerateConfig, decoder, objectives: ObjectiveSet
     rows = decode_rows(decoder, objectives, expanded, "reference", cfg.seed, cfg.batch_size, lambda r: bar.update(len(r)))
     bar.close()
     raw = _matrix(rows, "rewards", objectives.names)
-    normalizer = Normalizer.fit(objectives.names, raw)
+    normalizer = Normalizer.fit(objectives.names, raw, objectives.scorers)
     normalizer.save(out / "normalization.json")
     for r in rows:
         r.pop("normalized"), r.pop("worst_case")

@@ -237,6 +237,23 @@ EMBEDDED_SCORERS: dict[str, Callable[..., Objective]] = {
     "concision": Concision,
 }
 
+# An embedded scorer's version goes up whenever its scores change meaning; normalisation files
+# record it, so statistics measured with an earlier scorer are refused rather than misread.
+# harmlessness 2: log-odds log((1-p)/p) since 2026-12-03 (1: 1 - p).
+EMBEDDED_VERSIONS: dict[str, int] = {"harmlessness": 2}
+
+
+def scorer_id(spec: "ObjectiveSpec") -> str:
+    """What computes an objective's raw scores, as normalisation files record it: ``harmlessness/v2``
+    for an embedded scorer, ``reward_model:<id>[<index>]``, ``python:<module:function>``, ``judge:<model>``."""
+    if spec.kind == "embedded":
+        scorer = spec.model or spec.name
+        return f"{scorer}/v{EMBEDDED_VERSIONS.get(scorer, 1)}"
+    if spec.kind == "reward_model":
+        return f"reward_model:{spec.model}[{spec.index}]"
+    return f"{spec.kind}:{spec.model}"
+
+
 
 # ----------------------------------------------------------------------------- reward models
 
@@ -467,10 +484,11 @@ class Normalizer:
     std: list[float]
     num_samples: int = 0
     samples: list[list[float]] | None = None  # per objective: the sorted raw rewards measured on
+    scorers: list[str] | None = None  # per objective: scorer_id (None: a file written before they were kept)
     scale: str = field(default="zscore", metadata={"help": "zscore | quantile (not saved: a recipe's choice)"})
 
     @classmethod
-    def fit(cls, names: list[str], rewards: np.ndarray) -> "Normalizer":
+    def fit(cls, names: list[str], rewards: np.ndarray, scorers: list[str] | None = None) -> "Normalizer":
         """Measure mean and std of raw rewards ``[n, G]`` (a constant objective gets std 1) and keep them sorted.
 
         Missing scores (NaN, a judge's) are left out of their objective's statistics.
@@ -492,7 +510,8 @@ class Normalizer:
             std = np.array([c.std(ddof=1) for c in cols])
         std = np.where(std > 1e-8, std, 1.0)
         samples = [sorted(map(float, rewards[present[:, g], g])) for g in range(rewards.shape[1])]
-        return cls(list(names), mean.tolist(), std.tolist(), int(rewards.shape[0]), samples)
+        return cls(list(names), mean.tolist(), std.tolist(), int(rewards.shape[0]), samples,
+                   list(scorers) if scorers is not None else None)
 
     def with_scale(self, scale: str, source: str = "normalisation") -> "Normalizer":
         """The same statistics on another scale; ``quantile`` needs the samples (files written since it exists)."""
@@ -518,12 +537,23 @@ class Normalizer:
             out[..., g] = np.where(np.isnan(x), np.nan, ndtri((rank + 0.5) / (len(ref) + 1)))
         return out
 
-    def check_names(self, names: list[str], source: str) -> None:
-        """Refuse statistics measured for other objectives or another order."""
+    def check_names(self, names: list[str], source: str, scorers: list[str] | None = None) -> None:
+        """Refuse statistics measured for other objectives, another order or (``scorers``: the
+        recipe's :func:`scorer_id` list) other scorers: an earlier version of an embedded scorer."""
         if list(names) != list(self.names):
             raise UserError(
                 f"{source}: normalisation was measured for objectives {self.names}, but the recipe has {list(names)}"
             )
+        if scorers is None:
+            return
+        for g, (name, mine) in enumerate(zip(names, scorers)):
+            if self.scorers is not None:
+                if self.scorers[g] != mine:
+                    raise UserError(f"{source}: objective {name!r} was normalised with scorer {self.scorers[g]!r}, "
+                                    f"the recipe's is {mine!r}; generate again (--overwrite) to measure it")
+            elif mine.rpartition("/v")[2] not in ("", "1") and mine.rpartition("/v")[0] in EMBEDDED_SCORERS:
+                raise UserError(f"{source}: objective {name!r} was normalised by an earlier version of its scorer "
+                                f"(the file records none; the recipe's is {mine!r}); generate again (--overwrite)")
 
     def save(self, path: str | Path) -> None:
         """Write the statistics as JSON (the scale is the recipe's, not the file's)."""
@@ -542,7 +572,8 @@ class Normalizer:
             samples = data.get("samples")
             norm = cls(list(data["names"]), [float(x) for x in data["mean"]], [float(x) for x in data["std"]],
                        int(data.get("num_samples", 0)),
-                       [sorted(map(float, col)) for col in samples] if samples is not None else None)
+                       [sorted(map(float, col)) for col in samples] if samples is not None else None,
+                       list(map(str, data["scorers"])) if data.get("scorers") is not None else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"normalisation file {path}: expected names, mean and std lists ({exc})") from None
         if not len(norm.names) == len(norm.mean) == len(norm.std) or not all(
@@ -563,11 +594,14 @@ class ObjectiveSet:
             raise UserError("at least one objective is needed")
         self.objectives = objectives
         self.normalizer = normalizer
+        self.scorers: list[str] | None = None  # scorer_id per objective, when built from specs
 
     @classmethod
     def from_specs(cls, specs: list[ObjectiveSpec]) -> "ObjectiveSet":
         """Build every objective of a recipe."""
-        return cls([build_objective(s) for s in specs])
+        built = cls([build_objective(s) for s in specs])
+        built.scorers = [scorer_id(s) for s in specs]
+        return built
 
     @property
     def names(self) -> list[str]:
@@ -576,7 +610,7 @@ class ObjectiveSet:
 
     def set_normalizer(self, normalizer: Normalizer, source: str = "normalisation") -> None:
         """Attach statistics after checking they are for these objectives."""
-        normalizer.check_names(self.names, source)
+        normalizer.check_names(self.names, source, self.scorers)
         self.normalizer = normalizer
 
     def raw(self, prompts: list[Conversation], responses: list[str]) -> np.ndarray:

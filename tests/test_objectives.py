@@ -72,6 +72,29 @@ def test_normalizer_round_trip_and_mismatch(tmp_path):
         again.check_names(["a", "c"], "n.json")
 
 
+def test_normalisation_refuses_another_scorer_version(tmp_path):
+    from rmod_distill.objectives import scorer_id
+
+    specs = [ObjectiveSpec("harmlessness"), ObjectiveSpec("brevity", model="concision")]
+    ids = [scorer_id(s) for s in specs]
+    assert ids == ["harmlessness/v2", "concision/v1"]
+    assert scorer_id(ObjectiveSpec("rm", kind="reward_model", model="org/rm", index=3)) == "reward_model:org/rm[3]"
+    raw = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])
+    Normalizer.fit(["harmlessness", "brevity"], raw, ids).save(tmp_path / "now.json")
+    now = Normalizer.load(tmp_path / "now.json")
+    assert now.scorers == ids
+    now.check_names(["harmlessness", "brevity"], "now.json", ids)
+    with pytest.raises(ValueError, match=r"now.json: objective 'brevity' was normalised with scorer 'concision/v1', "
+                                         r"the recipe's is 'warmth/v1'"):
+        now.check_names(["harmlessness", "brevity"], "now.json", ["harmlessness/v2", "warmth/v1"])
+    # A file written before scorers were recorded: harmlessness then was 1 - p, the statistics do not apply.
+    Normalizer.fit(["harmlessness", "brevity"], raw).save(tmp_path / "old.json")
+    old = Normalizer.load(tmp_path / "old.json")
+    with pytest.raises(ValueError, match=r"old.json: objective 'harmlessness' was normalised by an earlier version"):
+        old.check_names(["harmlessness", "brevity"], "old.json", ids)
+    Normalizer.fit(["a", "b"], raw).check_names(["a", "b"], "x.json", ["concision/v1", "warmth/v1"])  # unchanged ones
+
+
 def tiny_gpt2_classifier(path, num_labels):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
