@@ -52,6 +52,14 @@ def test_a_student_decoded_with_other_seeds_or_prompts_is_refused(tmp_path):
     other_seed = write_eval(tmp_path / "seed", {"reference": REF, "distilled": RMOD}, reference_text="other")
     with pytest.raises(UserError, match=r"reference` answer to p0 \(text or normalised scores\) differs"):
         compare_students(base, [("s", other_seed)])
+    # The same answers, a score moved by float noise (a scorer batched with other answers): accepted; by 0.01: refused.
+    for shift, accepted in ((1e-6, True), (1e-2, False)):
+        moved = write_eval(tmp_path / f"moved{shift}", {"reference": [r + shift for r in REF], "distilled": RMOD})
+        if accepted:
+            assert compare_students(base, [("s", moved)], resamples=50)[1]["prompts"] == 4
+        else:
+            with pytest.raises(UserError, match=r"reference` answer to p0 \(text or normalised scores\) differs"):
+                compare_students(base, [("s", moved)])
     # iterate's rounds ran one recipe: a differing reference answer is counted, not fatal
     _, info = compare_students(base, [("s", other_seed)], resamples=50, strict=False)
     assert info["reference_differs"] == {"s": 8}
