@@ -108,7 +108,8 @@ def embedded_values(normalizer_path: Path | None):
     if normalizer_path and normalizer_path.exists():
         objectives.set_normalizer(Normalizer.load(normalizer_path))
     else:
-        objectives.set_normalizer(Normalizer(objectives.names, [0.0] * 4, [1.0] * 4))
+        n = len(objectives.names)
+        objectives.set_normalizer(Normalizer(objectives.names, [0.0] * n, [1.0] * n))
     return (lambda p, r: objectives.score(p, r)[1]), objectives.names
 
 

@@ -241,17 +241,20 @@ EMBEDDED_SCORERS: dict[str, Callable[..., Objective]] = {
 # record it, so statistics measured with an earlier scorer are refused rather than misread.
 # harmlessness 2: log-odds log((1-p)/p) since 2026-12-03 (1: 1 - p).
 EMBEDDED_VERSIONS: dict[str, int] = {"harmlessness": 2}
+UNRECORDED = "unrecorded"  # a normalisation file's scorers before files kept them
 
 
 def scorer_id(spec: "ObjectiveSpec") -> str:
     """What computes an objective's raw scores, as normalisation files record it: ``harmlessness/v2``
-    for an embedded scorer, ``reward_model:<id>[<index>]``, ``python:<module:function>``, ``judge:<model>``."""
+    for an embedded scorer, ``reward_model:<id>[<index>]``, ``python:<module:function>``, ``judge:<model>``;
+    ``*-1`` after it when the reward is multiplied by a sign."""
+    sign = "" if spec.sign == 1.0 else f"*{spec.sign:g}"  # the statistics are of the signed reward
     if spec.kind == "embedded":
         scorer = spec.model or spec.name
-        return f"{scorer}/v{EMBEDDED_VERSIONS.get(scorer, 1)}"
+        return f"{scorer}/v{EMBEDDED_VERSIONS.get(scorer, 1)}{sign}"
     if spec.kind == "reward_model":
-        return f"reward_model:{spec.model}[{spec.index}]"
-    return f"{spec.kind}:{spec.model}"
+        return f"reward_model:{spec.model}[{spec.index}]{sign}"
+    return f"{spec.kind}:{spec.model}{sign}"
 
 
 
@@ -484,7 +487,8 @@ class Normalizer:
     std: list[float]
     num_samples: int = 0
     samples: list[list[float]] | None = None  # per objective: the sorted raw rewards measured on
-    scorers: list[str] | None = None  # per objective: scorer_id (None: a file written before they were kept)
+    scorers: list[str] | None = None  # per objective: scorer_id (None: statistics made in code, checked by name only;
+    # UNRECORDED: read from a file written before scorers were kept)
     scale: str = field(default="zscore", metadata={"help": "zscore | quantile (not saved: a recipe's choice)"})
 
     @classmethod
@@ -544,10 +548,10 @@ class Normalizer:
             raise UserError(
                 f"{source}: normalisation was measured for objectives {self.names}, but the recipe has {list(names)}"
             )
-        if scorers is None:
+        if scorers is None or self.scorers is None:
             return
         for g, (name, mine) in enumerate(zip(names, scorers)):
-            if self.scorers is not None:
+            if self.scorers[g] != UNRECORDED:
                 if self.scorers[g] != mine:
                     raise UserError(f"{source}: objective {name!r} was normalised with scorer {self.scorers[g]!r}, "
                                     f"the recipe's is {mine!r}; generate again (--overwrite) to measure it")
@@ -573,13 +577,14 @@ class Normalizer:
             norm = cls(list(data["names"]), [float(x) for x in data["mean"]], [float(x) for x in data["std"]],
                        int(data.get("num_samples", 0)),
                        [sorted(map(float, col)) for col in samples] if samples is not None else None,
-                       list(map(str, data["scorers"])) if data.get("scorers") is not None else None)
+                       list(map(str, data["scorers"])) if data.get("scorers") is not None
+                       else [UNRECORDED] * len(data["names"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"normalisation file {path}: expected names, mean and std lists ({exc})") from None
-        if not len(norm.names) == len(norm.mean) == len(norm.std) or not all(
+        if not len(norm.names) == len(norm.mean) == len(norm.std) == len(norm.scorers) or not all(
                 math.isfinite(m) and math.isfinite(v) and v > 0 for m, v in zip(norm.mean, norm.std)):
-            raise UserError(f"normalisation file {path}: names, mean and std must have one finite entry per "
-                            "objective, with std > 0")
+            raise UserError(f"normalisation file {path}: names, mean, std (and scorers) must have one finite entry "
+                            "per objective, with std > 0")
         return norm
 
 

@@ -291,8 +291,8 @@ ROWS = [
     # 7. eval objectives spec differing from generate's
     Row("7-eval-objective-spec-differs",
         lambda c: c.evaluate("--objectives", "[{name: harmlessness, model: concision}, {name: concision}]"),
-        r"objective 'harmlessness': the recipe's spec differs from the one .* was normalised with "
-        r"\(keys \['model'\]\)"),
+        r"normalization\.json: objective 'harmlessness' was normalised with scorer 'harmlessness/v2', the "
+        r"recipe's is 'concision/v1'"),
     # 8. online without a login: refused before any work
     Row("8-wandb-online-without-login", _wandb_online_without_login,
         r"wandb\.mode online needs a W&B login .*use auto, offline or disabled"),
