@@ -103,7 +103,7 @@ def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys)
     from rmod_distill.config import yaml_load
 
     resolved = yaml_load(printed)
-    assert resolved["decoding"]["num_candidates"] == 8 and resolved["methods"] == ["rmod"]
+    assert resolved["decoding"]["num_candidates"] == 8 and resolved["methods"] == ["rmod", "reference"]
     assert not out.exists()
     # What it prints is a recipe: it parses back into the same config.
     again = tmp_path / "resolved.yaml"
