@@ -390,8 +390,10 @@ def sample_completions(model, tokenizer, rows, max_new_tokens: int, seed: int) -
     ]
 
 
-def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, metrics: dict):
-    """DPO with TRL's DPOTrainer on :func:`preference_pairs`; returns the trainer.
+def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, metrics: dict,
+              unfinished: set[tuple[str, str]] = frozenset()):
+    """DPO with TRL's DPOTrainer on :func:`preference_pairs`; returns the trainer. ``unfinished``:
+    the answers cut off at ``max_new_tokens`` (:func:`unfinished_answers`), learnt without end-of-turn.
 
     ``model`` is the base policy (a fresh adapter from ``peft_config``) or a PEFT model (SFT-
     trained here, or ``init_adapter``), in which case TRL keeps a frozen copy of its adapter as
@@ -429,7 +431,6 @@ def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, 
                 dataset = dataset.filter(lambda r: len(r["prompt_ids"]) < args.max_length, keep_in_memory=True)
             return dataset
 
-    unfinished = unfinished_answers(Path(cfg.generate_dir))
     trainer = PreTokenizedDPOTrainer(
         model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
         train_dataset=dpo_examples(train, tokenizer, unfinished),
@@ -500,8 +501,8 @@ def run(cfg: DistillConfig) -> Path:
 
     # ------------------------------------------------------------------ train: SFT
     trainer = None
+    unfinished = unfinished_answers(Path(cfg.generate_dir))
     if "sft" in cfg.objective:
-        unfinished = unfinished_answers(Path(cfg.generate_dir))
         trainer = SFTTrainer(
             model=model,
             args=cfg,
@@ -521,7 +522,7 @@ def run(cfg: DistillConfig) -> Path:
     cfg.eval_strategy = eval_strategy  # DPO measures its held-out pairs whenever it has some
     if "dpo" in cfg.objective:
         trainer = train_dpo(cfg, trainer.model if trainer is not None else model, tokenizer, everything,
-                            None if trainer is not None or cfg.init_adapter else peft_config, out, metrics)
+                            None if trainer is not None or cfg.init_adapter else peft_config, out, metrics, unfinished)
 
     # ------------------------------------------------------------------ save
     if trainer.is_world_process_zero():
