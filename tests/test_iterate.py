@@ -216,14 +216,15 @@ def test_an_on_policy_round_trains_on_rmod_over_the_students_own_answers(tiny_po
 
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "0"], "rounds must be >= 1"),
-    (["--later_distill_args", "[--objective, sft+dpo]"],
+    (["--later_generate_args", "[--methods, '[rmod]']", "--later_distill_args", "[--objective, sft+dpo]"],
      r"distill_args / later_distill_args: round 2's generate \(generate_args / later_generate_args\): DPO pairs"),
     (["--later_distill_args", "[--learning_rate, fast]"], "distill_args / later_distill_args: "),
     (["--dpo_args", "[--pair_margin, 0.5]"], "set final_dpo: true"),
-    (["--final_dpo", "true"],
+    (["--final_dpo", "true", "--generate_args", "[--methods, '[rmod]']", "--distill_args", "[--objective, sft]"],
      r"final_dpo, distill_args / dpo_args: round 1's generate \(generate_args\): DPO pairs 'reference' need reference"),
     (["--final_dpo", "true", "--dpo_args", "[--objective, sft]"], "the final DPO's objective is dpo"),
-    (["--distill_args", "[--objective, sft+dpo]"], r"distill_args: round 1's generate \(generate_args\): DPO pairs"),
+    (["--generate_args", "[--methods, '[rmod]']", "--distill_args", "[--objective, sft+dpo]"],
+     r"distill_args: round 1's generate \(generate_args\): DPO pairs"),
     (["--generate_args", "[--methods, '[rmod, reference]']", "--later_generate_args", "[--methods, '[rmod]']",
       "--distill_args", "[--objective, sft+dpo]"], r"distill_args: round 2's generate \(generate_args / later_generate_args\)"),
     (["--rounds", "2", "--generate_args", "[--decoding.num_candidates, many]",
