@@ -241,6 +241,14 @@ def unfinished_answers(gen: Path) -> set[tuple[str, str]]:
     return {(r["prompt_id"], r["method"]) for r in read_jsonl(gen / "samples.jsonl") if not r.get("finished", True)}
 
 
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading token ids ``a`` and ``b`` share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def prompt_and_answer(tokenizer, prompt: list[dict], completion: list[dict], cut_off: bool) -> tuple[list[int], list[int]]:
     """Token ids of a chat prompt (its generation prompt included) and of one answer to it.
 
@@ -258,9 +266,7 @@ def prompt_and_answer(tokenizer, prompt: list[dict], completion: list[dict], cut
     if cut_off:
         return prompt_ids, tokenizer(completion[0]["content"], add_special_tokens=False)["input_ids"]
     whole = render(prompt + completion, False)
-    start = 0
-    while start < min(len(prompt_ids), len(whole)) and prompt_ids[start] == whole[start]:
-        start += 1
+    start = common_prefix_length(prompt_ids, whole)
     return whole[:start], whole[start:]
 
 
@@ -287,9 +293,7 @@ def dpo_examples(pairs: list[dict], tokenizer, unfinished: set[tuple[str, str]])
         prompt, chosen = prompt_and_answer(tokenizer, p["prompt"], p["chosen"], tuple(p["chosen_key"]) in unfinished)
         prompt_r, rejected = prompt_and_answer(tokenizer, p["prompt"], p["rejected"],
                                                tuple(p["rejected_key"]) in unfinished)
-        common = 0  # both renderings share the prompt; keep the part they agree on
-        while common < min(len(prompt), len(prompt_r)) and prompt[common] == prompt_r[common]:
-            common += 1
+        common = common_prefix_length(prompt, prompt_r)  # both renderings share the prompt; keep what agrees
         rows.append({"prompt_ids": prompt[:common], "chosen_ids": prompt[common:] + chosen,
                      "rejected_ids": prompt_r[common:] + rejected})
     return datasets.Dataset.from_list(rows)

@@ -555,7 +555,7 @@ class Normalizer:
                 if self.scorers[g] != mine:
                     raise UserError(f"{source}: objective {name!r} was normalised with scorer {self.scorers[g]!r}, "
                                     f"the recipe's is {mine!r}; generate again (--overwrite) to measure it")
-            elif mine.rpartition("/v")[2] not in ("", "1") and mine.rpartition("/v")[0] in EMBEDDED_SCORERS:
+            elif mine.partition("*")[0] in {f"{s}/v{v}" for s, v in EMBEDDED_VERSIONS.items() if v > 1}:
                 raise UserError(f"{source}: objective {name!r} was normalised by an earlier version of its scorer "
                                 f"(the file records none; the recipe's is {mine!r}); generate again (--overwrite)")
 

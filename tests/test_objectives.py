@@ -93,6 +93,8 @@ def test_normalisation_refuses_another_scorer_version(tmp_path):
     old = Normalizer.load(tmp_path / "old.json")
     with pytest.raises(ValueError, match=r"old.json: objective 'harmlessness' was normalised by an earlier version"):
         old.check_names(["harmlessness", "brevity"], "old.json", ids)
+    Normalizer.fit(["a", "b"], raw).save(tmp_path / "old2.json")  # scorers unchanged since: accepted, signed too
+    Normalizer.load(tmp_path / "old2.json").check_names(["a", "b"], "old2.json", ["concision/v1*-1", "warmth/v1"])
     # Statistics made in code (no file) are checked by name only.
     Normalizer.fit(["harmlessness", "brevity"], raw).check_names(["harmlessness", "brevity"], "code", ids)
 
