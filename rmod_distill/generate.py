@@ -157,6 +157,10 @@ def run(cfg: GenerateConfig) -> Path:
     if cfg.normalization:
         normalizer = Normalizer.load(cfg.normalization).with_scale(cfg.scale, cfg.normalization)
         objectives.set_normalizer(normalizer, cfg.normalization)
+    elif not cfg.overwrite and (folder.path / "normalization.json").is_file():
+        # A resumed run keeps its own statistics: refuse stale ones now, not once the policy has loaded.
+        resumed = folder.path / "normalization.json"
+        Normalizer.load(resumed).check_names(objectives.names, str(resumed), objectives.scorers)
     check_decoding_inputs(cfg.decoding, objectives)
     cfg.policy.check()
     cfg.policy.check_prompt_lengths(calibration_prompts, cfg.decoding.max_new_tokens, cfg.prompts.path)

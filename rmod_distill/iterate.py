@@ -34,6 +34,7 @@ from rmod_distill.artifacts import (NOT_RECIPE, RunFolder, dpo_pairs_problem, pr
                                     write_json)
 from rmod_distill.config import ConfigError, load_yaml, parse_config, to_dict
 from rmod_distill.errors import UserError
+from rmod_distill.objectives import Normalizer, scorer_id
 from rmod_distill.comparison import compare_students, intro, table_lines
 
 STARTS = ("continue", "restart")
@@ -248,6 +249,13 @@ def check(cfg: IterateConfig) -> None:
             parsed[r, stage] = parse_config(_stage(stage)[0], stage_argv(cfg, r, stage, out))
         except (ConfigError, ValueError) as exc:
             raise UserError(f"{keys}: {' '.join(str(exc).split())}") from None
+    # Every later round and eval is normalised by round 1's statistics: refuse stale ones (an earlier
+    # scorer version) now, not once round 2's policy has loaded.
+    first = generate_dir(cfg, out, 1)
+    if (first / "normalization.json").is_file() and (cfg.from_generate or not cfg.overwrite):
+        specs = parsed[1, "generate"].objectives
+        Normalizer.load(first / "normalization.json").check_names(
+            [s.name for s in specs], str(first / "normalization.json"), [scorer_id(s) for s in specs])
     # A DPO's pairs come from a generate run made earlier in the chain: say now that they cannot,
     # not hours later when that DPO starts.
     made = {}  # round -> (methods, samples per prompt, where they are set)

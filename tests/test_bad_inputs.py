@@ -136,6 +136,20 @@ def _hash_in_ids(c: Ctx):
                                          {"id": "a#s1", "prompt": "help me fix my home", "split": "train"}]))
 
 
+def _resumed_generate_stale_scorer(c: Ctx):
+    """An unfinished generate run whose statistics are of an earlier scorer: refused before the policy loads."""
+    run = _unfinished_copy(c.gen, c.tmp / "gen")
+    norm = json.loads((run / "normalization.json").read_text())
+    (run / "normalization.json").write_text(json.dumps(dict(norm, scorers=["harmlessness/v1", "concision/v1"])))
+    c.watch.append(run)
+
+    def no_policy(*args, **kwargs):
+        raise AssertionError("the policy loaded before the stale normalisation was refused")
+
+    c.mp.setattr("rmod_distill.generate.serve_policy", no_policy)
+    return c.generate(out=run)
+
+
 def _torn_shard(c: Ctx):
     """An unfinished eval whose shard has a damaged row before its end (not a torn last line)."""
     run = c.tmp / "eval"
@@ -293,6 +307,9 @@ ROWS = [
         lambda c: c.evaluate("--objectives", "[{name: harmlessness, model: concision}, {name: concision}]"),
         r"normalization\.json: objective 'harmlessness' was normalised with scorer 'harmlessness/v2', the "
         r"recipe's is 'concision/v1'"),
+    Row("7-resumed-generate-stale-scorer", _resumed_generate_stale_scorer,
+        r"gen/normalization\.json: objective 'harmlessness' was normalised with scorer 'harmlessness/v1', the "
+        r"recipe's is 'harmlessness/v2'; generate again \(--overwrite\)"),
     # 8. online without a login: refused before any work
     Row("8-wandb-online-without-login", _wandb_online_without_login,
         r"wandb\.mode online needs a W&B login .*use auto, offline or disabled"),

@@ -2,6 +2,7 @@
 normalisation, a continued adapter, resume, and the report."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -326,3 +327,26 @@ def test_overwrite_redoes_the_rounds_in_place(two_rounds, tmp_path, capsys):
     gen2 = json.loads((first / "round-2" / "generate" / "run.json").read_text())
     assert Path(gen2["config"]["policy"]["adapter"]) == out / "round-1" / "distill"  # no staging path recorded
     assert not list(tmp_path.glob(".*overwrite*")) and not list(first.glob(".*"))
+
+
+def test_stale_round_one_statistics_are_refused_before_any_round_runs(two_rounds, tmp_path, monkeypatch):
+    """Round 1's normalisation scales every later round: one of an earlier scorer version is refused
+    by iterate's check, before a policy loads, whether round 1 is from_generate or a kept round."""
+    recipe, out = two_rounds
+    stale = tmp_path / "generate"
+    shutil.copytree(out / "round-1" / "generate", stale)
+    norm = json.loads((stale / "normalization.json").read_text())
+    (stale / "normalization.json").write_text(json.dumps(dict(norm, scorers=["harmlessness/v1", "concision/v1"])))
+    monkeypatch.setattr("rmod_distill.policy.load_policy", lambda *a, **k: pytest.fail("a policy loaded"))
+    with pytest.raises(UserError, match="generate/normalization.json: objective 'harmlessness' was normalised with "
+                                        "scorer 'harmlessness/v1', the recipe's is 'harmlessness/v2'"):
+        run(parse_config(IterateConfig, ["--recipe", str(recipe), "--output_dir", str(tmp_path / "it"),
+                                         "--from_generate", str(stale)]))
+    assert not (tmp_path / "it").exists()
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept)
+    shutil.copy(stale / "normalization.json", kept / "round-1" / "generate" / "normalization.json")
+    marker = json.loads((kept / "run.json").read_text())
+    (kept / "run.json").write_text(json.dumps(dict(marker, complete=False)))  # an unfinished chain, resumed
+    with pytest.raises(UserError, match="round-1/generate/normalization.json: objective 'harmlessness'"):
+        run(parse_config(IterateConfig, ["--recipe", str(recipe), "--rounds", "2", "--output_dir", str(kept)]))
