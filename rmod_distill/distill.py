@@ -255,17 +255,26 @@ def prompt_and_answer(tokenizer, prompt: list[dict], completion: list[dict], cut
     A finished answer is the chat template's rendering of prompt and answer, its end-of-turn
     included (what TRL does with a conversational row). An answer cut off at ``max_new_tokens``
     (most of RMOD's, at 64 tokens) ends after its text: with the end-of-turn that the template
-    appends, the student would learn to stop wherever the teacher was cut off.
+    appends, the student would learn to stop wherever the teacher was cut off. It is tokenised in
+    context, as the conversation's text up to the end of the answer's (a tokenizer may split a word
+    differently at the start of a string), so it is the finished rendering less its end-of-turn.
     """
 
-    def render(messages, generation_prompt: bool) -> list[int]:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    def render(messages, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    prompt_ids = render(prompt, True)
+    prompt_ids = ids(render(prompt, True))
+    text = render(prompt + completion, False)
     if cut_off:
-        return prompt_ids, tokenizer(completion[0]["content"], add_special_tokens=False)["input_ids"]
-    whole = render(prompt + completion, False)
+        content = completion[0]["content"]
+        end = text.rfind(content)
+        if end < 0:  # a template that rewrites the answer (trims it): out of context, as the text is
+            return prompt_ids, ids(content)
+        text = text[: end + len(content)]
+    whole = ids(text)
     start = common_prefix_length(prompt_ids, whole)
     return whole[:start], whole[start:]
 

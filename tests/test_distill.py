@@ -308,6 +308,9 @@ def test_dpo_rows_match_trl_and_cut_off_answers_do_not_stop(tiny_policy_dir, tin
     assert cut["chosen_ids"] == ours[0]["chosen_ids"] and cut["prompt_ids"] == ours[0]["prompt_ids"]
     text = tok.decode(cut["rejected_ids"], skip_special_tokens=True)
     assert text.split() == pairs[0]["rejected"][0]["content"].split()  # the tiny tokenizer keeps words, not spaces
+    # Tokenised in context: the finished rendering less what the template appends after the answer.
+    finished, short = ours[0]["rejected_ids"], cut["rejected_ids"]
+    assert finished[: len(short)] == short and tok.decode(finished[len(short):]).strip() == "<|im_end|>"
 
 
 @pytest.mark.parametrize("objective", ["dpo", "sft+dpo"])
