@@ -313,6 +313,34 @@ def test_dpo_rows_match_trl_and_cut_off_answers_do_not_stop(tiny_policy_dir, tin
     assert finished[: len(short)] == short and tok.decode(finished[len(short):]).strip() == "<|im_end|>"
 
 
+def test_a_cut_off_answer_trains_without_end_of_turn(tiny_policy_dir, tiny_generate_dir, tmp_path, monkeypatch):
+    """Through a real distill run: the rows generate marked ``finished: false`` reach the SFT trainer
+    with no end-of-turn in their labels, and the finished ones with it."""
+    import rmod_distill.distill as distill
+    from rmod_distill.artifacts import read_jsonl, write_jsonl
+
+    gen = tmp_path / "gen"
+    shutil.copytree(tiny_generate_dir, gen)
+    rows = read_jsonl(gen / "samples.jsonl")
+    for i, r in enumerate(rows):
+        r["finished"] = i % 2 == 0  # both kinds among the train rows, whatever the tiny policy sampled
+    write_jsonl(gen / "samples.jsonl", rows)
+    seen, real = [], distill.sft_examples
+
+    def recording(ds, tokenizer, unfinished):
+        out = real(ds, tokenizer, unfinished)
+        seen.extend(zip(ds["prompt_id"], ds["method"], out["labels"]))
+        return out
+
+    monkeypatch.setattr(distill, "sft_examples", recording)
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "out", "--max_steps", "1")))
+    finished = {(r["prompt_id"], r["method"]): r["finished"] for r in rows}
+    end_of_turn = load_policy(str(tiny_policy_dir), device="cpu")[1].convert_tokens_to_ids("<|im_end|>")
+    assert {finished[p, m] for p, m, _ in seen} == {True, False}
+    for p, m, labels in seen:
+        assert (end_of_turn in labels) == finished[p, m], (p, m)
+
+
 @pytest.mark.parametrize("objective", ["dpo", "sft+dpo"])
 def test_dpo_trains_an_adapter(tiny_policy_dir, tiny_generate_dir, tmp_path, objective):
     from safetensors.torch import load_file
