@@ -142,4 +142,14 @@ def intro(info: dict) -> str:
     return (f"{info['prompts']} prompts{answers}; objectives {', '.join(info['objectives'])}. Students are sampled "
             "plainly. Recovery: `(student - reference) / (rmod - reference)` of the per-answer worst case, by mean "
             "and by median, with paired 95% bootstrap intervals (prompts resampled with all their answers); the "
-            f"tail: the share of answers whose lowest objective is below z = {TAIL_Z:g}, and the mean of the worst 5%.")
+            f"tail: the share of answers whose lowest objective is below z = {TAIL_Z:g}, and the mean of the worst 5%."
+            + _differs_note(info.get("reference_differs", {})))
+
+
+def _differs_note(differs: dict[str, int]) -> str:
+    """What ``strict=False`` let through: students whose eval decoded some ``reference`` answers otherwise."""
+    named = [f"{name} {n}" for name, n in differs.items() if n]
+    if not named:
+        return ""
+    return (f" `reference` answers that differ from the first run's (a backend not bitwise reproducible?): "
+            f"{', '.join(named)}; every student is compared with the first run's.")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rmod_distill.cli import main as cli
-from rmod_distill.comparison import compare_students
+from rmod_distill.comparison import compare_students, intro
 from rmod_distill.errors import UserError
 
 NAMES = ["a", "b"]
@@ -63,6 +63,9 @@ def test_a_student_decoded_with_other_seeds_or_prompts_is_refused(tmp_path):
     # iterate's rounds ran one recipe: a differing reference answer is counted, not fatal
     _, info = compare_students(base, [("s", other_seed)], resamples=50, strict=False)
     assert info["reference_differs"] == {"s": 8}
+    assert "differ from the first run's (a backend not bitwise reproducible?): s 8;" in intro(info)
+    same = write_eval(tmp_path / "same", {"reference": REF, "distilled": RMOD})
+    assert "differ" not in intro(compare_students(base, [("s", same)], resamples=50, strict=False)[1])
     other_objectives = write_eval(tmp_path / "objectives", {"reference": REF, "distilled": RMOD})
     rows = (other_objectives / "generations" / "samples.jsonl").read_text().replace('"b": 1.0', '"c": 1.0')
     (other_objectives / "generations" / "samples.jsonl").write_text(rows)
