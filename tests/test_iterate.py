@@ -350,3 +350,19 @@ def test_stale_round_one_statistics_are_refused_before_any_round_runs(two_rounds
     (kept / "run.json").write_text(json.dumps(dict(marker, complete=False)))  # an unfinished chain, resumed
     with pytest.raises(UserError, match="round-1/generate/normalization.json: objective 'harmlessness'"):
         run(parse_config(IterateConfig, ["--recipe", str(recipe), "--rounds", "2", "--output_dir", str(kept)]))
+
+
+def test_iterate_best_runs_the_validation_splits_best_chain(tmp_path, monkeypatch):
+    """recipes/default/iterate-best.yaml is student H of docs/results.md: two answers of each of rmod
+    and reference, SFT then one DPO epoch at lr 2e-3, scored on the eval split."""
+    from rmod_distill.distill import DistillConfig
+    from rmod_distill.generate import GenerateConfig
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cfg = parse_config(IterateConfig, ["--config", "recipes/default/iterate-best.yaml", "--output_dir", str(tmp_path)])
+    gen = parse_config(GenerateConfig, stage_argv(cfg, 1, "generate", tmp_path))
+    dist = parse_config(DistillConfig, stage_argv(cfg, 1, "distill", tmp_path) + ["--bf16", "false"])
+    assert cfg.rounds == 1 and not cfg.final_dpo
+    assert gen.samples_per_prompt == 2 and gen.methods == ["rmod", "reference"]
+    assert (dist.objective, dist.pairs, dist.dpo_learning_rate, dist.dpo_epochs) == ("sft+dpo", "reference", 2e-3, 1)
+    assert dist.samples_per_prompt is None  # every generated answer
