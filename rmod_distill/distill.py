@@ -270,9 +270,11 @@ def prompt_and_answer(tokenizer, prompt: list[dict], completion: list[dict], cut
     text = render(prompt + completion, False)
     if cut_off:
         content = completion[0]["content"]
+        if text.rfind(content) < 0 and content.strip():
+            content = content.strip()  # a template that trims the answer (Gemma's, Llama 3's)
         end = text.rfind(content)
-        if end < 0:  # a template that rewrites the answer (trims it): out of context, as the text is
-            return prompt_ids, ids(content)
+        if end < 0:  # a template that rewrites the answer otherwise: out of context, as the text is
+            return prompt_ids, ids(completion[0]["content"])
         text = text[: end + len(content)]
     whole = ids(text)
     start = common_prefix_length(prompt_ids, whole)

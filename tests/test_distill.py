@@ -439,3 +439,31 @@ def test_no_held_out_rows_skips_eval_loss(tiny_policy_dir, tiny_generate_dir, tm
     assert "eval loss is not measured" in capsys.readouterr().out
     info = json.loads((out / "run.json").read_text())
     assert info["complete"] and info["rows"]["held_out"] == 0 and "eval_loss" not in info["metrics"]
+
+
+def test_a_cut_off_answer_under_a_trimming_template_is_still_tokenised_in_context(tiny_policy_dir):
+    """Gemma's and Llama 3's templates trim each message: a cut-off answer with spaces around it is
+    found in the rendering without them, and is the finished rendering less its end-of-turn."""
+    from rmod_distill.distill import prompt_and_answer
+
+    tok = load_policy(str(tiny_policy_dir), device="cpu")[1]
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    prompt = [{"role": "user", "content": "tell me a kind thing"}]
+    answer = [{"role": "assistant", "content": " you are kind and brave "}]
+
+    class Spy:  # what the tokenizer is asked to tokenise: the conversation's text, never the bare answer
+        texts: list[str] = []
+
+        def apply_chat_template(self, *args, **kwargs):
+            return tok.apply_chat_template(*args, **kwargs)
+
+        def __call__(self, text, **kwargs):
+            self.texts.append(text)
+            return tok(text, **kwargs)
+
+    spy = Spy()
+    p_cut, cut = prompt_and_answer(spy, prompt, answer, True)
+    p_done, done = prompt_and_answer(tok, prompt, answer, False)
+    assert p_cut == p_done and done[: len(cut)] == cut and tok.decode(done[len(cut):]).strip() == "<|im_end|>"
+    assert spy.texts and all(t.startswith("<|im_start|>user") for t in spy.texts)
