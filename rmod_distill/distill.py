@@ -36,6 +36,8 @@ from rmod_distill.tracking import WandbConfig
 
 
 OBJECTIVES = ("sft", "dpo", "sft+dpo")
+PAIRINGS = ("reference", "reference-all", "samples", "both")
+STUDENT = "student"  # the method name of rejected_dir's rows inside distill
 
 
 @dataclass
@@ -108,9 +110,18 @@ class DistillConfig(SFTConfig):
     )
     pairs: str = field(
         default="reference",
-        metadata={"help": "DPO pairs: reference (a prompt's RMOD answer over its reference answer: generate needs "
-                          "`reference` in its methods) | samples (a prompt's best RMOD sample over its worst, by "
+        metadata={"help": "DPO pairs: reference (a prompt's RMOD answer over its reference answer of the same seed: "
+                          "generate needs `reference` in its methods) | reference-all (each RMOD answer of a prompt "
+                          "over each of its reference answers: samples_per_prompt n gives up to n*n pairs) | samples (a prompt's best RMOD sample over its worst, by "
                           "worst case: samples_per_prompt >= 2) | both."},
+    )
+    rejected_dir: str | None = field(
+        default=None,
+        metadata={"help": "DPO's rejected side from another generate run: its `reference` rows, made by the student "
+                          "being trained (generate --policy.adapter <SFT adapter> --methods [reference] "
+                          "--normalization <generate_dir>/normalization.json), so that DPO pushes away from the "
+                          "student's own answers; pairs reference / reference-all then match RMOD's answers with "
+                          "these (null: generate_dir's own reference rows, the base policy's)."},
     )
     pair_margin: float = field(
         default=0.0, metadata={"help": "Keep a pair only if the chosen answer's worst case beats the other's by more."}
@@ -141,8 +152,11 @@ class DistillConfig(SFTConfig):
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.pairs not in ("reference", "samples", "both"):
-            raise ValueError(f"pairs must be reference, samples or both, got {self.pairs!r}")
+        if self.pairs not in PAIRINGS:
+            raise ValueError(f"pairs must be one of {', '.join(PAIRINGS)}, got {self.pairs!r}")
+        if self.rejected_dir is not None and ("dpo" not in self.objective or self.pairs not in ("reference", "reference-all")):
+            raise ValueError(f"rejected_dir gives DPO's rejected answers: it needs objective dpo or sft+dpo and pairs "
+                             f"reference or reference-all (got objective {self.objective!r}, pairs {self.pairs!r})")
         if not self.dpo_beta > 0:
             raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
         if isinstance(self.wandb, dict):
@@ -175,14 +189,55 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
     missing = [m for m in cfg.methods if m not in available]
     if missing:
         raise UserError(f"generate_dir {gen}: no rows for method {missing[0]!r} (methods there: {available})")
-    problem = dpo_pairs_problem(cfg.objective, cfg.pairs, cfg.samples_per_prompt, available,
+    problem = dpo_pairs_problem(cfg.objective, cfg.pairs, cfg.samples_per_prompt,
+                                available + ["reference"] if cfg.rejected_dir else available,
                                 info.get("config", {}).get("samples_per_prompt", 1))
     if problem:
         raise UserError(f"generate_dir {gen}: {problem}")
     if not (gen / "dataset").is_dir():
         raise UserError(f"generate_dir {gen}: no dataset/ folder; the run is damaged, rerun generate with --overwrite")
     _read_dataset(gen, keep_in_memory=False)  # a damaged dataset fails here, before the model loads
+    if cfg.rejected_dir:
+        check_rejected_dir(cfg, info)
     return info
+
+
+def check_rejected_dir(cfg: DistillConfig, gen_info: dict) -> dict:
+    """``rejected_dir``'s run.json, checked before any model loads: a complete generate run with
+    ``reference`` rows, scored with generate_dir's normalisation (or worst cases would not compare),
+    on some of generate_dir's prompts."""
+    rej = Path(cfg.rejected_dir)
+    where = f"rejected_dir {rej}"
+    if not (rej / "run.json").is_file():
+        raise UserError(f"{where}: no generate run there (no run.json); make it with `rmod-distill generate "
+                        f"--policy.adapter <student> --methods '[reference]' --normalization "
+                        f"{cfg.generate_dir}/normalization.json --output_dir {rej}`")
+    info = read_json(rej / "run.json", "generate run marker")
+    if info.get("stage", "generate") != "generate" or not info.get("complete"):
+        raise UserError(f"{where}: not a complete generate run; rerun generate to complete it")
+    if "reference" not in info.get("config", {}).get("methods", []):
+        raise UserError(f"{where}: no `reference` rows (methods there: {info.get('config', {}).get('methods')}); "
+                        "generate the student's own samples with --methods '[reference]'")
+    if info.get("normalization") != gen_info.get("normalization"):
+        raise UserError(f"{where}: scored with another normalisation than generate_dir {cfg.generate_dir}; "
+                        f"generate it with --normalization {cfg.generate_dir}/normalization.json")
+    if info.get("objectives") != gen_info.get("objectives"):
+        raise UserError(f"{where}: scored on other objectives than generate_dir {cfg.generate_dir} "
+                        f"({info.get('objectives')} against {gen_info.get('objectives')})")
+    if not (rej / "dataset").is_dir():
+        raise UserError(f"{where}: no dataset/ folder; the run is damaged, rerun generate with --overwrite")
+    _read_dataset(rej, keep_in_memory=False)
+    return info
+
+
+def load_rejected(cfg: DistillConfig):
+    """``rejected_dir``'s reference rows as method ``student`` (so they never pair with generate_dir's
+    own reference rows), and the keys of those cut off at max_new_tokens."""
+    rej = Path(cfg.rejected_dir)
+    ds = _read_dataset(rej, keep_in_memory=True).filter(lambda r: r["method"] == "reference", keep_in_memory=True)
+    ds = ds.map(lambda r: {"method": STUDENT}, keep_in_memory=True)
+    unfinished = {(pid, STUDENT) for pid, method in unfinished_answers(rej) if method == "reference"}
+    return ds, unfinished
 
 
 def _read_dataset(gen: Path, keep_in_memory: bool):
@@ -330,12 +385,14 @@ def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
     """DPO pairs in TRL's conversational preference format, from one generate run's rows.
 
     ``reference``: a prompt's RMOD answer over its reference answer (same prompt id and
-    sample); ``samples``: a prompt's RMOD sample with the best worst case over the one with
+    sample); ``reference-all``: each RMOD answer of a prompt over each of its reference answers;
+    ``samples``: a prompt's RMOD sample with the best worst case over the one with
     the worst. A pair is kept only when the chosen answer's worst case is higher by more
     than ``pair_margin``, so no pair teaches the opposite of what RMOD's objective says.
     """
     rows = [r for r in ds if r["completion"][0]["content"].strip()]
     by_id = {(r["method"], r["prompt_id"]): r for r in rows}
+    other = STUDENT if cfg.rejected_dir else "reference"  # whose answers are rejected
     pairs = []
 
     def add(chosen, rejected):
@@ -350,8 +407,17 @@ def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
 
     if cfg.pairs in ("reference", "both"):
         for (method, pid), r in by_id.items():
-            if method == "rmod" and ("reference", pid) in by_id:
-                add(r, by_id[("reference", pid)])
+            if method == "rmod" and (other, pid) in by_id:
+                add(r, by_id[(other, pid)])
+    if cfg.pairs == "reference-all":
+        answers: dict[tuple[str, str], list[dict]] = {}
+        for r in rows:
+            answers.setdefault((r["method"], base_prompt_id(r["prompt_id"])), []).append(r)
+        for (method, pid), group in answers.items():
+            if method == "rmod":
+                for chosen in group:
+                    for rejected in answers.get((other, pid), []):
+                        add(chosen, rejected)
     if cfg.pairs in ("samples", "both"):
         groups: dict[str, list[dict]] = {}
         for r in rows:
@@ -364,8 +430,8 @@ def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
                     continue
                 add(ranked[-1], ranked[0])
     if not pairs:
-        raise UserError(f"generate_dir {cfg.generate_dir}: no DPO pairs ({cfg.pairs}) with a worst-case margin above "
-                        f"{cfg.pair_margin}")
+        source = f"generate_dir {cfg.generate_dir}" + (f" and rejected_dir {cfg.rejected_dir}" if cfg.rejected_dir else "")
+        raise UserError(f"{source}: no DPO pairs ({cfg.pairs}) with a worst-case margin above {cfg.pair_margin}")
     return pairs
 
 
@@ -536,6 +602,16 @@ def run(cfg: DistillConfig) -> Path:
     # ------------------------------------------------------------------ train: DPO
     cfg.eval_strategy = eval_strategy  # DPO measures its held-out pairs whenever it has some
     if "dpo" in cfg.objective:
+        if cfg.rejected_dir:
+            import datasets
+
+            student, student_unfinished = load_rejected(cfg)
+            if cfg.samples_per_prompt is not None:
+                student = student.filter(lambda r: sample_index(r["prompt_id"]) < cfg.samples_per_prompt,
+                                         keep_in_memory=True)
+            everything = datasets.concatenate_datasets([everything, student.cast(everything.features)])
+            unfinished = unfinished | student_unfinished
+            print(f"distill: DPO's rejected answers: {len(student)} student rows from {cfg.rejected_dir}")
         trainer = train_dpo(cfg, trainer.model if trainer is not None else model, tokenizer, everything,
                             None if trainer is not None or cfg.init_adapter else peft_config, out, metrics, unfinished)
 

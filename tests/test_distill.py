@@ -280,6 +280,31 @@ def test_preference_pairs_follow_the_worst_case(tiny_policy_dir, tiny_generate_d
                for (m, pid) in rows if m == "rmod" and pid not in kept)
 
 
+def test_reference_all_pairs_every_rmod_answer_with_every_reference_answer_of_its_prompt():
+    import datasets
+
+    from rmod_distill.distill import preference_pairs
+
+    def row(method, pid, worst):
+        return {"prompt": [{"role": "user", "content": pid.split("#")[0]}], "prompt_id": pid, "method": method,
+                "completion": [{"role": "assistant", "content": f"{method} {pid}"}], "worst_case": worst}
+
+    ds = datasets.Dataset.from_list([
+        row("rmod", "a", 1.0), row("rmod", "a#s1", 0.2), row("reference", "a", 0.0), row("reference", "a#s1", -1.0),
+        row("rmod", "b", 0.0), row("reference", "b#s1", -2.0),  # b's same-seed partners are missing
+    ])
+    cfg = DistillConfig(objective="dpo", pairs="reference-all", pair_margin=0.5, generate_dir="/tmp/unused",
+                       use_cpu=True, bf16=False)
+    got = {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in preference_pairs(cfg, ds)}
+    # a: 1.0 > 0.0 and > -1.0; 0.2 > -1.0 only (0.2 - 0.0 is inside the margin); b: across seeds
+    assert got == {("rmod a", "reference a"), ("rmod a", "reference a#s1"), ("rmod a#s1", "reference a#s1"),
+                   ("rmod b", "reference b#s1")}
+    same_seed = preference_pairs(DistillConfig(objective="dpo", pairs="reference", pair_margin=0.5, use_cpu=True, bf16=False,
+                                               generate_dir="/tmp/unused"), ds)
+    assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in same_seed} == {
+        ("rmod a", "reference a"), ("rmod a#s1", "reference a#s1")}
+
+
 def test_dpo_rows_match_trl_and_cut_off_answers_do_not_stop(tiny_policy_dir, tiny_generate_dir):
     import datasets
     from trl import DPOConfig, DPOTrainer
@@ -467,3 +492,74 @@ def test_a_cut_off_answer_under_a_trimming_template_is_still_tokenised_in_contex
     p_done, done = prompt_and_answer(tok, prompt, answer, False)
     assert p_cut == p_done and done[: len(cut)] == cut and tok.decode(done[len(cut):]).strip() == "<|im_end|>"
     assert spy.texts and all(t.startswith("<|im_start|>user") for t in spy.texts)
+
+
+@pytest.fixture(scope="module")
+def student_samples(tiny_policy_dir, tiny_generate_dir, distilled, tmp_path_factory):
+    """The SFT student's own plain samples on the train prompts, scored with the teacher run's normalisation."""
+    from rmod_distill.generate import GenerateConfig
+    from rmod_distill.generate import run as generate
+
+    teacher = json.loads((tiny_generate_dir / "run.json").read_text())["config"]
+    return generate(parse_config(GenerateConfig, [
+        "--policy.model", str(tiny_policy_dir), "--policy.adapter", str(distilled),
+        "--prompts.path", teacher["prompts"]["path"], "--objectives", "[{name: harmlessness}, {name: concision}]",
+        "--methods", "[reference]", "--decoding.max_new_tokens", "8",
+        "--normalization", str(tiny_generate_dir / "normalization.json"),
+        "--output_dir", str(tmp_path_factory.mktemp("student") / "samples"),
+    ]))
+
+
+def test_rejected_dir_pairs_rmod_with_the_students_own_answers(tiny_policy_dir, tiny_generate_dir, distilled,
+                                                               student_samples, tmp_path):
+    import datasets
+
+    from rmod_distill.distill import load_rejected, preference_pairs
+
+    cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x", "--objective",
+                                                   "dpo", "--rejected_dir", str(student_samples), "--pair_margin", "-100"))
+    teacher = datasets.load_from_disk(str(tiny_generate_dir / "dataset"))
+    student, _ = load_rejected(cfg)
+    rmod = {r["prompt_id"]: r for r in teacher if r["method"] == "rmod"}
+    mine = {r["prompt_id"]: r for r in student}
+    assert set(student["method"]) == {"student"} and set(mine) == set(rmod)
+    pairs = preference_pairs(cfg, datasets.concatenate_datasets([teacher, student.cast(teacher.features)]))
+    # every pair is RMOD's answer over the student's own (never the base policy's reference answer)
+    assert len(pairs) == len(rmod)
+    for p in pairs:
+        assert p["chosen"] == rmod[p["prompt_id"]]["completion"]
+        assert p["rejected"] == mine[p["prompt_id"]]["completion"] and p["rejected_key"][1] == "student"
+
+    out = tmp_path / "dpo"
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "dpo",
+                                                 "--init_adapter", str(distilled), "--rejected_dir",
+                                                 str(student_samples), "--pair_margin", "-100", "--max_steps", "2",
+                                                 "--eval_fraction", "0.0")))
+    info = json.loads((out / "run.json").read_text())
+    assert info["metrics"]["dpo_pairs"] == len(rmod)
+
+
+def test_rejected_dir_is_checked_before_the_model_loads(tiny_policy_dir, tiny_generate_dir, student_samples,
+                                                        tmp_path, monkeypatch):
+    import rmod_distill.policy as policy
+
+    monkeypatch.setattr(policy, "load_policy", lambda *a, **k: pytest.fail("the model loaded"))
+    base = distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x", "--objective", "dpo")
+    with pytest.raises(UserError, match=r"rejected_dir .*nowhere: no generate run there"):
+        run(parse_config(DistillConfig, [*base, "--rejected_dir", str(tmp_path / "nowhere")]))
+    with pytest.raises(UserError, match="no `reference` rows"):  # the teacher run's own rmod-only copy
+        other = tmp_path / "rmod-only"
+        shutil.copytree(student_samples, other)
+        info = json.loads((other / "run.json").read_text())
+        info["config"]["methods"] = ["rmod"]
+        (other / "run.json").write_text(json.dumps(info))
+        run(parse_config(DistillConfig, [*base, "--rejected_dir", str(other)]))
+    with pytest.raises(UserError, match="another normalisation"):
+        other = tmp_path / "renormalised"
+        shutil.copytree(student_samples, other)
+        info = json.loads((other / "run.json").read_text())
+        info["normalization"] = {"harmlessness": {"mean": 0.0, "std": 1.0}}
+        (other / "run.json").write_text(json.dumps(info))
+        run(parse_config(DistillConfig, [*base, "--rejected_dir", str(other)]))
+    with pytest.raises(ValueError, match="rejected_dir gives DPO's rejected answers"):
+        parse_config(DistillConfig, [*base[:-2], "--objective", "sft", "--rejected_dir", str(student_samples)])
