@@ -26,7 +26,7 @@ from rmod_distill.adapters import MANIFEST, PORTABLE_FILES, check_adapter_folder
 from rmod_distill.artifacts import (RunFolder, atomic_write_text, dpo_pairs_problem, provenance, read_json, read_jsonl,
                                     write_jsonl)
 from rmod_distill.cards import adapter_card
-from rmod_distill.config import parse_config, to_dict
+from rmod_distill.config import from_dict, parse_config, to_dict
 from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
 from rmod_distill.engine.runs import process_state
 from rmod_distill.errors import UserError
@@ -123,6 +123,13 @@ class DistillConfig(SFTConfig):
                           "student's own answers; pairs reference / reference-all then match RMOD's answers with "
                           "these (null: generate_dir's own reference rows, the base policy's)."},
     )
+    student_samples: int = field(
+        default=0,
+        metadata={"help": "On-policy DPO: after SFT, sample the student this many times per train prompt (the "
+                          "generate run's prompts, objectives, decoding and normalisation; written to "
+                          "<output_dir>/student) and use those answers as DPO's rejected side, as rejected_dir does "
+                          "(0: off)."},
+    )
     pair_margin: float = field(
         default=0.0, metadata={"help": "Keep a pair only if the chosen answer's worst case beats the other's by more."}
     )
@@ -154,8 +161,13 @@ class DistillConfig(SFTConfig):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.pairs not in PAIRINGS:
             raise ValueError(f"pairs must be one of {', '.join(PAIRINGS)}, got {self.pairs!r}")
-        if self.rejected_dir is not None and ("dpo" not in self.objective or self.pairs not in ("reference", "reference-all")):
-            raise ValueError(f"rejected_dir gives DPO's rejected answers: it needs objective dpo or sft+dpo and pairs "
+        if self.student_samples < 0:
+            raise ValueError(f"student_samples must be >= 0, got {self.student_samples}")
+        if self.student_samples and self.rejected_dir is not None:
+            raise ValueError("student_samples samples the rejected answers, rejected_dir reads them from a run: set one")
+        if (self.rejected_dir is not None or self.student_samples) and ("dpo" not in self.objective or self.pairs not in ("reference", "reference-all")):
+            key = "rejected_dir" if self.rejected_dir is not None else "student_samples"
+            raise ValueError(f"{key} gives DPO's rejected answers: it needs objective dpo or sft+dpo and pairs "
                              f"reference or reference-all (got objective {self.objective!r}, pairs {self.pairs!r})")
         if not self.dpo_beta > 0:
             raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
@@ -190,7 +202,7 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
     if missing:
         raise UserError(f"generate_dir {gen}: no rows for method {missing[0]!r} (methods there: {available})")
     problem = dpo_pairs_problem(cfg.objective, cfg.pairs, cfg.samples_per_prompt,
-                                available + ["reference"] if cfg.rejected_dir else available,
+                                available + ["reference"] if cfg.rejected_dir or cfg.student_samples else available,
                                 info.get("config", {}).get("samples_per_prompt", 1))
     if problem:
         raise UserError(f"generate_dir {gen}: {problem}")
@@ -228,6 +240,29 @@ def check_rejected_dir(cfg: DistillConfig, gen_info: dict) -> dict:
         raise UserError(f"{where}: no dataset/ folder; the run is damaged, rerun generate with --overwrite")
     _read_dataset(rej, keep_in_memory=False)
     return info
+
+
+def sample_student(cfg: DistillConfig, gen_info: dict, adapter: str | None, out: Path) -> Path:
+    """The student's own plain samples on the generate run's prompts (``student_samples`` a prompt), as a
+    generate run in ``out``: the generate run's prompts, objectives and decoding, its normalisation, the
+    adapter folded into the policy. A complete run there (a resumed distill) is kept."""
+    import copy
+
+    from rmod_distill.generate import GenerateConfig
+    from rmod_distill.generate import run as generate
+
+    if (out / "run.json").is_file() and read_json(out / "run.json", "generate run marker").get("complete"):
+        print(f"distill: the student's samples are already in {out}")
+        return out
+    data = copy.deepcopy(gen_info.get("config", {}))
+    data["policy"] = dict(data.get("policy", {}), model=cfg.model.model_name_or_path, adapter=adapter,
+                          merge_adapter=adapter is not None)
+    data.pop("backend", None)  # the in-process engine: merge_adapter needs it
+    data.update(methods=["reference"], samples_per_prompt=cfg.student_samples, output_dir=str(out),
+                normalization=str(Path(cfg.generate_dir) / "normalization.json"), overwrite=False,
+                wandb={"mode": "disabled"})
+    print(f"distill: sampling the student {cfg.student_samples}x a prompt for DPO's rejected side -> {out}")
+    return generate(from_dict(GenerateConfig, data, f"generate_dir {cfg.generate_dir}/run.json"))
 
 
 def load_rejected(cfg: DistillConfig):
@@ -602,6 +637,14 @@ def run(cfg: DistillConfig) -> Path:
     # ------------------------------------------------------------------ train: DPO
     cfg.eval_strategy = eval_strategy  # DPO measures its held-out pairs whenever it has some
     if "dpo" in cfg.objective:
+        if cfg.student_samples:
+            student = cfg.init_adapter
+            if trainer is not None:  # the SFT-trained student, saved as an adapter the sampler can fold in
+                student = str(out / "sft-adapter")
+                if trainer.is_world_process_zero():
+                    trainer.model.save_pretrained(student)
+                trainer.accelerator.wait_for_everyone()
+            cfg.rejected_dir = str(sample_student(cfg, gen_info, student, out / "student"))
         if cfg.rejected_dir:
             import datasets
 

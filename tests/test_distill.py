@@ -563,3 +563,37 @@ def test_rejected_dir_is_checked_before_the_model_loads(tiny_policy_dir, tiny_ge
         run(parse_config(DistillConfig, [*base, "--rejected_dir", str(other)]))
     with pytest.raises(ValueError, match="rejected_dir gives DPO's rejected answers"):
         parse_config(DistillConfig, [*base[:-2], "--objective", "sft", "--rejected_dir", str(student_samples)])
+
+
+def test_student_samples_make_dpo_on_policy(tiny_policy_dir, tiny_generate_dir, tmp_path, monkeypatch):
+    """SFT, then the SFT student's own samples (a generate run inside the adapter folder) as DPO's rejected side."""
+    import rmod_distill.distill as distill
+
+    seen = {}
+    real = distill.preference_pairs
+
+    def spy(cfg, ds):
+        seen["pairs"] = real(cfg, ds)
+        return seen["pairs"]
+
+    monkeypatch.setattr(distill, "preference_pairs", spy)
+    out = tmp_path / "onpolicy"
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "sft+dpo",
+                                                 "--student_samples", "2", "--pair_margin", "-100",
+                                                 "--max_steps", "2", "--eval_fraction", "0.0")))
+    student = json.loads((out / "student" / "run.json").read_text())
+    teacher = json.loads((tiny_generate_dir / "run.json").read_text())
+    assert student["complete"] and student["config"]["methods"] == ["reference"]
+    assert student["config"]["policy"]["adapter"].endswith("sft-adapter") and student["config"]["policy"]["merge_adapter"]
+    assert student["normalization"] == teacher["normalization"]
+    assert student["config"]["decoding"] == teacher["config"]["decoding"]
+    rows = [json.loads(line) for line in (out / "student" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 12  # 2 samples of each of the 12 train prompts
+    # every RMOD answer paired with the student's answer of the same seed, none with the base policy's
+    assert len(seen["pairs"]) == 12 and {p["rejected_key"][1] for p in seen["pairs"]} == {"student"}
+    by_id = {r["prompt_id"]: r["completion"] for r in rows}
+    assert all(p["rejected"][0]["content"] == by_id[p["prompt_id"]] for p in seen["pairs"])
+    check_adapter_folder(out)
+    with pytest.raises(ValueError, match="set one"):
+        parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "sft+dpo",
+                                                 "--student_samples", "1", "--rejected_dir", str(out / "student")))
