@@ -37,6 +37,9 @@ from rmod_distill.tracking import WandbConfig
 
 OBJECTIVES = ("sft", "dpo", "sft+dpo")
 PAIRINGS = ("reference", "reference-all", "samples", "both")
+# TRL 1.16 DPOConfig.loss_type's values (checked here, before a model loads)
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 STUDENT = "student"  # the method name of rejected_dir's rows inside distill
 
 
@@ -134,6 +137,14 @@ class DistillConfig(SFTConfig):
         default=0.0, metadata={"help": "Keep a pair only if the chosen answer's worst case beats the other's by more."}
     )
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta (TRL's default): how far from the reference."})
+    dpo_loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": "TRL DPOConfig's loss_type: sigmoid (DPO), ipo, robust, apo_zero, ... and sft (the NLL of "
+                          "the chosen answer, RMOD's: an anchor beside a preference loss, as in [sigmoid, sft])."},
+    )
+    dpo_loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "TRL's loss_weights: one weight per dpo_loss_type entry (null: 1 each)."}
+    )
     dpo_learning_rate: float | None = field(default=None, metadata={"help": "DPO's learning rate (null: learning_rate)."})
     dpo_epochs: float | None = field(default=None, metadata={"help": "DPO's epochs (null: num_train_epochs)."})
     init_adapter: str | None = field(
@@ -169,6 +180,13 @@ class DistillConfig(SFTConfig):
             key = "rejected_dir" if self.rejected_dir is not None else "student_samples"
             raise ValueError(f"{key} gives DPO's rejected answers: it needs objective dpo or sft+dpo and pairs "
                              f"reference or reference-all (got objective {self.objective!r}, pairs {self.pairs!r})")
+        unknown = [t for t in self.dpo_loss_type if t not in DPO_LOSSES]
+        if not self.dpo_loss_type or unknown:
+            raise ValueError(f"dpo_loss_type: {unknown or 'empty'} is not a loss of TRL's DPOTrainer; one or more of "
+                             f"{', '.join(DPO_LOSSES)}")
+        if self.dpo_loss_weights is not None and len(self.dpo_loss_weights) != len(self.dpo_loss_type):
+            raise ValueError(f"dpo_loss_weights: {len(self.dpo_loss_weights)} weights for "
+                             f"{len(self.dpo_loss_type)} losses {self.dpo_loss_type}")
         if not self.dpo_beta > 0:
             raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
         if isinstance(self.wandb, dict):
@@ -531,6 +549,7 @@ def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, 
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     args = DPOConfig(**dict(
         shared, output_dir=str(out / "dpo"), beta=cfg.dpo_beta, max_length=cfg.max_length,
+        loss_type=list(cfg.dpo_loss_type), loss_weights=cfg.dpo_loss_weights,
         learning_rate=cfg.dpo_learning_rate or cfg.learning_rate,
         num_train_epochs=cfg.dpo_epochs or cfg.num_train_epochs,
         eval_strategy=cfg.eval_strategy if held else "no",

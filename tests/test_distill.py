@@ -597,3 +597,24 @@ def test_student_samples_make_dpo_on_policy(tiny_policy_dir, tiny_generate_dir, 
     with pytest.raises(ValueError, match="set one"):
         parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "sft+dpo",
                                                  "--student_samples", "1", "--rejected_dir", str(out / "student")))
+
+
+def test_dpo_loss_type_reaches_trl(tiny_policy_dir, tiny_generate_dir, tmp_path, monkeypatch):
+    import trl
+
+    made = []
+    real_init = trl.DPOTrainer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        made.append((list(kwargs["args"].loss_type), kwargs["args"].loss_weights))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(trl.DPOTrainer, "__init__", recording_init)
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x", "--objective",
+                                                 "dpo", "--dpo_loss_type", "[sigmoid, sft]", "--dpo_loss_weights",
+                                                 "[1.0, 0.5]", "--max_steps", "1", "--eval_fraction", "0.0")))
+    assert made == [(["sigmoid", "sft"], [1.0, 0.5])]
+    for extra, message in ((["--dpo_loss_type", "[sigmoid, kto]"], r"\['kto'\] is not a loss"),
+                           (["--dpo_loss_weights", "[1.0, 2.0]"], "2 weights for 1 losses")):
+        with pytest.raises(ValueError, match=message):
+            parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "y", *extra))
