@@ -26,7 +26,7 @@ from rmod_distill.adapters import MANIFEST, PORTABLE_FILES, check_adapter_folder
 from rmod_distill.artifacts import (RunFolder, atomic_write_text, dpo_pairs_problem, provenance, read_json, read_jsonl,
                                     write_jsonl)
 from rmod_distill.cards import adapter_card
-from rmod_distill.config import from_dict, parse_config, to_dict
+from rmod_distill.config import parse_config, to_dict
 from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
 from rmod_distill.engine.runs import process_state
 from rmod_distill.errors import UserError
@@ -37,8 +37,9 @@ from rmod_distill.tracking import WandbConfig
 
 OBJECTIVES = ("sft", "dpo", "sft+dpo")
 PAIRINGS = ("reference", "reference-all", "samples", "both")
-# TRL 1.16 DPOConfig.loss_type's values (checked here, before a model loads)
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+# TRL 1.16 DPOConfig.loss_type's values (checked here, before a model loads); not exo_pair, which needs a
+# label_smoothing that distill does not pass
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 STUDENT = "student"  # the method name of rejected_dir's rows inside distill
 
@@ -126,13 +127,6 @@ class DistillConfig(SFTConfig):
                           "student's own answers; pairs reference / reference-all then match RMOD's answers with "
                           "these (null: generate_dir's own reference rows, the base policy's)."},
     )
-    student_samples: int = field(
-        default=0,
-        metadata={"help": "On-policy DPO: after SFT, sample the student this many times per train prompt (the "
-                          "generate run's prompts, objectives, decoding and normalisation; written to "
-                          "<output_dir>/student) and use those answers as DPO's rejected side, as rejected_dir does "
-                          "(0: off)."},
-    )
     pair_margin: float = field(
         default=0.0, metadata={"help": "Keep a pair only if the chosen answer's worst case beats the other's by more."}
     )
@@ -172,13 +166,8 @@ class DistillConfig(SFTConfig):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.pairs not in PAIRINGS:
             raise ValueError(f"pairs must be one of {', '.join(PAIRINGS)}, got {self.pairs!r}")
-        if self.student_samples < 0:
-            raise ValueError(f"student_samples must be >= 0, got {self.student_samples}")
-        if self.student_samples and self.rejected_dir is not None:
-            raise ValueError("student_samples samples the rejected answers, rejected_dir reads them from a run: set one")
-        if (self.rejected_dir is not None or self.student_samples) and ("dpo" not in self.objective or self.pairs not in ("reference", "reference-all")):
-            key = "rejected_dir" if self.rejected_dir is not None else "student_samples"
-            raise ValueError(f"{key} gives DPO's rejected answers: it needs objective dpo or sft+dpo and pairs "
+        if self.rejected_dir is not None and ("dpo" not in self.objective or self.pairs not in ("reference", "reference-all")):
+            raise ValueError(f"rejected_dir gives DPO's rejected answers: it needs objective dpo or sft+dpo and pairs "
                              f"reference or reference-all (got objective {self.objective!r}, pairs {self.pairs!r})")
         unknown = [t for t in self.dpo_loss_type if t not in DPO_LOSSES]
         if not self.dpo_loss_type or unknown:
@@ -220,7 +209,7 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
     if missing:
         raise UserError(f"generate_dir {gen}: no rows for method {missing[0]!r} (methods there: {available})")
     problem = dpo_pairs_problem(cfg.objective, cfg.pairs, cfg.samples_per_prompt,
-                                available + ["reference"] if cfg.rejected_dir or cfg.student_samples else available,
+                                available + ["reference"] if cfg.rejected_dir else available,
                                 info.get("config", {}).get("samples_per_prompt", 1))
     if problem:
         raise UserError(f"generate_dir {gen}: {problem}")
@@ -248,6 +237,9 @@ def check_rejected_dir(cfg: DistillConfig, gen_info: dict) -> dict:
     if "reference" not in info.get("config", {}).get("methods", []):
         raise UserError(f"{where}: no `reference` rows (methods there: {info.get('config', {}).get('methods')}); "
                         "generate the student's own samples with --methods '[reference]'")
+    if info.get("config", {}).get("scale") != gen_info.get("config", {}).get("scale"):
+        raise UserError(f"{where}: scale {info.get('config', {}).get('scale')!r}, generate_dir {cfg.generate_dir} "
+                        f"{gen_info.get('config', {}).get('scale')!r}: worst cases on two scales do not compare")
     if info.get("normalization") != gen_info.get("normalization"):
         raise UserError(f"{where}: scored with another normalisation than generate_dir {cfg.generate_dir}; "
                         f"generate it with --normalization {cfg.generate_dir}/normalization.json")
@@ -256,44 +248,25 @@ def check_rejected_dir(cfg: DistillConfig, gen_info: dict) -> dict:
                         f"({info.get('objectives')} against {gen_info.get('objectives')})")
     if not (rej / "dataset").is_dir():
         raise UserError(f"{where}: no dataset/ folder; the run is damaged, rerun generate with --overwrite")
-    _read_dataset(rej, keep_in_memory=False)
+    theirs = set(map(base_prompt_id, _read_dataset(rej, keep_in_memory=False, key="rejected_dir")["prompt_id"]))
+    ours = set(map(base_prompt_id, _read_dataset(Path(cfg.generate_dir), keep_in_memory=False)["prompt_id"]))
+    if not theirs & ours:
+        raise UserError(f"{where}: none of its prompts is one of generate_dir {cfg.generate_dir}'s, so no pair can "
+                        "be made; generate the student's samples on the same prompts")
     return info
-
-
-def sample_student(cfg: DistillConfig, gen_info: dict, adapter: str | None, out: Path) -> Path:
-    """The student's own plain samples on the generate run's prompts (``student_samples`` a prompt), as a
-    generate run in ``out``: the generate run's prompts, objectives and decoding, its normalisation, the
-    adapter folded into the policy. A complete run there (a resumed distill) is kept."""
-    import copy
-
-    from rmod_distill.generate import GenerateConfig
-    from rmod_distill.generate import run as generate
-
-    if (out / "run.json").is_file() and read_json(out / "run.json", "generate run marker").get("complete"):
-        print(f"distill: the student's samples are already in {out}")
-        return out
-    data = copy.deepcopy(gen_info.get("config", {}))
-    data["policy"] = dict(data.get("policy", {}), model=cfg.model.model_name_or_path, adapter=adapter,
-                          merge_adapter=adapter is not None)
-    data.pop("backend", None)  # the in-process engine: merge_adapter needs it
-    data.update(methods=["reference"], samples_per_prompt=cfg.student_samples, output_dir=str(out),
-                normalization=str(Path(cfg.generate_dir) / "normalization.json"), overwrite=False,
-                wandb={"mode": "disabled"})
-    print(f"distill: sampling the student {cfg.student_samples}x a prompt for DPO's rejected side -> {out}")
-    return generate(from_dict(GenerateConfig, data, f"generate_dir {cfg.generate_dir}/run.json"))
 
 
 def load_rejected(cfg: DistillConfig):
     """``rejected_dir``'s reference rows as method ``student`` (so they never pair with generate_dir's
     own reference rows), and the keys of those cut off at max_new_tokens."""
     rej = Path(cfg.rejected_dir)
-    ds = _read_dataset(rej, keep_in_memory=True).filter(lambda r: r["method"] == "reference", keep_in_memory=True)
+    ds = _read_dataset(rej, keep_in_memory=True, key="rejected_dir").filter(lambda r: r["method"] == "reference", keep_in_memory=True)
     ds = ds.map(lambda r: {"method": STUDENT}, keep_in_memory=True)
     unfinished = {(pid, STUDENT) for pid, method in unfinished_answers(rej) if method == "reference"}
     return ds, unfinished
 
 
-def _read_dataset(gen: Path, keep_in_memory: bool):
+def _read_dataset(gen: Path, keep_in_memory: bool, key: str = "generate_dir"):
     import datasets
 
     try:
@@ -301,7 +274,7 @@ def _read_dataset(gen: Path, keep_in_memory: bool):
         return datasets.load_from_disk(str(gen / "dataset"), keep_in_memory=keep_in_memory)
     except Exception as exc:  # datasets raises several types for a damaged folder
         message = " ".join(str(exc).split())[:200]
-        raise UserError(f"generate_dir {gen}/dataset could not be read ({type(exc).__name__}: {message}); "
+        raise UserError(f"{key} {gen}/dataset could not be read ({type(exc).__name__}: {message}); "
                         "rerun generate with --overwrite") from None
 
 
@@ -656,14 +629,6 @@ def run(cfg: DistillConfig) -> Path:
     # ------------------------------------------------------------------ train: DPO
     cfg.eval_strategy = eval_strategy  # DPO measures its held-out pairs whenever it has some
     if "dpo" in cfg.objective:
-        if cfg.student_samples:
-            student = cfg.init_adapter
-            if trainer is not None:  # the SFT-trained student, saved as an adapter the sampler can fold in
-                student = str(out / "sft-adapter")
-                if trainer.is_world_process_zero():
-                    trainer.model.save_pretrained(student)
-                trainer.accelerator.wait_for_everyone()
-            cfg.rejected_dir = str(sample_student(cfg, gen_info, student, out / "student"))
         if cfg.rejected_dir:
             import datasets
 

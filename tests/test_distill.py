@@ -495,7 +495,7 @@ def test_a_cut_off_answer_under_a_trimming_template_is_still_tokenised_in_contex
 
 
 @pytest.fixture(scope="module")
-def student_samples(tiny_policy_dir, tiny_generate_dir, distilled, tmp_path_factory):
+def student_run(tiny_policy_dir, tiny_generate_dir, distilled, tmp_path_factory):
     """The SFT student's own plain samples on the train prompts, scored with the teacher run's normalisation."""
     from rmod_distill.generate import GenerateConfig
     from rmod_distill.generate import run as generate
@@ -511,13 +511,13 @@ def student_samples(tiny_policy_dir, tiny_generate_dir, distilled, tmp_path_fact
 
 
 def test_rejected_dir_pairs_rmod_with_the_students_own_answers(tiny_policy_dir, tiny_generate_dir, distilled,
-                                                               student_samples, tmp_path):
+                                                               student_run, tmp_path):
     import datasets
 
     from rmod_distill.distill import load_rejected, preference_pairs
 
     cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x", "--objective",
-                                                   "dpo", "--rejected_dir", str(student_samples), "--pair_margin", "-100"))
+                                                   "dpo", "--rejected_dir", str(student_run), "--pair_margin", "-100"))
     teacher = datasets.load_from_disk(str(tiny_generate_dir / "dataset"))
     student, _ = load_rejected(cfg)
     rmod = {r["prompt_id"]: r for r in teacher if r["method"] == "rmod"}
@@ -533,13 +533,13 @@ def test_rejected_dir_pairs_rmod_with_the_students_own_answers(tiny_policy_dir, 
     out = tmp_path / "dpo"
     run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "dpo",
                                                  "--init_adapter", str(distilled), "--rejected_dir",
-                                                 str(student_samples), "--pair_margin", "-100", "--max_steps", "2",
+                                                 str(student_run), "--pair_margin", "-100", "--max_steps", "2",
                                                  "--eval_fraction", "0.0")))
     info = json.loads((out / "run.json").read_text())
     assert info["metrics"]["dpo_pairs"] == len(rmod)
 
 
-def test_rejected_dir_is_checked_before_the_model_loads(tiny_policy_dir, tiny_generate_dir, student_samples,
+def test_rejected_dir_is_checked_before_the_model_loads(tiny_policy_dir, tiny_generate_dir, student_run,
                                                         tmp_path, monkeypatch):
     import rmod_distill.policy as policy
 
@@ -549,54 +549,35 @@ def test_rejected_dir_is_checked_before_the_model_loads(tiny_policy_dir, tiny_ge
         run(parse_config(DistillConfig, [*base, "--rejected_dir", str(tmp_path / "nowhere")]))
     with pytest.raises(UserError, match="no `reference` rows"):  # the teacher run's own rmod-only copy
         other = tmp_path / "rmod-only"
-        shutil.copytree(student_samples, other)
+        shutil.copytree(student_run, other)
         info = json.loads((other / "run.json").read_text())
         info["config"]["methods"] = ["rmod"]
         (other / "run.json").write_text(json.dumps(info))
         run(parse_config(DistillConfig, [*base, "--rejected_dir", str(other)]))
     with pytest.raises(UserError, match="another normalisation"):
         other = tmp_path / "renormalised"
-        shutil.copytree(student_samples, other)
+        shutil.copytree(student_run, other)
         info = json.loads((other / "run.json").read_text())
         info["normalization"] = {"harmlessness": {"mean": 0.0, "std": 1.0}}
         (other / "run.json").write_text(json.dumps(info))
         run(parse_config(DistillConfig, [*base, "--rejected_dir", str(other)]))
+    with pytest.raises(UserError, match="worst cases on two scales"):
+        other = tmp_path / "quantile"
+        shutil.copytree(student_run, other)
+        info = json.loads((other / "run.json").read_text())
+        info["config"]["scale"] = "quantile"
+        (other / "run.json").write_text(json.dumps(info))
+        run(parse_config(DistillConfig, [*base, "--rejected_dir", str(other)]))
+    with pytest.raises(UserError, match="none of its prompts is one of generate_dir"):
+        import datasets
+
+        other = tmp_path / "elsewhere"
+        shutil.copytree(student_run, other, ignore=shutil.ignore_patterns("dataset"))
+        moved = datasets.load_from_disk(str(student_run / "dataset")).map(lambda r: {"prompt_id": "x-" + r["prompt_id"]})
+        moved.save_to_disk(str(other / "dataset"))
+        run(parse_config(DistillConfig, [*base, "--rejected_dir", str(other)]))
     with pytest.raises(ValueError, match="rejected_dir gives DPO's rejected answers"):
-        parse_config(DistillConfig, [*base[:-2], "--objective", "sft", "--rejected_dir", str(student_samples)])
-
-
-def test_student_samples_make_dpo_on_policy(tiny_policy_dir, tiny_generate_dir, tmp_path, monkeypatch):
-    """SFT, then the SFT student's own samples (a generate run inside the adapter folder) as DPO's rejected side."""
-    import rmod_distill.distill as distill
-
-    seen = {}
-    real = distill.preference_pairs
-
-    def spy(cfg, ds):
-        seen["pairs"] = real(cfg, ds)
-        return seen["pairs"]
-
-    monkeypatch.setattr(distill, "preference_pairs", spy)
-    out = tmp_path / "onpolicy"
-    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "sft+dpo",
-                                                 "--student_samples", "2", "--pair_margin", "-100",
-                                                 "--max_steps", "2", "--eval_fraction", "0.0")))
-    student = json.loads((out / "student" / "run.json").read_text())
-    teacher = json.loads((tiny_generate_dir / "run.json").read_text())
-    assert student["complete"] and student["config"]["methods"] == ["reference"]
-    assert student["config"]["policy"]["adapter"].endswith("sft-adapter") and student["config"]["policy"]["merge_adapter"]
-    assert student["normalization"] == teacher["normalization"]
-    assert student["config"]["decoding"] == teacher["config"]["decoding"]
-    rows = [json.loads(line) for line in (out / "student" / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 12  # 2 samples of each of the 12 train prompts
-    # every RMOD answer paired with the student's answer of the same seed, none with the base policy's
-    assert len(seen["pairs"]) == 12 and {p["rejected_key"][1] for p in seen["pairs"]} == {"student"}
-    by_id = {r["prompt_id"]: r["completion"] for r in rows}
-    assert all(p["rejected"][0]["content"] == by_id[p["prompt_id"]] for p in seen["pairs"])
-    check_adapter_folder(out)
-    with pytest.raises(ValueError, match="set one"):
-        parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "sft+dpo",
-                                                 "--student_samples", "1", "--rejected_dir", str(out / "student")))
+        parse_config(DistillConfig, [*base[:-2], "--objective", "sft", "--rejected_dir", str(student_run)])
 
 
 def test_dpo_loss_type_reaches_trl(tiny_policy_dir, tiny_generate_dir, tmp_path, monkeypatch):
