@@ -37,6 +37,18 @@ def write(path: Path, rows) -> Path:
     return path
 
 
+def test_shipped_extra_train_prompts_are_new_train_prompts():
+    """data/prompts/extra-train.jsonl: 300 more train prompts of the six categories (docs/results.md, E3),
+    none an id or a text of the default set, so none can leak into its validation or eval split."""
+    extra = load_prompts(PromptsConfig(path=str(SHIPPED.parent / "extra-train.jsonl"), split=None))
+    default = load_prompts(PromptsConfig(path=str(SHIPPED), split=None))
+    assert len(extra) == 300 and {p.split for p in extra} == {"train"}
+    assert Counter(p.category for p in extra) == {c: 50 for c in {p.category for p in default}}
+    assert not {p.id for p in extra} & {p.id for p in default}
+    text = lambda p: " ".join(m["content"] for m in p.messages).lower()
+    assert len({text(p) for p in extra}) == 300 and not {text(p) for p in extra} & {text(p) for p in default}
+
+
 def test_column_mapping_parquet_and_system_prompt(tmp_path):
     rows = [{"qid": 7, "question": "why is the sky blue?"}, {"qid": 8, "question": "hello"}]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "p.parquet"))
