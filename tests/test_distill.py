@@ -547,27 +547,25 @@ def test_rejected_dir_is_checked_before_the_model_loads(tiny_policy_dir, tiny_ge
     base = distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x", "--objective", "dpo")
     with pytest.raises(UserError, match=r"rejected_dir .*nowhere: no generate run there"):
         run(parse_config(DistillConfig, [*base, "--rejected_dir", str(tmp_path / "nowhere")]))
-    with pytest.raises(UserError, match="no `reference` rows"):  # the teacher run's own rmod-only copy
-        other = tmp_path / "rmod-only"
-        shutil.copytree(student_run, other)
-        info = json.loads((other / "run.json").read_text())
+
+    def methods(info):
         info["config"]["methods"] = ["rmod"]
-        (other / "run.json").write_text(json.dumps(info))
-        run(parse_config(DistillConfig, [*base, "--rejected_dir", str(other)]))
-    with pytest.raises(UserError, match="another normalisation"):
-        other = tmp_path / "renormalised"
-        shutil.copytree(student_run, other)
-        info = json.loads((other / "run.json").read_text())
+
+    def normalisation(info):
         info["normalization"] = {"harmlessness": {"mean": 0.0, "std": 1.0}}
-        (other / "run.json").write_text(json.dumps(info))
-        run(parse_config(DistillConfig, [*base, "--rejected_dir", str(other)]))
-    with pytest.raises(UserError, match="worst cases on two scales"):
-        other = tmp_path / "quantile"
+
+    def scale(info):
+        info["config"]["scale"] = "quantile"
+
+    for edit, message in ((methods, "no `reference` rows"), (normalisation, "another normalisation"),
+                          (scale, "worst cases on two scales")):
+        other = tmp_path / edit.__name__  # the student run with one fact of its run.json changed
         shutil.copytree(student_run, other)
         info = json.loads((other / "run.json").read_text())
-        info["config"]["scale"] = "quantile"
+        edit(info)
         (other / "run.json").write_text(json.dumps(info))
-        run(parse_config(DistillConfig, [*base, "--rejected_dir", str(other)]))
+        with pytest.raises(UserError, match=message):
+            run(parse_config(DistillConfig, [*base, "--rejected_dir", str(other)]))
     with pytest.raises(UserError, match="none of its prompts is one of generate_dir"):
         import datasets
 
