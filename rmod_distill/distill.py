@@ -116,7 +116,8 @@ class DistillConfig(SFTConfig):
         default="reference",
         metadata={"help": "DPO pairs: reference (a prompt's RMOD answer over its reference answer of the same seed: "
                           "generate needs `reference` in its methods) | reference-all (each RMOD answer of a prompt "
-                          "over each of its reference answers: samples_per_prompt n gives up to n*n pairs) | samples (a prompt's best RMOD sample over its worst, by "
+                          "over each of its reference answers: samples_per_prompt n gives up to n*n pairs) | "
+                          "samples (a prompt's best RMOD sample over its worst, by "
                           "worst case: samples_per_prompt >= 2) | both."},
     )
     rejected_dir: str | None = field(
@@ -166,7 +167,8 @@ class DistillConfig(SFTConfig):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.pairs not in PAIRINGS:
             raise ValueError(f"pairs must be one of {', '.join(PAIRINGS)}, got {self.pairs!r}")
-        if self.rejected_dir is not None and ("dpo" not in self.objective or self.pairs not in ("reference", "reference-all")):
+        pairs_with_reference = self.pairs in ("reference", "reference-all")
+        if self.rejected_dir is not None and ("dpo" not in self.objective or not pairs_with_reference):
             raise ValueError(f"rejected_dir gives DPO's rejected answers: it needs objective dpo or sft+dpo and pairs "
                              f"reference or reference-all (got objective {self.objective!r}, pairs {self.pairs!r})")
         unknown = [t for t in self.dpo_loss_type if t not in DPO_LOSSES]
@@ -199,11 +201,7 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
     gen = Path(cfg.generate_dir)
     if not gen.is_dir():
         raise UserError(f"generate_dir {gen} does not exist; run `rmod-distill generate` first (or fix the path)")
-    if not (gen / "run.json").is_file():
-        raise UserError(f"generate_dir {gen}: no run.json there; run `make generate` first (or fix the path)")
-    info = read_json(gen / "run.json", "generate run marker")
-    if info.get("stage", "generate") != "generate" or not info.get("complete"):
-        raise UserError(f"generate_dir {gen}: not a complete generate run; rerun generate to complete it")
+    info = _generate_marker(gen, "generate_dir", "no run.json there; run `make generate` first (or fix the path)")
     available = info.get("config", {}).get("methods", [])
     missing = [m for m in cfg.methods if m not in available]
     if missing:
@@ -213,27 +211,38 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
                                 info.get("config", {}).get("samples_per_prompt", 1))
     if problem:
         raise UserError(f"generate_dir {gen}: {problem}")
-    if not (gen / "dataset").is_dir():
-        raise UserError(f"generate_dir {gen}: no dataset/ folder; the run is damaged, rerun generate with --overwrite")
-    _read_dataset(gen, keep_in_memory=False)  # a damaged dataset fails here, before the model loads
+    dataset = _checked_dataset(gen, "generate_dir")  # a damaged dataset fails here, before the model loads
     if cfg.rejected_dir:
-        check_rejected_dir(cfg, info)
+        check_rejected_dir(cfg, info, set(map(base_prompt_id, dataset["prompt_id"])))
     return info
 
 
-def check_rejected_dir(cfg: DistillConfig, gen_info: dict) -> dict:
+def _generate_marker(run: Path, key: str, missing: str) -> dict:
+    """The ``run.json`` of the generate run that ``key`` names, refused unless complete."""
+    if not (run / "run.json").is_file():
+        raise UserError(f"{key} {run}: {missing}")
+    info = read_json(run / "run.json", "generate run marker")
+    if info.get("stage", "generate") != "generate" or not info.get("complete"):
+        raise UserError(f"{key} {run}: not a complete generate run; rerun generate to complete it")
+    return info
+
+
+def _checked_dataset(run: Path, key: str):
+    """The generate run's ``dataset/``, memory-mapped; a missing or damaged one is refused."""
+    if not (run / "dataset").is_dir():
+        raise UserError(f"{key} {run}: no dataset/ folder; the run is damaged, rerun generate with --overwrite")
+    return _read_dataset(run, keep_in_memory=False, key=key)
+
+
+def check_rejected_dir(cfg: DistillConfig, gen_info: dict, prompt_ids: set[str]) -> dict:
     """``rejected_dir``'s run.json, checked before any model loads: a complete generate run with
     ``reference`` rows, scored with generate_dir's normalisation (or worst cases would not compare),
-    on some of generate_dir's prompts."""
+    on some of generate_dir's prompts (``prompt_ids``)."""
     rej = Path(cfg.rejected_dir)
     where = f"rejected_dir {rej}"
-    if not (rej / "run.json").is_file():
-        raise UserError(f"{where}: no generate run there (no run.json); make it with `rmod-distill generate "
-                        f"--policy.adapter <student> --methods '[reference]' --normalization "
-                        f"{cfg.generate_dir}/normalization.json --output_dir {rej}`")
-    info = read_json(rej / "run.json", "generate run marker")
-    if info.get("stage", "generate") != "generate" or not info.get("complete"):
-        raise UserError(f"{where}: not a complete generate run; rerun generate to complete it")
+    info = _generate_marker(rej, "rejected_dir", "no generate run there (no run.json); make it with `rmod-distill "
+                            f"generate --policy.adapter <student> --methods '[reference]' --normalization "
+                            f"{cfg.generate_dir}/normalization.json --output_dir {rej}`")
     if "reference" not in info.get("config", {}).get("methods", []):
         raise UserError(f"{where}: no `reference` rows (methods there: {info.get('config', {}).get('methods')}); "
                         "generate the student's own samples with --methods '[reference]'")
@@ -246,21 +255,20 @@ def check_rejected_dir(cfg: DistillConfig, gen_info: dict) -> dict:
     if info.get("objectives") != gen_info.get("objectives"):
         raise UserError(f"{where}: scored on other objectives than generate_dir {cfg.generate_dir} "
                         f"({info.get('objectives')} against {gen_info.get('objectives')})")
-    if not (rej / "dataset").is_dir():
-        raise UserError(f"{where}: no dataset/ folder; the run is damaged, rerun generate with --overwrite")
-    theirs = set(map(base_prompt_id, _read_dataset(rej, keep_in_memory=False, key="rejected_dir")["prompt_id"]))
-    ours = set(map(base_prompt_id, _read_dataset(Path(cfg.generate_dir), keep_in_memory=False)["prompt_id"]))
-    if not theirs & ours:
+    if not set(map(base_prompt_id, _checked_dataset(rej, "rejected_dir")["prompt_id"])) & prompt_ids:
         raise UserError(f"{where}: none of its prompts is one of generate_dir {cfg.generate_dir}'s, so no pair can "
                         "be made; generate the student's samples on the same prompts")
     return info
 
 
 def load_rejected(cfg: DistillConfig):
-    """``rejected_dir``'s reference rows as method ``student`` (so they never pair with generate_dir's
-    own reference rows), and the keys of those cut off at max_new_tokens."""
+    """``rejected_dir``'s reference rows (at most ``samples_per_prompt`` a prompt) as method ``student`` (so
+    they never pair with generate_dir's own reference rows), and the keys of those cut off at max_new_tokens."""
     rej = Path(cfg.rejected_dir)
-    ds = _read_dataset(rej, keep_in_memory=True, key="rejected_dir").filter(lambda r: r["method"] == "reference", keep_in_memory=True)
+    ds = _read_dataset(rej, keep_in_memory=True, key="rejected_dir")
+    ds = ds.filter(lambda r: r["method"] == "reference", keep_in_memory=True)
+    if cfg.samples_per_prompt is not None:  # as load_generated keeps generate_dir's
+        ds = ds.filter(lambda r: sample_index(r["prompt_id"]) < cfg.samples_per_prompt, keep_in_memory=True)
     ds = ds.map(lambda r: {"method": STUDENT}, keep_in_memory=True)
     unfinished = {(pid, STUDENT) for pid, method in unfinished_answers(rej) if method == "reference"}
     return ds, unfinished
@@ -456,7 +464,9 @@ def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
                     continue
                 add(ranked[-1], ranked[0])
     if not pairs:
-        source = f"generate_dir {cfg.generate_dir}" + (f" and rejected_dir {cfg.rejected_dir}" if cfg.rejected_dir else "")
+        source = f"generate_dir {cfg.generate_dir}"
+        if cfg.rejected_dir:
+            source += f" and rejected_dir {cfg.rejected_dir}"
         raise UserError(f"{source}: no DPO pairs ({cfg.pairs}) with a worst-case margin above {cfg.pair_margin}")
     return pairs
 
@@ -633,9 +643,6 @@ def run(cfg: DistillConfig) -> Path:
             import datasets
 
             student, student_unfinished = load_rejected(cfg)
-            if cfg.samples_per_prompt is not None:
-                student = student.filter(lambda r: sample_index(r["prompt_id"]) < cfg.samples_per_prompt,
-                                         keep_in_memory=True)
             everything = datasets.concatenate_datasets([everything, student.cast(everything.features)])
             unfinished = unfinished | student_unfinished
             print(f"distill: DPO's rejected answers: {len(student)} student rows from {cfg.rejected_dir}")
