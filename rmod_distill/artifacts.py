@@ -289,5 +289,5 @@ def dpo_pairs_problem(objective: str, pairs: str, samples_kept: int | None, meth
                 f"(methods there: {methods}) or set pairs: samples")
     if pairs in ("samples", "both") and min(samples_made, samples_kept or samples_made) < 2:
         where = f"samples_per_prompt {samples_kept} keeps one" if samples_made >= 2 else "generate with samples_per_prompt >= 2"
-        return f"DPO pairs '{pairs}' need several RMOD samples per prompt ({where}); or set pairs: reference"
+        return f"DPO pairs '{pairs}' need several samples per prompt ({where}); or set pairs: reference"
     return None

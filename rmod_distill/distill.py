@@ -103,7 +103,8 @@ class DistillConfig(SFTConfig):
     )
     keep_best: int | None = field(
         default=None,
-        metadata={"help": "Of each prompt's samples (per method), SFT on the k with the highest worst case only "
+        metadata={"help": "Of each prompt's samples (per method), SFT on the k with the highest worst case only, and "
+                          "DPO's pairs reference / reference-all take their chosen side from those k RMOD answers "
                           "(null: all): the teacher's best answers rather than its average one."},
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out for eval loss."})
@@ -117,8 +118,9 @@ class DistillConfig(SFTConfig):
         metadata={"help": "DPO pairs: reference (a prompt's RMOD answer over its reference answer of the same seed: "
                           "generate needs `reference` in its methods) | reference-all (each RMOD answer of a prompt "
                           "over each of its reference answers: samples_per_prompt n gives up to n*n pairs) | "
-                          "samples (a prompt's best RMOD sample over its worst, by "
-                          "worst case: samples_per_prompt >= 2) | both."},
+                          "samples (a prompt's best sample over its worst, by worst case, among the rows of "
+                          "`methods`: RMOD's by default; a generate run of the student with methods [reference] "
+                          "gives an on-policy round on the student's own samples; samples_per_prompt >= 2) | both."},
     )
     rejected_dir: str | None = field(
         default=None,
@@ -158,9 +160,6 @@ class DistillConfig(SFTConfig):
         for key in ("samples_per_prompt", "keep_best"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 or null, got {getattr(self, key)}")
-        if self.keep_best is not None and self.objective == "dpo":
-            raise ValueError("keep_best chooses SFT rows; objective dpo trains on pairs only (use pair_margin, "
-                             "or objective sft+dpo)")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.objective not in OBJECTIVES:
@@ -420,11 +419,18 @@ def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
 
     ``reference``: a prompt's RMOD answer over its reference answer (same prompt id and
     sample); ``reference-all``: each RMOD answer of a prompt over each of its reference answers;
-    ``samples``: a prompt's RMOD sample with the best worst case over the one with
-    the worst. A pair is kept only when the chosen answer's worst case is higher by more
-    than ``pair_margin``, so no pair teaches the opposite of what RMOD's objective says.
+    ``samples``: of a prompt's samples of ``methods`` (RMOD's by default), the one with the best
+    worst case over the one with the worst. A pair is kept only when the chosen answer's worst case is higher by more
+    than ``pair_margin``, so no pair teaches the opposite of what RMOD's objective says. With
+    ``keep_best`` k, ``reference`` and ``reference-all`` take their chosen side from each prompt's
+    k RMOD answers with the highest worst case only (the rejected side stays every answer).
     """
     rows = [r for r in ds if r["completion"][0]["content"].strip()]
+    chosen_ids = {r["prompt_id"] for r in rows if r["method"] == "rmod"}  # RMOD answers that may be chosen
+    if cfg.keep_best is not None:
+        teacher = [r for r in rows if r["method"] == "rmod"]
+        best = best_samples({k: [r[k] for r in teacher] for k in ("method", "prompt_id", "worst_case")}, cfg.keep_best)
+        chosen_ids = {pid for _, pid in best}
     by_id = {(r["method"], r["prompt_id"]): r for r in rows}
     other = STUDENT if cfg.rejected_dir else "reference"  # whose answers are rejected
     pairs = []
@@ -441,12 +447,13 @@ def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
 
     if cfg.pairs in ("reference", "both"):
         for (method, pid), r in by_id.items():
-            if method == "rmod" and (other, pid) in by_id:
+            if method == "rmod" and pid in chosen_ids and (other, pid) in by_id:
                 add(r, by_id[(other, pid)])
     if cfg.pairs == "reference-all":
-        answers: dict[tuple[str, str], list[dict]] = {}
+        answers: dict[tuple[str, str], list[dict]] = {}  # grouped by prompt, in the dataset's order
         for r in rows:
-            answers.setdefault((r["method"], base_prompt_id(r["prompt_id"])), []).append(r)
+            if r["method"] != "rmod" or r["prompt_id"] in chosen_ids:
+                answers.setdefault((r["method"], base_prompt_id(r["prompt_id"])), []).append(r)
         for (method, pid), group in answers.items():
             if method == "rmod":
                 for chosen in group:
@@ -455,7 +462,7 @@ def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
     if cfg.pairs in ("samples", "both"):
         groups: dict[str, list[dict]] = {}
         for r in rows:
-            if r["method"] == "rmod":
+            if r["method"] in cfg.methods:  # RMOD's by default; methods [reference]: a student's own samples
                 groups.setdefault(base_prompt_id(r["prompt_id"]), []).append(r)
         for group in groups.values():
             if len(group) > 1:

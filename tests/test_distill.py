@@ -303,6 +303,23 @@ def test_reference_all_pairs_every_rmod_answer_with_every_reference_answer_of_it
                                                generate_dir="/tmp/unused"), ds)
     assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in same_seed} == {
         ("rmod a", "reference a"), ("rmod a#s1", "reference a#s1")}
+    # samples: the best over the worst of a prompt's samples of `methods` (RMOD's; or a student's own, [reference])
+    samples = preference_pairs(DistillConfig(objective="dpo", pairs="samples", pair_margin=0.5, use_cpu=True,
+                                             bf16=False, generate_dir="/tmp/unused"), ds)
+    assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in samples} == {("rmod a", "rmod a#s1")}
+    own = preference_pairs(DistillConfig(objective="dpo", pairs="samples", pair_margin=0.5, methods=["reference"],
+                                         use_cpu=True, bf16=False, generate_dir="/tmp/unused"), ds)
+    assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in own} == {
+        ("reference a", "reference a#s1")}  # b has one reference answer: no pair
+    # keep_best 1: each prompt's best RMOD answer is the only chosen side; every reference answer stays rejected
+    best = preference_pairs(DistillConfig(objective="dpo", pairs="reference-all", pair_margin=0.5, keep_best=1,
+                                          use_cpu=True, bf16=False, generate_dir="/tmp/unused"), ds)
+    assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in best} == {
+        ("rmod a", "reference a"), ("rmod a", "reference a#s1"), ("rmod b", "reference b#s1")}
+    best_same_seed = preference_pairs(DistillConfig(objective="dpo", pairs="reference", pair_margin=0.5, keep_best=1,
+                                                    use_cpu=True, bf16=False, generate_dir="/tmp/unused"), ds)
+    assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in best_same_seed} == {
+        ("rmod a", "reference a")}
 
 
 def test_dpo_rows_match_trl_and_cut_off_answers_do_not_stop(tiny_policy_dir, tiny_generate_dir):
@@ -384,7 +401,7 @@ def test_dpo_trains_an_adapter(tiny_policy_dir, tiny_generate_dir, tmp_path, obj
 def test_dpo_needs_reference_rows(tiny_policy_dir, tiny_generate_dir, tmp_path):
     from rmod_distill.errors import UserError
 
-    with pytest.raises(UserError, match="need several RMOD samples per prompt"):
+    with pytest.raises(UserError, match="need several samples per prompt"):
         run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x",
                                                      "--objective", "dpo", "--pairs", "samples")))
 
@@ -447,9 +464,9 @@ def test_samples_per_prompt_and_keep_best_choose_the_rows(tiny_policy_dir, tmp_p
         assert r["worst_case"] == max(group)
     with pytest.raises(ValueError, match="keep_best must be >= 1"):
         parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "x", "--keep_best", "0"))
-    with pytest.raises(ValueError, match="keep_best chooses SFT rows"):
-        parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "x", "--keep_best", "1",
-                                                 "--objective", "dpo"))
+    dpo = parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "x", "--keep_best", "1",
+                                                   "--objective", "dpo"))  # keep_best picks DPO's chosen side too
+    assert dpo.keep_best == 1
     one = parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "x", "--samples_per_prompt", "1",
                                                    "--objective", "dpo", "--pairs", "samples"))
     with pytest.raises(UserError, match="samples_per_prompt 1 keeps one"):
