@@ -133,6 +133,12 @@ class DistillConfig(SFTConfig):
     pair_margin: float = field(
         default=0.0, metadata={"help": "Keep a pair only if the chosen answer's worst case beats the other's by more."}
     )
+    pair_tolerance: float | None = field(
+        default=None,
+        metadata={"help": "Keep a pair only if the chosen answer is lower than the rejected one on no objective by "
+                          "more than this (normalised, as the worst case; null: no such check): pairs that raise the "
+                          "worst case without trading another objective away."},
+    )
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta (TRL's default): how far from the reference."})
     dpo_loss_type: list[str] = field(
         default_factory=lambda: ["sigmoid"],
@@ -160,6 +166,8 @@ class DistillConfig(SFTConfig):
         for key in ("samples_per_prompt", "keep_best"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 or null, got {getattr(self, key)}")
+        if self.pair_tolerance is not None and not self.pair_tolerance >= 0:
+            raise ValueError(f"pair_tolerance must be >= 0 or null, got {self.pair_tolerance}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.objective not in OBJECTIVES:
@@ -414,7 +422,15 @@ def best_samples(ds, k: int) -> set[tuple[str, str]]:
     return {(method, pid) for (method, _), rows in groups.items() for _, _, pid in sorted(rows)[:k]}
 
 
-def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
+def objective_scores(gen: Path, only: str | None = None, rename: str | None = None) -> dict[tuple[str, str], dict]:
+    """``(prompt_id, method)`` -> the answer's normalised score per objective, from a generate run's
+    ``samples.jsonl``; ``only``: that method's rows alone, named ``rename`` (as :func:`load_rejected`
+    names rejected_dir's reference rows)."""
+    return {(r["prompt_id"], rename or r["method"]): r.get("normalized") or {}
+            for r in read_jsonl(gen / "samples.jsonl") if only is None or r["method"] == only}
+
+
+def preference_pairs(cfg: DistillConfig, ds, scores: dict[tuple[str, str], dict] | None = None) -> list[dict]:
     """DPO pairs in TRL's conversational preference format, from one generate run's rows.
 
     ``reference``: a prompt's RMOD answer over its reference answer (same prompt id and
@@ -423,8 +439,12 @@ def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
     worst case over the one with the worst. A pair is kept only when the chosen answer's worst case is higher by more
     than ``pair_margin``, so no pair teaches the opposite of what RMOD's objective says. With
     ``keep_best`` k, ``reference`` and ``reference-all`` take their chosen side from each prompt's
-    k RMOD answers with the highest worst case only (the rejected side stays every answer).
+    k RMOD answers with the highest worst case only (the rejected side stays every answer). With
+    ``pair_tolerance`` t, a pair is kept only if the chosen answer is lower than the rejected one on
+    no objective by more than t (``scores``: :func:`objective_scores` of the rows' runs).
     """
+    if cfg.pair_tolerance is not None and scores is None:
+        raise ValueError("pair_tolerance needs each answer's objective scores (objective_scores)")
     rows = [r for r in ds if r["completion"][0]["content"].strip()]
     chosen_ids = {r["prompt_id"] for r in rows if r["method"] == "rmod"}  # RMOD answers that may be chosen
     if cfg.keep_best is not None:
@@ -438,6 +458,13 @@ def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
     def add(chosen, rejected):
         if chosen["worst_case"] is None or rejected["worst_case"] is None:
             return  # an unknown worst case (a judge's missing score) orders nothing
+        if cfg.pair_tolerance is not None:
+            mine = scores.get((chosen["prompt_id"], chosen["method"])) or {}
+            theirs = scores.get((rejected["prompt_id"], rejected["method"])) or {}
+            if not mine or set(mine) != set(theirs) or any(v is None for v in (*mine.values(), *theirs.values())):
+                return  # an objective's score unknown: the pair cannot be checked
+            if any(mine[o] < theirs[o] - cfg.pair_tolerance for o in mine):
+                return
         if chosen["worst_case"] - rejected["worst_case"] > cfg.pair_margin:
             pairs.append({"prompt_id": chosen["prompt_id"], "prompt": chosen["prompt"],
                           "chosen": chosen["completion"], "rejected": rejected["completion"],
@@ -474,7 +501,10 @@ def preference_pairs(cfg: DistillConfig, ds) -> list[dict]:
         source = f"generate_dir {cfg.generate_dir}"
         if cfg.rejected_dir:
             source += f" and rejected_dir {cfg.rejected_dir}"
-        raise UserError(f"{source}: no DPO pairs ({cfg.pairs}) with a worst-case margin above {cfg.pair_margin}")
+        within = ("" if cfg.pair_tolerance is None
+                  else f" and no objective lower by more than pair_tolerance {cfg.pair_tolerance}")
+        raise UserError(f"{source}: no DPO pairs ({cfg.pairs}) with a worst-case margin above {cfg.pair_margin}"
+                        f"{within}")
     return pairs
 
 
@@ -515,9 +545,10 @@ def sample_completions(model, tokenizer, rows, max_new_tokens: int, seed: int) -
 
 
 def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, metrics: dict,
-              unfinished: set[tuple[str, str]] = frozenset()):
+              unfinished: set[tuple[str, str]] = frozenset(), scores: dict | None = None):
     """DPO with TRL's DPOTrainer on :func:`preference_pairs`; returns the trainer. ``unfinished``:
-    the answers cut off at ``max_new_tokens`` (:func:`unfinished_answers`), learnt without end-of-turn.
+    the answers cut off at ``max_new_tokens`` (:func:`unfinished_answers`), learnt without end-of-turn;
+    ``scores``: the answers' objective scores (:func:`objective_scores`), for ``pair_tolerance``.
 
     ``model`` is the base policy (a fresh adapter from ``peft_config``) or a PEFT model (SFT-
     trained here, or ``init_adapter``), in which case TRL keeps a frozen copy of its adapter as
@@ -529,7 +560,7 @@ def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, 
     from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOConfig, DPOTrainer
 
-    pairs = preference_pairs(cfg, ds)
+    pairs = preference_pairs(cfg, ds, scores)
     held = [p for p in pairs if held_out(p["prompt_id"], cfg.eval_fraction)]
     train = [p for p in pairs if not held_out(p["prompt_id"], cfg.eval_fraction)]
     if not train:
@@ -646,15 +677,19 @@ def run(cfg: DistillConfig) -> Path:
     # ------------------------------------------------------------------ train: DPO
     cfg.eval_strategy = eval_strategy  # DPO measures its held-out pairs whenever it has some
     if "dpo" in cfg.objective:
+        scores = objective_scores(Path(cfg.generate_dir)) if cfg.pair_tolerance is not None else None
         if cfg.rejected_dir:
             import datasets
 
             student, student_unfinished = load_rejected(cfg)
             everything = datasets.concatenate_datasets([everything, student.cast(everything.features)])
             unfinished = unfinished | student_unfinished
+            if scores is not None:
+                scores.update(objective_scores(Path(cfg.rejected_dir), "reference", STUDENT))
             print(f"distill: DPO's rejected answers: {len(student)} student rows from {cfg.rejected_dir}")
         trainer = train_dpo(cfg, trainer.model if trainer is not None else model, tokenizer, everything,
-                            None if trainer is not None or cfg.init_adapter else peft_config, out, metrics, unfinished)
+                            None if trainer is not None or cfg.init_adapter else peft_config, out, metrics, unfinished,
+                            scores)
 
     # ------------------------------------------------------------------ save
     if trainer.is_world_process_zero():

@@ -311,6 +311,18 @@ def test_reference_all_pairs_every_rmod_answer_with_every_reference_answer_of_it
                                          use_cpu=True, bf16=False, generate_dir="/tmp/unused"), ds)
     assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in own} == {
         ("reference a", "reference a#s1")}  # b has one reference answer: no pair
+    # pair_tolerance: a pair that loses more than it on some objective, or whose scores are unknown, is dropped
+    scores = {("a", "rmod"): {"h": 2.0, "c": -0.6}, ("a#s1", "rmod"): {"h": 1.0, "c": 0.0},
+              ("a", "reference"): {"h": 0.0, "c": 0.0}, ("a#s1", "reference"): {"h": -1.0, "c": None},
+              ("b", "rmod"): {"h": 0.0, "c": 0.0}}  # b's reference answer: no scores
+    tolerant = DistillConfig(objective="dpo", pairs="reference-all", pair_margin=0.5, pair_tolerance=0.5,
+                             use_cpu=True, bf16=False, generate_dir="/tmp/unused")
+    with pytest.raises(UserError, match="no objective lower by more than pair_tolerance 0.5"):
+        preference_pairs(tolerant, ds, scores)
+    scores[("a#s1", "reference")]["c"] = -0.2
+    kept = {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in preference_pairs(tolerant, ds, scores)}
+    # rmod a loses 0.6 on c to reference a (dropped) and 0.4 to reference a#s1 (kept)
+    assert kept == {("rmod a", "reference a#s1"), ("rmod a#s1", "reference a#s1")}
     # keep_best 1: each prompt's best RMOD answer is the only chosen side; every reference answer stays rejected
     best = preference_pairs(DistillConfig(objective="dpo", pairs="reference-all", pair_margin=0.5, keep_best=1,
                                           use_cpu=True, bf16=False, generate_dir="/tmp/unused"), ds)
@@ -531,7 +543,7 @@ def test_rejected_dir_pairs_rmod_with_the_students_own_answers(tiny_policy_dir, 
                                                                student_run, tmp_path):
     import datasets
 
-    from rmod_distill.distill import load_rejected, preference_pairs
+    from rmod_distill.distill import load_rejected, objective_scores, preference_pairs
 
     cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x", "--objective",
                                                    "dpo", "--rejected_dir", str(student_run), "--pair_margin", "-100"))
@@ -547,11 +559,28 @@ def test_rejected_dir_pairs_rmod_with_the_students_own_answers(tiny_policy_dir, 
         assert p["chosen"] == rmod[p["prompt_id"]]["completion"]
         assert p["rejected"] == mine[p["prompt_id"]]["completion"] and p["rejected_key"][1] == "student"
 
+    # pair_tolerance: each objective of the chosen answer is read from generate_dir's samples, the rejected's
+    # from rejected_dir's (as `student`), and no kept pair loses more than the tolerance on any objective
+    scores = objective_scores(tiny_generate_dir)
+    scores.update(objective_scores(student_run, "reference", "student"))
+    assert all(scores[(pid, "student")] and scores[(pid, "rmod")] for pid in mine)
+    both = datasets.concatenate_datasets([teacher, student.cast(teacher.features)])
+    for tolerance in (0.0, 0.3):
+        strict = parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x",
+                                                          "--objective", "dpo", "--rejected_dir", str(student_run),
+                                                          "--pair_margin", "-100", "--pair_tolerance", str(tolerance)))
+        kept = {p["prompt_id"] for p in preference_pairs(strict, both, scores)}
+        expected = {pid for pid in rmod if all(scores[(pid, "rmod")][o] >= scores[(pid, "student")][o] - tolerance
+                                               for o in scores[(pid, "rmod")])}
+        assert kept == expected
+    with pytest.raises(ValueError, match="pair_tolerance needs"):
+        preference_pairs(strict, both)
+
     out = tmp_path / "dpo"
     run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "dpo",
                                                  "--init_adapter", str(distilled), "--rejected_dir",
                                                  str(student_run), "--pair_margin", "-100", "--max_steps", "2",
-                                                 "--eval_fraction", "0.0")))
+                                                 "--eval_fraction", "0.0", "--pair_tolerance", "1000")))
     info = json.loads((out / "run.json").read_text())
     assert info["metrics"]["dpo_pairs"] == len(rmod)
 
