@@ -104,7 +104,8 @@ class DistillConfig(SFTConfig):
     keep_best: int | None = field(
         default=None,
         metadata={"help": "Of each prompt's samples (per method), SFT on the k with the highest worst case only, and "
-                          "DPO's pairs reference / reference-all take their chosen side from those k RMOD answers "
+                          "DPO's pairs reference / reference-all / both take their chosen side from those k RMOD "
+                          "answers "
                           "(null: all): the teacher's best answers rather than its average one."},
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out for eval loss."})
@@ -118,7 +119,7 @@ class DistillConfig(SFTConfig):
         metadata={"help": "DPO pairs: reference (a prompt's RMOD answer over its reference answer of the same seed: "
                           "generate needs `reference` in its methods) | reference-all (each RMOD answer of a prompt "
                           "over each of its reference answers: samples_per_prompt n gives up to n*n pairs) | "
-                          "samples (a prompt's best sample over its worst, by worst case, among the rows of "
+                          "samples (a prompt's best sample over its worst, by worst case, for each method of "
                           "`methods`: RMOD's by default; a generate run of the student with methods [reference] "
                           "gives an on-policy round on the student's own samples; samples_per_prompt >= 2) | both."},
     )
@@ -168,6 +169,11 @@ class DistillConfig(SFTConfig):
                 raise ValueError(f"{key} must be >= 1 or null, got {getattr(self, key)}")
         if self.pair_tolerance is not None and not self.pair_tolerance >= 0:
             raise ValueError(f"pair_tolerance must be >= 0 or null, got {self.pair_tolerance}")
+        if self.pair_tolerance is not None and "dpo" not in self.objective:
+            raise ValueError(f"pair_tolerance filters DPO's pairs; objective {self.objective!r} trains none")
+        if self.keep_best is not None and self.objective == "dpo" and self.pairs == "samples":
+            raise ValueError("keep_best picks SFT rows and the chosen side of reference / reference-all / both pairs; "
+                             "objective dpo on pairs samples uses neither (drop keep_best)")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.objective not in OBJECTIVES:
@@ -435,11 +441,12 @@ def preference_pairs(cfg: DistillConfig, ds, scores: dict[tuple[str, str], dict]
 
     ``reference``: a prompt's RMOD answer over its reference answer (same prompt id and
     sample); ``reference-all``: each RMOD answer of a prompt over each of its reference answers;
-    ``samples``: of a prompt's samples of ``methods`` (RMOD's by default), the one with the best
-    worst case over the one with the worst. A pair is kept only when the chosen answer's worst case is higher by more
-    than ``pair_margin``, so no pair teaches the opposite of what RMOD's objective says. With
-    ``keep_best`` k, ``reference`` and ``reference-all`` take their chosen side from each prompt's
-    k RMOD answers with the highest worst case only (the rejected side stays every answer). With
+    ``samples``: of a prompt's samples of each of ``methods`` (RMOD's by default), the one with the
+    best worst case over the one with the worst. A pair is kept only when the chosen answer's worst
+    case is higher by more than ``pair_margin``, so no pair teaches the opposite of what RMOD's
+    objective says. With ``keep_best`` k, ``reference``, ``reference-all`` and the reference half of
+    ``both`` take their chosen side from each prompt's k RMOD answers with the highest worst case
+    only (the rejected side stays every answer). With
     ``pair_tolerance`` t, a pair is kept only if the chosen answer is lower than the rejected one on
     no objective by more than t (``scores``: :func:`objective_scores` of the rows' runs).
     """
@@ -454,14 +461,17 @@ def preference_pairs(cfg: DistillConfig, ds, scores: dict[tuple[str, str], dict]
     by_id = {(r["method"], r["prompt_id"]): r for r in rows}
     other = STUDENT if cfg.rejected_dir else "reference"  # whose answers are rejected
     pairs = []
+    unscored = 0  # pairs pair_tolerance could not check
 
     def add(chosen, rejected):
+        nonlocal unscored
         if chosen["worst_case"] is None or rejected["worst_case"] is None:
             return  # an unknown worst case (a judge's missing score) orders nothing
         if cfg.pair_tolerance is not None:
             mine = scores.get((chosen["prompt_id"], chosen["method"])) or {}
             theirs = scores.get((rejected["prompt_id"], rejected["method"])) or {}
             if not mine or set(mine) != set(theirs) or any(v is None for v in (*mine.values(), *theirs.values())):
+                unscored += 1
                 return  # an objective's score unknown: the pair cannot be checked
             if any(mine[o] < theirs[o] - cfg.pair_tolerance for o in mine):
                 return
@@ -487,10 +497,10 @@ def preference_pairs(cfg: DistillConfig, ds, scores: dict[tuple[str, str], dict]
                     for rejected in answers.get((other, pid), []):
                         add(chosen, rejected)
     if cfg.pairs in ("samples", "both"):
-        groups: dict[str, list[dict]] = {}
+        groups: dict[tuple[str, str], list[dict]] = {}  # each method's samples of a prompt apart
         for r in rows:
             if r["method"] in cfg.methods:  # RMOD's by default; methods [reference]: a student's own samples
-                groups.setdefault(base_prompt_id(r["prompt_id"]), []).append(r)
+                groups.setdefault((r["method"], base_prompt_id(r["prompt_id"])), []).append(r)
         for group in groups.values():
             if len(group) > 1:
                 ranked = sorted((r for r in group if r["worst_case"] is not None), key=lambda r: r["worst_case"])
@@ -502,7 +512,9 @@ def preference_pairs(cfg: DistillConfig, ds, scores: dict[tuple[str, str], dict]
         if cfg.rejected_dir:
             source += f" and rejected_dir {cfg.rejected_dir}"
         within = ("" if cfg.pair_tolerance is None
-                  else f" and no objective lower by more than pair_tolerance {cfg.pair_tolerance}")
+                  else f" and no objective lower by more than pair_tolerance {cfg.pair_tolerance}"
+                  + (f" ({unscored} pairs dropped for an objective score missing from samples.jsonl's `normalized`)"
+                     if unscored else ""))
         raise UserError(f"{source}: no DPO pairs ({cfg.pairs}) with a worst-case margin above {cfg.pair_margin}"
                         f"{within}")
     return pairs

@@ -295,10 +295,11 @@ def test_reference_all_pairs_every_rmod_answer_with_every_reference_answer_of_it
     ])
     cfg = DistillConfig(objective="dpo", pairs="reference-all", pair_margin=0.5, generate_dir="/tmp/unused",
                        use_cpu=True, bf16=False)
-    got = {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in preference_pairs(cfg, ds)}
-    # a: 1.0 > 0.0 and > -1.0; 0.2 > -1.0 only (0.2 - 0.0 is inside the margin); b: across seeds
-    assert got == {("rmod a", "reference a"), ("rmod a", "reference a#s1"), ("rmod a#s1", "reference a#s1"),
-                   ("rmod b", "reference b#s1")}
+    got = [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in preference_pairs(cfg, ds)]
+    # a: 1.0 > 0.0 and > -1.0; 0.2 > -1.0 only (0.2 - 0.0 is inside the margin); b: across seeds. In this
+    # order (prompt by prompt, the dataset's order within one): a rerun of a recipe trains on the same batches
+    assert got == [("rmod a", "reference a"), ("rmod a", "reference a#s1"), ("rmod a#s1", "reference a#s1"),
+                   ("rmod b", "reference b#s1")]
     same_seed = preference_pairs(DistillConfig(objective="dpo", pairs="reference", pair_margin=0.5, use_cpu=True, bf16=False,
                                                generate_dir="/tmp/unused"), ds)
     assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in same_seed} == {
@@ -311,6 +312,11 @@ def test_reference_all_pairs_every_rmod_answer_with_every_reference_answer_of_it
                                          use_cpu=True, bf16=False, generate_dir="/tmp/unused"), ds)
     assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in own} == {
         ("reference a", "reference a#s1")}  # b has one reference answer: no pair
+    each = preference_pairs(DistillConfig(objective="dpo", pairs="samples", pair_margin=0.5,
+                                          methods=["rmod", "reference"], use_cpu=True, bf16=False,
+                                          generate_dir="/tmp/unused"), ds)
+    assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in each} == {
+        ("rmod a", "rmod a#s1"), ("reference a", "reference a#s1")}  # never one method's answer over another's
     # pair_tolerance: a pair that loses more than it on some objective, or whose scores are unknown, is dropped
     scores = {("a", "rmod"): {"h": 2.0, "c": -0.6}, ("a#s1", "rmod"): {"h": 1.0, "c": 0.0},
               ("a", "reference"): {"h": 0.0, "c": 0.0}, ("a#s1", "reference"): {"h": -1.0, "c": None},
@@ -332,6 +338,15 @@ def test_reference_all_pairs_every_rmod_answer_with_every_reference_answer_of_it
                                                     use_cpu=True, bf16=False, generate_dir="/tmp/unused"), ds)
     assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in best_same_seed} == {
         ("rmod a", "reference a")}
+    best_both = preference_pairs(DistillConfig(objective="dpo", pairs="both", pair_margin=0.5, keep_best=1,
+                                               use_cpu=True, bf16=False, generate_dir="/tmp/unused"), ds)
+    assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in best_both} == {
+        ("rmod a", "reference a"), ("rmod a", "rmod a#s1")}  # the reference half filtered, the samples half not
+    for bad, message in (({"pair_tolerance": -0.1}, "pair_tolerance must be >= 0"),
+                         ({"pair_tolerance": 0.5, "objective": "sft"}, "pair_tolerance filters DPO's pairs"),
+                         ({"keep_best": 1, "pairs": "samples"}, "objective dpo on pairs samples uses neither")):
+        with pytest.raises(ValueError, match=message):
+            DistillConfig(**{"objective": "dpo", "use_cpu": True, "bf16": False, "generate_dir": "/tmp/unused", **bad})
 
 
 def test_dpo_rows_match_trl_and_cut_off_answers_do_not_stop(tiny_policy_dir, tiny_generate_dir):
@@ -573,6 +588,8 @@ def test_rejected_dir_pairs_rmod_with_the_students_own_answers(tiny_policy_dir, 
         expected = {pid for pid in rmod if all(scores[(pid, "rmod")][o] >= scores[(pid, "student")][o] - tolerance
                                                for o in scores[(pid, "rmod")])}
         assert kept == expected
+        if tolerance == 0.0:
+            assert kept < set(rmod)  # some RMOD answer loses an objective to the student's: the filter bites
     with pytest.raises(ValueError, match="pair_tolerance needs"):
         preference_pairs(strict, both)
 
