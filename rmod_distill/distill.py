@@ -105,8 +105,7 @@ class DistillConfig(SFTConfig):
         default=None,
         metadata={"help": "Of each prompt's samples (per method), SFT on the k with the highest worst case only, and "
                           "DPO's pairs reference / reference-all / both take their chosen side from those k RMOD "
-                          "answers "
-                          "(null: all): the teacher's best answers rather than its average one."},
+                          "answers (null: all): the teacher's best answers rather than its average one."},
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out for eval loss."})
     objective: str = field(
@@ -446,9 +445,9 @@ def preference_pairs(cfg: DistillConfig, ds, scores: dict[tuple[str, str], dict]
     case is higher by more than ``pair_margin``, so no pair teaches the opposite of what RMOD's
     objective says. With ``keep_best`` k, ``reference``, ``reference-all`` and the reference half of
     ``both`` take their chosen side from each prompt's k RMOD answers with the highest worst case
-    only (the rejected side stays every answer). With
-    ``pair_tolerance`` t, a pair is kept only if the chosen answer is lower than the rejected one on
-    no objective by more than t (``scores``: :func:`objective_scores` of the rows' runs).
+    only (the rejected side stays every answer). With ``pair_tolerance`` t, a pair is kept only if
+    the chosen answer is lower than the rejected one on no objective by more than t (``scores``:
+    :func:`objective_scores` of the rows' runs).
     """
     if cfg.pair_tolerance is not None and scores is None:
         raise ValueError("pair_tolerance needs each answer's objective scores (objective_scores)")
@@ -461,12 +460,14 @@ def preference_pairs(cfg: DistillConfig, ds, scores: dict[tuple[str, str], dict]
     by_id = {(r["method"], r["prompt_id"]): r for r in rows}
     other = STUDENT if cfg.rejected_dir else "reference"  # whose answers are rejected
     pairs = []
-    unscored = 0  # pairs pair_tolerance could not check
+    unscored = 0  # pairs past the margin that pair_tolerance could not check
 
     def add(chosen, rejected):
         nonlocal unscored
         if chosen["worst_case"] is None or rejected["worst_case"] is None:
             return  # an unknown worst case (a judge's missing score) orders nothing
+        if chosen["worst_case"] - rejected["worst_case"] <= cfg.pair_margin:
+            return
         if cfg.pair_tolerance is not None:
             mine = scores.get((chosen["prompt_id"], chosen["method"])) or {}
             theirs = scores.get((rejected["prompt_id"], rejected["method"])) or {}
@@ -475,12 +476,11 @@ def preference_pairs(cfg: DistillConfig, ds, scores: dict[tuple[str, str], dict]
                 return  # an objective's score unknown: the pair cannot be checked
             if any(mine[o] < theirs[o] - cfg.pair_tolerance for o in mine):
                 return
-        if chosen["worst_case"] - rejected["worst_case"] > cfg.pair_margin:
-            pairs.append({"prompt_id": chosen["prompt_id"], "prompt": chosen["prompt"],
-                          "chosen": chosen["completion"], "rejected": rejected["completion"],
-                          "chosen_key": (chosen["prompt_id"], chosen["method"]),
-                          "rejected_key": (rejected["prompt_id"], rejected["method"]),
-                          "margin": chosen["worst_case"] - rejected["worst_case"]})
+        pairs.append({"prompt_id": chosen["prompt_id"], "prompt": chosen["prompt"],
+                      "chosen": chosen["completion"], "rejected": rejected["completion"],
+                      "chosen_key": (chosen["prompt_id"], chosen["method"]),
+                      "rejected_key": (rejected["prompt_id"], rejected["method"]),
+                      "margin": chosen["worst_case"] - rejected["worst_case"]})
 
     if cfg.pairs in ("reference", "both"):
         for (method, pid), r in by_id.items():
