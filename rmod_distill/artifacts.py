@@ -284,7 +284,7 @@ def dpo_pairs_problem(objective: str, pairs: str, samples_kept: int | None, meth
     iterate its final DPO's before the first round runs."""
     if "dpo" not in objective:
         return None
-    if pairs in ("reference", "reference-all", "both") and "reference" not in methods:
+    if pairs in ("reference", "reference-all", "both", "reference-all+blocks") and "reference" not in methods:
         return (f"DPO pairs '{pairs}' need reference answers; generate with `reference` among its methods "
                 f"(methods there: {methods}) or set pairs: samples")
     if pairs in ("samples", "both") and min(samples_made, samples_kept or samples_made) < 2:

@@ -36,7 +36,8 @@ from rmod_distill.tracking import WandbConfig
 
 
 OBJECTIVES = ("sft", "dpo", "sft+dpo")
-PAIRINGS = ("reference", "reference-all", "samples", "both")
+PAIRINGS = ("reference", "reference-all", "samples", "both", "blocks", "reference-all+blocks")
+BLOCK_PAIRINGS = ("blocks", "reference-all+blocks")
 # TRL 1.16 DPOConfig.loss_type's values (checked here, before a model loads); not exo_pair, which needs a
 # label_smoothing that distill does not pass
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -120,7 +121,10 @@ class DistillConfig(SFTConfig):
                           "over each of its reference answers: samples_per_prompt n gives up to n*n pairs) | "
                           "samples (a prompt's best sample over its worst, by worst case, for each method of "
                           "`methods`: RMOD's by default; a generate run of the student with methods [reference] "
-                          "gives an on-policy round on the student's own samples; samples_per_prompt >= 2) | both."},
+                          "gives an on-policy round on the student's own samples; samples_per_prompt >= 2) | both | "
+                          "blocks (at every block of RMOD's answers, the candidate it kept over the one it scored "
+                          "lowest, both after the same prefix: RMOD's own choices; generate with keep_candidates: "
+                          "true) | reference-all+blocks (both sets)."},
     )
     rejected_dir: str | None = field(
         default=None,
@@ -131,7 +135,9 @@ class DistillConfig(SFTConfig):
                           "these (null: generate_dir's own reference rows, the base policy's)."},
     )
     pair_margin: float = field(
-        default=0.0, metadata={"help": "Keep a pair only if the chosen answer's worst case beats the other's by more."}
+        default=0.0,
+        metadata={"help": "Keep a pair only if the chosen answer's worst case beats the other's by more (a block "
+                          "pair: the kept candidate's score under the block's weights beats the other's by more)."},
     )
     pair_tolerance: float | None = field(
         default=None,
@@ -170,6 +176,12 @@ class DistillConfig(SFTConfig):
             raise ValueError(f"pair_tolerance must be >= 0 or null, got {self.pair_tolerance}")
         if self.pair_tolerance is not None and "dpo" not in self.objective:
             raise ValueError(f"pair_tolerance filters DPO's pairs; objective {self.objective!r} trains none")
+        if self.pairs in BLOCK_PAIRINGS and "dpo" not in self.objective:
+            raise ValueError(f"pairs {self.pairs!r} are DPO's; objective {self.objective!r} trains none")
+        if self.pairs == "blocks" and (self.keep_best is not None and self.objective == "dpo"
+                                       or self.pair_tolerance is not None):
+            raise ValueError("pairs blocks: keep_best and pair_tolerance pick whole answers; a block pair is "
+                             "RMOD's own choice at one block (drop them, or use pairs reference-all+blocks)")
         if self.keep_best is not None and self.objective == "dpo" and self.pairs == "samples":
             raise ValueError("keep_best picks SFT rows and the chosen side of reference / reference-all / both pairs; "
                              "objective dpo on pairs samples uses neither (drop keep_best)")
@@ -179,7 +191,7 @@ class DistillConfig(SFTConfig):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.pairs not in PAIRINGS:
             raise ValueError(f"pairs must be one of {', '.join(PAIRINGS)}, got {self.pairs!r}")
-        pairs_with_reference = self.pairs in ("reference", "reference-all")
+        pairs_with_reference = self.pairs in ("reference", "reference-all", "reference-all+blocks")
         if self.rejected_dir is not None and ("dpo" not in self.objective or not pairs_with_reference):
             raise ValueError(f"rejected_dir gives DPO's rejected answers: it needs objective dpo or sft+dpo and pairs "
                              f"reference or reference-all (got objective {self.objective!r}, pairs {self.pairs!r})")
@@ -224,6 +236,12 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
     if problem:
         raise UserError(f"generate_dir {gen}: {problem}")
     dataset = _checked_dataset(gen, "generate_dir")  # a damaged dataset fails here, before the model loads
+    if "dpo" in cfg.objective and cfg.pairs in BLOCK_PAIRINGS:
+        scored = [r for r in read_jsonl(gen / "samples.jsonl") if r["method"] in cfg.methods]
+        if not any(r.get("candidates") for r in scored):
+            raise UserError(f"generate_dir {gen}: no block candidates in samples.jsonl for methods {cfg.methods}; "
+                            f"pairs {cfg.pairs} need a generate run with --keep_candidates true (and a method that "
+                            "scores blocks: rmod or cd)")
     if cfg.rejected_dir:
         check_rejected_dir(cfg, info, set(map(base_prompt_id, dataset["prompt_id"])))
     return info
@@ -402,6 +420,9 @@ def dpo_examples(pairs: list[dict], tokenizer, unfinished: set[tuple[str, str]])
 
     rows = []
     for p in pairs:
+        if "ids" in p:  # a block pair (block_pairs): token ids already
+            rows.append(dict(p["ids"]))
+            continue
         prompt, chosen = prompt_and_answer(tokenizer, p["prompt"], p["chosen"], tuple(p["chosen_key"]) in unfinished)
         prompt_r, rejected = prompt_and_answer(tokenizer, p["prompt"], p["rejected"],
                                                tuple(p["rejected_key"]) in unfinished)
@@ -486,7 +507,7 @@ def preference_pairs(cfg: DistillConfig, ds, scores: dict[tuple[str, str], dict]
         for (method, pid), r in by_id.items():
             if method == "rmod" and pid in chosen_ids and (other, pid) in by_id:
                 add(r, by_id[(other, pid)])
-    if cfg.pairs == "reference-all":
+    if cfg.pairs in ("reference-all", "reference-all+blocks"):
         answers: dict[tuple[str, str], list[dict]] = {}  # grouped by prompt, in the dataset's order
         for r in rows:
             if r["method"] != "rmod" or r["prompt_id"] in chosen_ids:
@@ -507,6 +528,8 @@ def preference_pairs(cfg: DistillConfig, ds, scores: dict[tuple[str, str], dict]
                 if len(ranked) < 2:
                     continue
                 add(ranked[-1], ranked[0])
+    if cfg.pairs == "blocks":
+        return pairs  # whole answers pair nothing here: block_pairs does
     if not pairs:
         source = f"generate_dir {cfg.generate_dir}"
         if cfg.rejected_dir:
@@ -517,6 +540,45 @@ def preference_pairs(cfg: DistillConfig, ds, scores: dict[tuple[str, str], dict]
                      if unscored else ""))
         raise UserError(f"{source}: no DPO pairs ({cfg.pairs}) with a worst-case margin above {cfg.pair_margin}"
                         f"{within}")
+    return pairs
+
+
+def block_pairs(cfg: DistillConfig, tokenizer) -> list[dict]:
+    """DPO pairs from RMOD's own choices, as token ids: at every block of an answer of ``methods``
+    (generate's ``candidates``, from ``keep_candidates: true``), the candidate it kept over the one it
+    scored lowest under that block's weights, both continuing the same prompt and prefix (the kept
+    candidates before it). A pair is kept when the scores differ by more than ``pair_margin``. A
+    candidate that ended the answer keeps its stop token, so ending where RMOD ended is learnt too.
+    """
+    gen = Path(cfg.generate_dir)
+    pairs = []
+    blocks = 0
+    for r in read_jsonl(gen / "samples.jsonl"):
+        if r["method"] not in cfg.methods or not r.get("candidates"):
+            continue
+        if cfg.samples_per_prompt is not None and sample_index(r["prompt_id"]) >= cfg.samples_per_prompt:
+            continue
+        prompt_ids = tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False)["input_ids"]
+        prefix: list[int] = []
+        for block in r["candidates"]:
+            if block["start"] != len(prefix):
+                raise UserError(f"generate_dir {gen}: row {r['prompt_id']} ({r['method']}): its block candidates "
+                                f"do not follow one another (a block starts at token {block['start']}, the kept "
+                                f"ones end at {len(prefix)}); rerun generate with --overwrite")
+            kept, scores = block["chosen"], block.get("scores")
+            if scores is not None:
+                blocks += 1
+                lowest = min(range(len(scores)), key=lambda k: scores[k])
+                if scores[kept] - scores[lowest] > cfg.pair_margin:
+                    pairs.append({"prompt_id": r["prompt_id"], "margin": scores[kept] - scores[lowest],
+                                  "ids": {"prompt_ids": prompt_ids + prefix, "chosen_ids": block["tokens"][kept],
+                                          "rejected_ids": block["tokens"][lowest]}})
+            prefix = prefix + block["tokens"][kept]
+    print(f"distill: {len(pairs)} block pairs of {blocks} scored blocks (score margin above {cfg.pair_margin})")
+    if not pairs:
+        raise UserError(f"generate_dir {gen}: no block pairs with a score margin above {cfg.pair_margin} "
+                        f"(methods {cfg.methods}, {blocks} scored blocks); lower pair_margin")
     return pairs
 
 
@@ -573,6 +635,8 @@ def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, 
     from trl import DPOConfig, DPOTrainer
 
     pairs = preference_pairs(cfg, ds, scores)
+    if cfg.pairs in BLOCK_PAIRINGS:
+        pairs += block_pairs(cfg, tokenizer)
     held = [p for p in pairs if held_out(p["prompt_id"], cfg.eval_fraction)]
     train = [p for p in pairs if not held_out(p["prompt_id"], cfg.eval_fraction)]
     if not train:

@@ -67,6 +67,12 @@ class GenerateConfig:
         default=48, metadata={"help": "Prompts whose reference samples measure the normalisation."}
     )
     normalization_samples: int = field(default=2, metadata={"help": "Reference samples per normalisation prompt."})
+    keep_candidates: bool = field(
+        default=False,
+        metadata={"help": "Store every block's K candidates (token ids), their values and scores and the one kept "
+                          "in each scored row of samples.jsonl (`candidates`): what distill's pairs: blocks learns "
+                          "from. About K x max_new_tokens token ids a row."},
+    )
     output_dir: str = field(default="runs/default/generate", metadata={"help": "Where the run is written."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a complete run in output_dir."})
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -178,6 +184,7 @@ def run(cfg: GenerateConfig) -> Path:
         fingerprint = policy_fingerprint(cfg.policy.model, tokenizer)
         decoder = build_decoder(served.model, tokenizer, cfg.decoding, objectives, device or cfg.policy.device,
                                 served.sampler(cfg.decoding.sampling))
+        decoder.record_candidates = cfg.keep_candidates
         policy = served.adapter_switch(decoder)
 
         # -------------------------------------------------------------- normalisation

@@ -73,6 +73,27 @@ def test_rmod_records_simplex_weights_per_block(tiny_policy):
         assert r.tokens_sampled == 3 * 12  # K x max_new_tokens when nothing stops early
 
 
+def test_recorded_candidates_rebuild_the_response_and_its_choices(tiny_policy):
+    """record_candidates keeps each block's K candidates: the kept ones, in order, are the response,
+    each block starts where the kept ones so far end, and RMOD kept the best score under its weights."""
+    dec = decoder(tiny_policy, temperature=1.0)
+    plain = run(dec, "rmod")
+    dec.record_candidates = True
+    results = run(dec, "rmod")
+    for r, p in zip(results, plain):
+        assert r.token_ids == p.token_ids  # recording changes nothing decoded
+        assert len(r.candidates) == r.blocks == 3
+        rebuilt = []
+        for block, w in zip(r.candidates, r.block_weights):
+            assert block["start"] == len(rebuilt) and len(block["tokens"]) == 3
+            scores = [sum(a * b for a, b in zip(v, w)) for v in block["values"]]
+            assert block["scores"] == pytest.approx(scores, abs=1e-4)
+            assert block["chosen"] == int(np.argmax(block["scores"]))
+            rebuilt += block["tokens"][block["chosen"]]
+        assert rebuilt == r.token_ids
+    assert all(not r.candidates for r in run(dec, "reference"))  # plain methods score no block
+
+
 def test_cd_objective_uses_one_hot_weights(tiny_policy):
     dec = decoder(tiny_policy, temperature=1.0)
     for r in run(dec, "cd-short"):

@@ -660,3 +660,88 @@ def test_dpo_loss_type_reaches_trl(tiny_policy_dir, tiny_generate_dir, tmp_path,
                            (["--dpo_loss_weights", "[1.0, 2.0]"], "2 weights for 1 losses")):
         with pytest.raises(ValueError, match=message):
             parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "y", *extra))
+
+
+@pytest.fixture(scope="module")
+def candidates_run(tiny_policy_dir, tmp_path_factory):
+    """A generate run of the tiny policy that keeps every block's candidates (keep_candidates: true)."""
+    from conftest import write_prompts
+    from rmod_distill.generate import GenerateConfig, run as generate
+
+    root = tmp_path_factory.mktemp("candidates")
+    prompts = write_prompts(root / "prompts.jsonl", n_train=8, n_eval=2)
+    return generate(parse_config(GenerateConfig, [
+        "--policy.model", str(tiny_policy_dir), "--prompts.path", str(prompts),
+        "--objectives", "[{name: harmlessness}, {name: concision}]", "--methods", "[reference, rmod]",
+        "--decoding.num_candidates", "3", "--decoding.block_size", "4", "--decoding.max_new_tokens", "12",
+        "--decoding.temperature", "1.0", "--normalization_prompts", "4", "--keep_candidates", "true",
+        "--output_dir", str(root / "generate"),
+    ]))
+
+
+def test_block_pairs_are_rmods_own_choices(tiny_policy_dir, candidates_run, tiny_generate_dir):
+    from rmod_distill.artifacts import read_jsonl
+    from rmod_distill.distill import block_pairs
+
+    rows = read_jsonl(candidates_run / "samples.jsonl")
+    assert all(bool(r.get("candidates")) == (r["method"] == "rmod") for r in rows)
+    assert not any("candidates" in r for r in read_jsonl(tiny_generate_dir / "samples.jsonl"))  # off by default
+    tok = load_policy(str(tiny_policy_dir), device="cpu")[1]
+    cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, candidates_run, "unused", "--objective", "dpo",
+                                                   "--pairs", "blocks", "--pair_margin", "0.0"))
+    pairs = block_pairs(cfg, tok)
+    by_id = {r["prompt_id"]: r for r in rows if r["method"] == "rmod"}
+    blocks = [(r["prompt_id"], b) for r in by_id.values() for b in r["candidates"]]
+    assert 0 < len(pairs) <= len(blocks)
+    for p in pairs:
+        r, ids = by_id[p["prompt_id"]], p["ids"]
+        prompt = tok(tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"]
+        assert ids["prompt_ids"][: len(prompt)] == prompt
+        start = len(ids["prompt_ids"]) - len(prompt)
+        block = next(b for b in r["candidates"] if b["start"] == start)
+        assert ids["chosen_ids"] == block["tokens"][block["chosen"]]
+        assert ids["rejected_ids"] == block["tokens"][min(range(3), key=lambda k: block["scores"][k])]
+        assert p["margin"] == pytest.approx(max(block["scores"]) - min(block["scores"])) and p["margin"] > 0
+        kept = [t for b in r["candidates"] for t in b["tokens"][b["chosen"]]]
+        assert ids["prompt_ids"][len(prompt):] == kept[:start]  # the prefix RMOD had kept
+    # a margin keeps only the blocks whose scores differ by more
+    wide = [p for p in pairs if p["margin"] > 0.5]
+    cfg.pair_margin = 0.5
+    if wide:
+        assert len(block_pairs(cfg, tok)) == len(wide)
+    else:
+        with pytest.raises(UserError, match="no block pairs"):
+            block_pairs(cfg, tok)
+
+
+@pytest.mark.parametrize("pairs", ["blocks", "reference-all+blocks"])
+def test_dpo_on_block_pairs_trains_an_adapter(tiny_policy_dir, candidates_run, tmp_path, pairs):
+    out = tmp_path / pairs
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, candidates_run, out, "--objective", "dpo",
+                                                 "--pairs", pairs, "--pair_margin", "0.0", "--max_steps", "2",
+                                                 "--eval_fraction", "0.0")))
+    check_adapter_folder(out)
+    info = json.loads((out / "run.json").read_text())
+    from rmod_distill.distill import block_pairs
+
+    cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, candidates_run, "unused", "--objective", "dpo",
+                                                   "--pairs", "blocks", "--pair_margin", "0.0"))
+    n_blocks = len(block_pairs(cfg, load_policy(str(tiny_policy_dir), device="cpu")[1]))
+    if pairs == "blocks":
+        assert info["metrics"]["dpo_pairs"] == n_blocks
+    else:
+        assert info["metrics"]["dpo_pairs"] > n_blocks  # whole-answer pairs as well
+
+
+def test_block_pairs_need_recorded_candidates(tiny_policy_dir, tiny_generate_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("rmod_distill.policy.load_policy",
+                        lambda *a, **k: pytest.fail("the model loaded before the check"))
+    with pytest.raises(UserError, match="no block candidates .* --keep_candidates true"):
+        run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x",
+                                                     "--objective", "dpo", "--pairs", "blocks")))
+    for extra, message in [(["--objective", "sft"], "are DPO's"),
+                           (["--objective", "dpo", "--pair_tolerance", "1.0"], "pick whole answers")]:
+        with pytest.raises(ValueError, match=message):
+            parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x",
+                                                     "--pairs", "blocks", *extra))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from rmod_distill.engine.sampling import Block, Sampler, SamplingParams, TransformersSampler, generator
-from rmod_distill.engine.selection import Method, parse_method, select
+from rmod_distill.engine.selection import Method, parse_method, rank_missing, select
 from rmod_distill.weights import SOLVERS
 
 
@@ -125,6 +125,10 @@ class DecodeResult:
     tokens_sampled: int = 0
     forward_tokens: int = 0
     blocks: int = 0
+    # With record_candidates: per scored block, its K candidates' token ids, their normalised values
+    # [K][G] (null: missing), their scores under the block's weights (when the method has weights) and
+    # the index kept. The response is the kept candidates in order, so each block's prefix is known.
+    candidates: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -146,8 +150,11 @@ class BlockwiseDecoder:
         value_fn: ValueFunction | None,
         objective_names: list[str],
         reward_fn: ValueFunction | None = None,
+        record_candidates: bool = False,
     ):
         self.sampler, self.tokenizer, self.cfg = sampler, tokenizer, cfg
+        # Keep every scored block's candidates in the results (generate's keep_candidates: distill's block pairs).
+        self.record_candidates = record_candidates
         self.value_fn = value_fn
         # Whole-response methods (best-of-n) rank by the rewards themselves, not by learned values.
         self.reward_fn = reward_fn or value_fn
@@ -205,6 +212,8 @@ class BlockwiseDecoder:
                 gens = ([generator(seeds[i], block, 2) for i in live]
                         if method.kind == "rmod" and cfg.selection == "sample" else None)
                 chosen, weights = select(values, method, cfg.lam, cfg.solver, cfg.selection, gens)
+                if self.record_candidates:
+                    self._record(results, live, K, cand, values, chosen, weights)
             keep, next_live = [], []
             for j, i in enumerate(live):
                 row = j * K + chosen[j]
@@ -234,6 +243,24 @@ class BlockwiseDecoder:
             r.text = text.strip()
         self.times.total += time.perf_counter() - start
         return results
+
+    @staticmethod
+    def _record(results, live, K, cand: Block, values: np.ndarray, chosen: list[int], weights) -> None:
+        """Append each live prompt's block candidates to its result (before the kept one extends it)."""
+        scores = None
+        if weights is not None:  # what the method maximised: the values (missing ones ranked) under its weights
+            ranked = rank_missing(torch.as_tensor(values, dtype=torch.float64))
+            scores = (ranked * torch.as_tensor(weights, dtype=torch.float64)[:, None, :]).sum(-1).tolist()
+        for j, i in enumerate(live):
+            entry = {
+                "start": len(results[i].token_ids),
+                "chosen": int(chosen[j]),
+                "tokens": [cand.candidate(j * K + k) for k in range(K)],
+                "values": [[None if math.isnan(x) else round(float(x), 6) for x in row] for row in values[j]],
+            }
+            if scores is not None:
+                entry["scores"] = [round(float(x), 6) for x in scores[j]]
+            results[i].candidates.append(entry)
 
     def _values(self, conversations, live, K, cand: Block, method: Method, results, cache) -> np.ndarray:
         """Normalised values ``[live, K, G]`` of every candidate (prefix plus candidate block)."""

@@ -41,6 +41,7 @@ def result_rows(prompts: list[Prompt], results: list[DecodeResult], objectives: 
     raw, norm = objectives.score([p.messages for p in prompts], [r.text for r in results])
     rows = []
     for p, r, raw_row, norm_row, seed in zip(prompts, results, raw, norm, seeds):
+        extra = {"candidates": r.candidates} if r.candidates else {}  # generate's keep_candidates
         rows.append({
             "prompt_id": p.id,
             "prompt": p.text,
@@ -59,6 +60,7 @@ def result_rows(prompts: list[Prompt], results: list[DecodeResult], objectives: 
             "finished": r.finished,
             "seconds": seconds / len(prompts),
             "seed": seed,
+            **extra,
         })
     return rows
 
