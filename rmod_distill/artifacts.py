@@ -232,6 +232,8 @@ class RunFolder:
                                 "replace it (it is kept until the new run completes) or set output_dir")
             return
         old, new = recipe_key(info.get("config", {})), recipe_key(self.config)
+        # A key added to the recipe since the run was made, at its off value (False / null), changes nothing.
+        old = dict({k: v for k, v in new.items() if k not in old and (v is None or v is False)}, **old)
         if old != new and not self.overwrite:
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise UserError(
@@ -277,16 +279,19 @@ class RunFolder:
 
 
 def dpo_pairs_problem(objective: str, pairs: str, samples_kept: int | None, methods: list[str],
-                      samples_made: int) -> str | None:
+                      samples_made: int, candidates: bool = True) -> str | None:
     """Why a generate run made with ``methods`` and ``samples_made`` answers per prompt cannot give
     a distill's DPO pairs (``pairs``, keeping ``samples_kept`` answers a prompt; None: all); None
     when it can, or when ``objective`` trains no DPO. Distill checks its generate run with it, and
-    iterate its final DPO's before the first round runs."""
+    iterate its final DPO's before the first round runs. ``candidates``: whether the run kept its
+    block candidates (generate's ``keep_candidates``), which block pairs need."""
     if "dpo" not in objective:
         return None
     if pairs in ("reference", "reference-all", "both", "reference-all+blocks") and "reference" not in methods:
         return (f"DPO pairs '{pairs}' need reference answers; generate with `reference` among its methods "
                 f"(methods there: {methods}) or set pairs: samples")
+    if pairs in ("blocks", "reference-all+blocks") and not candidates:
+        return f"DPO pairs '{pairs}' need each block's candidates; generate with keep_candidates: true"
     if pairs in ("samples", "both") and min(samples_made, samples_kept or samples_made) < 2:
         where = f"samples_per_prompt {samples_kept} keeps one" if samples_made >= 2 else "generate with samples_per_prompt >= 2"
         return f"DPO pairs '{pairs}' need several samples per prompt ({where}); or set pairs: reference"

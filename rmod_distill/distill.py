@@ -185,6 +185,8 @@ class DistillConfig(SFTConfig):
         if self.keep_best is not None and self.objective == "dpo" and self.pairs == "samples":
             raise ValueError("keep_best picks SFT rows and the chosen side of reference / reference-all / both pairs; "
                              "objective dpo on pairs samples uses neither (drop keep_best)")
+        if not self.pair_margin >= 0:
+            raise ValueError(f"pair_margin must be >= 0 (a pair's chosen side must not score lower), got {self.pair_margin}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.objective not in OBJECTIVES:
@@ -194,7 +196,8 @@ class DistillConfig(SFTConfig):
         pairs_with_reference = self.pairs in ("reference", "reference-all", "reference-all+blocks")
         if self.rejected_dir is not None and ("dpo" not in self.objective or not pairs_with_reference):
             raise ValueError(f"rejected_dir gives DPO's rejected answers: it needs objective dpo or sft+dpo and pairs "
-                             f"reference or reference-all (got objective {self.objective!r}, pairs {self.pairs!r})")
+                             f"reference, reference-all or reference-all+blocks (got objective {self.objective!r}, "
+                             f"pairs {self.pairs!r})")
         unknown = [t for t in self.dpo_loss_type if t not in DPO_LOSSES]
         if not self.dpo_loss_type or unknown:
             raise ValueError(f"dpo_loss_type: {unknown or 'empty'} is not a loss of TRL's DPOTrainer; one or more of "
@@ -238,7 +241,7 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
     dataset = _checked_dataset(gen, "generate_dir")  # a damaged dataset fails here, before the model loads
     if "dpo" in cfg.objective and cfg.pairs in BLOCK_PAIRINGS:
         scored = [r for r in read_jsonl(gen / "samples.jsonl") if r["method"] in cfg.methods]
-        if not any(r.get("candidates") for r in scored):
+        if not any("scores" in b for r in scored for b in r.get("candidates") or []):
             raise UserError(f"generate_dir {gen}: no block candidates in samples.jsonl for methods {cfg.methods}; "
                             f"pairs {cfg.pairs} need a generate run with --keep_candidates true (and a method that "
                             "scores blocks: rmod or cd)")
@@ -528,8 +531,8 @@ def preference_pairs(cfg: DistillConfig, ds, scores: dict[tuple[str, str], dict]
                 if len(ranked) < 2:
                     continue
                 add(ranked[-1], ranked[0])
-    if cfg.pairs == "blocks":
-        return pairs  # whole answers pair nothing here: block_pairs does
+    if cfg.pairs in BLOCK_PAIRINGS:
+        return pairs  # train_dpo adds block_pairs, and refuses only if both are empty
     if not pairs:
         source = f"generate_dir {cfg.generate_dir}"
         if cfg.rejected_dir:
@@ -549,12 +552,14 @@ def block_pairs(cfg: DistillConfig, tokenizer) -> list[dict]:
     scored lowest under that block's weights, both continuing the same prompt and prefix (the kept
     candidates before it). A pair is kept when the scores differ by more than ``pair_margin``. A
     candidate that ended the answer keeps its stop token, so ending where RMOD ended is learnt too.
+    A candidate with a missing value (a judge's) is never the rejected side: its score ranked it, but
+    nothing measured it; an empty answer, or a rejected candidate identical to the kept one, pairs nothing.
     """
     gen = Path(cfg.generate_dir)
     pairs = []
     blocks = 0
     for r in read_jsonl(gen / "samples.jsonl"):
-        if r["method"] not in cfg.methods or not r.get("candidates"):
+        if r["method"] not in cfg.methods or not r.get("candidates") or not r["completion"].strip():
             continue
         if cfg.samples_per_prompt is not None and sample_index(r["prompt_id"]) >= cfg.samples_per_prompt:
             continue
@@ -569,14 +574,16 @@ def block_pairs(cfg: DistillConfig, tokenizer) -> list[dict]:
             kept, scores = block["chosen"], block.get("scores")
             if scores is not None:
                 blocks += 1
-                lowest = min(range(len(scores)), key=lambda k: scores[k])
-                if scores[kept] - scores[lowest] > cfg.pair_margin:
+                measured = [k for k, v in enumerate(block["values"]) if None not in v]
+                lowest = min(measured, key=lambda k: scores[k], default=kept)
+                if (scores[kept] - scores[lowest] > cfg.pair_margin
+                        and block["tokens"][kept] != block["tokens"][lowest]):
                     pairs.append({"prompt_id": r["prompt_id"], "margin": scores[kept] - scores[lowest],
                                   "ids": {"prompt_ids": prompt_ids + prefix, "chosen_ids": block["tokens"][kept],
                                           "rejected_ids": block["tokens"][lowest]}})
             prefix = prefix + block["tokens"][kept]
     print(f"distill: {len(pairs)} block pairs of {blocks} scored blocks (score margin above {cfg.pair_margin})")
-    if not pairs:
+    if not pairs and cfg.pairs == "blocks":
         raise UserError(f"generate_dir {gen}: no block pairs with a score margin above {cfg.pair_margin} "
                         f"(methods {cfg.methods}, {blocks} scored blocks); lower pair_margin")
     return pairs
@@ -637,6 +644,9 @@ def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, 
     pairs = preference_pairs(cfg, ds, scores)
     if cfg.pairs in BLOCK_PAIRINGS:
         pairs += block_pairs(cfg, tokenizer)
+        if not pairs:
+            raise UserError(f"generate_dir {cfg.generate_dir}: no DPO pairs ({cfg.pairs}): no answer pair with a "
+                            f"worst-case margin and no block pair with a score margin above {cfg.pair_margin}")
     held = [p for p in pairs if held_out(p["prompt_id"], cfg.eval_fraction)]
     train = [p for p in pairs if not held_out(p["prompt_id"], cfg.eval_fraction)]
     if not train:

@@ -261,19 +261,22 @@ def check(cfg: IterateConfig) -> None:
     made = {}  # round -> (methods, samples per prompt, where they are set)
     if cfg.from_generate:
         recorded = read_json(Path(cfg.from_generate) / "run.json", "from_generate run marker").get("config", {})
-        made[1] = (recorded.get("methods", []), recorded.get("samples_per_prompt", 1), f"from_generate {cfg.from_generate}")
+        made[1] = (recorded.get("methods", []), recorded.get("samples_per_prompt", 1), f"from_generate {cfg.from_generate}",
+                   recorded.get("keep_candidates", False))
     else:
-        made[1] = (parsed[1, "generate"].methods, parsed[1, "generate"].samples_per_prompt, "generate_args")
+        made[1] = (parsed[1, "generate"].methods, parsed[1, "generate"].samples_per_prompt, "generate_args",
+                   parsed[1, "generate"].keep_candidates)
     if cfg.rounds > 1:
         made[2] = (parsed[2, "generate"].methods, parsed[2, "generate"].samples_per_prompt,
-                   "generate_args / later_generate_args")
+                   "generate_args / later_generate_args", parsed[2, "generate"].keep_candidates)
     checks = [(r, parsed[r, "distill"], "distill_args" if r == 1 else "distill_args / later_distill_args")
               for r in made if not (r == 1 and cfg.from_adapter)]
     if cfg.final_dpo:
         checks.append((1, parsed[cfg.rounds, "dpo"], "final_dpo, distill_args / dpo_args"))
     for r, dist, keys in checks:
-        methods, samples, where = made[r]
-        problem = dpo_pairs_problem(dist.objective, dist.pairs, dist.samples_per_prompt, list(methods), samples)
+        methods, samples, where, candidates = made[r]
+        problem = dpo_pairs_problem(dist.objective, dist.pairs, dist.samples_per_prompt, list(methods), samples,
+                                    candidates)
         if problem:
             raise UserError(f"{keys}: round {r}'s generate ({where}): {problem}")
 

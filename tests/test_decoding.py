@@ -92,6 +92,7 @@ def test_recorded_candidates_rebuild_the_response_and_its_choices(tiny_policy):
             rebuilt += block["tokens"][block["chosen"]]
         assert rebuilt == r.token_ids
     assert all(not r.candidates for r in run(dec, "reference"))  # plain methods score no block
+    assert all(not r.candidates for r in run(dec, "best-of-n"))  # nor do whole-answer ones
 
 
 def test_cd_objective_uses_one_hot_weights(tiny_policy):

@@ -705,14 +705,52 @@ def test_block_pairs_are_rmods_own_choices(tiny_policy_dir, candidates_run, tiny
         assert p["margin"] == pytest.approx(max(block["scores"]) - min(block["scores"])) and p["margin"] > 0
         kept = [t for b in r["candidates"] for t in b["tokens"][b["chosen"]]]
         assert ids["prompt_ids"][len(prompt):] == kept[:start]  # the prefix RMOD had kept
-    # a margin keeps only the blocks whose scores differ by more
-    wide = [p for p in pairs if p["margin"] > 0.5]
-    cfg.pair_margin = 0.5
-    if wide:
-        assert len(block_pairs(cfg, tok)) == len(wide)
-    else:
-        with pytest.raises(UserError, match="no block pairs"):
-            block_pairs(cfg, tok)
+
+
+def test_block_pairs_on_hand_set_scores(tiny_policy_dir, tmp_path):
+    """Which blocks pair, on a samples.jsonl written by hand: the lowest *measured* candidate is the
+    rejected one, an identical one pairs nothing, the margin and samples_per_prompt filter, an
+    empty answer is skipped, and blocks that do not follow one another are refused."""
+    from rmod_distill.artifacts import write_jsonl
+    from rmod_distill.distill import block_pairs
+
+    msgs = [{"role": "user", "content": "how do i sleep more ?"}]
+
+    def row(pid, completion, blocks, method="rmod"):
+        return {"prompt_id": pid, "method": method, "messages": msgs, "completion": completion, "candidates": blocks}
+
+    def block(start, chosen, tokens, values):
+        return {"start": start, "chosen": chosen, "tokens": tokens, "values": values,
+                "scores": [-9.0 if None in v else sum(v) / len(v) for v in values]}
+
+    good = [block(0, 1, [[5, 6], [7, 8], [9, 10]], [[0, 0], [1, 1], [None, -5]]),  # lowest measured: 0
+            block(2, 0, [[11], [11], [12]], [[1, 1], [-1, -1], [0.5, 0.5]]),      # lowest is the kept tokens
+            block(3, 2, [[13], [14], [15]], [[0.2, 0.2], [0.1, 0.1], [0.3, 0.3]])]  # margin 0.2
+    write_jsonl(tmp_path / "samples.jsonl", [
+        row("p1", "an answer", good), row("p1#s1", "a second answer", good), row("p2", " ", good),
+        {"prompt_id": "p1", "method": "reference", "messages": msgs, "completion": "x"},
+    ])
+    tok = load_policy(str(tiny_policy_dir), device="cpu")[1]
+    prompt = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+
+    def pairs(*extra):
+        cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, tmp_path, "unused", "--objective", "dpo",
+                                                       "--pairs", "blocks", *extra))
+        return [(p["prompt_id"], p["ids"]["prompt_ids"], p["ids"]["chosen_ids"], p["ids"]["rejected_ids"])
+                for p in block_pairs(cfg, tok)]
+
+    first, third = ("p1", prompt, [7, 8], [5, 6]), ("p1", prompt + [7, 8, 11], [15], [14])
+    assert pairs("--samples_per_prompt", "1") == [first, third]
+    assert pairs("--samples_per_prompt", "1", "--pair_margin", "0.5") == [first]
+    assert len(pairs()) == 4  # p1#s1's too; p2's empty answer pairs nothing
+    with pytest.raises(UserError, match="no block pairs with a score margin above 5.0"):
+        pairs("--pair_margin", "5.0")
+    write_jsonl(tmp_path / "samples.jsonl", [row("p1", "an answer", [good[0], good[2]])])
+    with pytest.raises(UserError, match="do not follow one another"):
+        pairs()
+    with pytest.raises(ValueError, match="pair_margin must be >= 0"):
+        pairs("--pair_margin", "-1")
 
 
 @pytest.mark.parametrize("pairs", ["blocks", "reference-all+blocks"])

@@ -116,6 +116,19 @@ def test_resume_refuses_a_different_recipe(tiny_policy_dir, prompt_file, tmp_pat
         run(parse_config(GenerateConfig, args(tiny_policy_dir, prompt_file, out)))
 
 
+def test_resume_tolerates_a_key_added_since_at_its_off_value(tmp_path):
+    """A run made before a recipe key existed resumes when the key is at its off value (False / null),
+    and is refused, naming the key, when the key is set."""
+    from rmod_distill.artifacts import RunFolder
+
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"complete": False, "config": {"seed": 0}}))
+    RunFolder(out, "generate", {"seed": 0, "keep_candidates": False, "normalization": None}, False).check()
+    with pytest.raises(UserError, match="keys differ: \\['keep_candidates'\\]"):
+        RunFolder(out, "generate", {"seed": 0, "keep_candidates": True}, False).check()
+
+
 def test_bad_recipe_values_name_the_key(tiny_policy_dir, prompt_file, tmp_path):
     with pytest.raises(ConfigError, match="unknown method 'beam'"):
         parse_config(GenerateConfig, args(tiny_policy_dir, prompt_file, tmp_path) + ["--methods", "[beam]"])

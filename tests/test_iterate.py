@@ -231,6 +231,8 @@ def test_an_on_policy_round_trains_on_rmod_over_the_students_own_answers(tiny_po
     (["--rounds", "2", "--generate_args", "[--decoding.num_candidates, many]",
       "--later_generate_args", "[--decoding.num_candidates, 2]"], "generate_args: "),
     (["--final_dpo", "true", "--dpo_args", "[--pairs, neither]"], "distill_args / dpo_args: .*pairs must be"),
+    (["--final_dpo", "true", "--dpo_args", "[--pairs, blocks]"],
+     r"round 1's generate \(generate_args\): DPO pairs 'blocks' need each block's candidates; .*keep_candidates"),
     (["--later_generate_args", "[--decoding.num_candidates, many]"], "later_generate_args"),
     (["--start", "resume"], "start must be one of"),
     (["--recipe", "no/such/folder"], "no/such/folder/generate.yaml does not exist"),

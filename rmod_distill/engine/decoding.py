@@ -212,7 +212,7 @@ class BlockwiseDecoder:
                 gens = ([generator(seeds[i], block, 2) for i in live]
                         if method.kind == "rmod" and cfg.selection == "sample" else None)
                 chosen, weights = select(values, method, cfg.lam, cfg.solver, cfg.selection, gens)
-                if self.record_candidates:
+                if self.record_candidates and method.blockwise:  # best-of-n picks whole answers: no block to pair
                     self._record(results, live, K, cand, values, chosen, weights)
             keep, next_live = [], []
             for j, i in enumerate(live):
