@@ -355,8 +355,8 @@ def test_stale_round_one_statistics_are_refused_before_any_round_runs(two_rounds
 
 
 def test_iterate_best_runs_the_validation_splits_best_chain(tmp_path, monkeypatch):
-    """recipes/default/iterate-best.yaml is student E14 of docs/results.md: two answers of each of rmod
-    and reference, SFT then one DPO epoch at lr 2e-3 and beta 0.05 on every RMOD answer over every
+    """recipes/default/iterate-best.yaml is student E15 of docs/results.md: two answers of each of rmod
+    and reference, SFT then one DPO epoch at lr 2e-3 and beta 0.02 on every RMOD answer over every
     reference answer of its prompt, scored on the eval split."""
     from rmod_distill.distill import DistillConfig
     from rmod_distill.generate import GenerateConfig
@@ -368,5 +368,5 @@ def test_iterate_best_runs_the_validation_splits_best_chain(tmp_path, monkeypatc
     assert cfg.rounds == 1 and not cfg.final_dpo
     assert gen.samples_per_prompt == 2 and gen.methods == ["rmod", "reference"]
     assert (dist.objective, dist.pairs, dist.dpo_learning_rate, dist.dpo_epochs) == ("sft+dpo", "reference-all", 2e-3, 1)
-    assert dist.dpo_beta == 0.05
+    assert dist.dpo_beta == 0.02
     assert dist.samples_per_prompt is None  # every generated answer
