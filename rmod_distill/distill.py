@@ -185,8 +185,6 @@ class DistillConfig(SFTConfig):
         if self.keep_best is not None and self.objective == "dpo" and self.pairs == "samples":
             raise ValueError("keep_best picks SFT rows and the chosen side of reference / reference-all / both pairs; "
                              "objective dpo on pairs samples uses neither (drop keep_best)")
-        if not self.pair_margin >= 0:
-            raise ValueError(f"pair_margin must be >= 0 (a pair's chosen side must not score lower), got {self.pair_margin}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.objective not in OBJECTIVES:

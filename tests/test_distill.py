@@ -749,8 +749,7 @@ def test_block_pairs_on_hand_set_scores(tiny_policy_dir, tmp_path):
     write_jsonl(tmp_path / "samples.jsonl", [row("p1", "an answer", [good[0], good[2]])])
     with pytest.raises(UserError, match="do not follow one another"):
         pairs()
-    with pytest.raises(ValueError, match="pair_margin must be >= 0"):
-        pairs("--pair_margin", "-1")
+    assert pairs("--samples_per_prompt", "1", "--pair_margin", "-100") == [first, third]  # never the kept tokens
 
 
 @pytest.mark.parametrize("pairs", ["blocks", "reference-all+blocks"])
