@@ -744,12 +744,12 @@ def test_block_pairs_on_hand_set_scores(tiny_policy_dir, tmp_path):
     assert pairs("--samples_per_prompt", "1") == [first, third]
     assert pairs("--samples_per_prompt", "1", "--pair_margin", "0.5") == [first]
     assert len(pairs()) == 4  # p1#s1's too; p2's empty answer pairs nothing
+    assert pairs("--samples_per_prompt", "1", "--pair_margin", "-100") == [first, third]  # never the kept tokens
     with pytest.raises(UserError, match="no block pairs with a score margin above 5.0"):
         pairs("--pair_margin", "5.0")
     write_jsonl(tmp_path / "samples.jsonl", [row("p1", "an answer", [good[0], good[2]])])
     with pytest.raises(UserError, match="do not follow one another"):
         pairs()
-    assert pairs("--samples_per_prompt", "1", "--pair_margin", "-100") == [first, third]  # never the kept tokens
 
 
 @pytest.mark.parametrize("pairs", ["blocks", "reference-all+blocks"])
