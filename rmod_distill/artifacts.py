@@ -278,6 +278,9 @@ class RunFolder:
         return self.path
 
 
+BLOCK_PAIRINGS = ("blocks", "reference-all+blocks")  # distill's pairs that need generate's keep_candidates
+
+
 def dpo_pairs_problem(objective: str, pairs: str, samples_kept: int | None, methods: list[str],
                       samples_made: int, candidates: bool = True) -> str | None:
     """Why a generate run made with ``methods`` and ``samples_made`` answers per prompt cannot give
@@ -290,7 +293,7 @@ def dpo_pairs_problem(objective: str, pairs: str, samples_kept: int | None, meth
     if pairs in ("reference", "reference-all", "both", "reference-all+blocks") and "reference" not in methods:
         return (f"DPO pairs '{pairs}' need reference answers; generate with `reference` among its methods "
                 f"(methods there: {methods}) or set pairs: samples")
-    if pairs in ("blocks", "reference-all+blocks") and not candidates:
+    if pairs in BLOCK_PAIRINGS and not candidates:
         return f"DPO pairs '{pairs}' need each block's candidates; generate with keep_candidates: true"
     if pairs in ("samples", "both") and min(samples_made, samples_kept or samples_made) < 2:
         where = f"samples_per_prompt {samples_kept} keeps one" if samples_made >= 2 else "generate with samples_per_prompt >= 2"

@@ -23,8 +23,8 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig, get_peft_config
 
 from rmod_distill.adapters import MANIFEST, PORTABLE_FILES, check_adapter_folder
-from rmod_distill.artifacts import (RunFolder, atomic_write_text, dpo_pairs_problem, provenance, read_json, read_jsonl,
-                                    write_jsonl)
+from rmod_distill.artifacts import (BLOCK_PAIRINGS, RunFolder, atomic_write_text, dpo_pairs_problem, provenance,
+                                    read_json, read_jsonl, write_jsonl)
 from rmod_distill.cards import adapter_card
 from rmod_distill.config import parse_config, to_dict
 from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
@@ -36,8 +36,7 @@ from rmod_distill.tracking import WandbConfig
 
 
 OBJECTIVES = ("sft", "dpo", "sft+dpo")
-PAIRINGS = ("reference", "reference-all", "samples", "both", "blocks", "reference-all+blocks")
-BLOCK_PAIRINGS = ("blocks", "reference-all+blocks")
+PAIRINGS = ("reference", "reference-all", "samples", "both", *BLOCK_PAIRINGS)
 # TRL 1.16 DPOConfig.loss_type's values (checked here, before a model loads); not exo_pair, which needs a
 # label_smoothing that distill does not pass
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -369,6 +368,12 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat prompt with its generation prompt, as the sampler reads it."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def prompt_and_answer(tokenizer, prompt: list[dict], completion: list[dict], cut_off: bool) -> tuple[list[int], list[int]]:
     """Token ids of a chat prompt (its generation prompt included) and of one answer to it.
 
@@ -386,7 +391,7 @@ def prompt_and_answer(tokenizer, prompt: list[dict], completion: list[dict], cut
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    prompt_ids = ids(render(prompt, True))
+    prompt_ids = chat_prompt_ids(tokenizer, prompt)
     text = render(prompt + completion, False)
     if cut_off:
         content = completion[0]["content"]
@@ -561,8 +566,7 @@ def block_pairs(cfg: DistillConfig, tokenizer) -> list[dict]:
             continue
         if cfg.samples_per_prompt is not None and sample_index(r["prompt_id"]) >= cfg.samples_per_prompt:
             continue
-        prompt_ids = tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True),
-                               add_special_tokens=False)["input_ids"]
+        prompt_ids = chat_prompt_ids(tokenizer, r["messages"])
         prefix: list[int] = []
         for block in r["candidates"]:
             if block["start"] != len(prefix):

@@ -150,11 +150,10 @@ class BlockwiseDecoder:
         value_fn: ValueFunction | None,
         objective_names: list[str],
         reward_fn: ValueFunction | None = None,
-        record_candidates: bool = False,
     ):
         self.sampler, self.tokenizer, self.cfg = sampler, tokenizer, cfg
-        # Keep every scored block's candidates in the results (generate's keep_candidates: distill's block pairs).
-        self.record_candidates = record_candidates
+        # Keep every scored block's candidates in the results (generate sets it from keep_candidates).
+        self.record_candidates = False
         self.value_fn = value_fn
         # Whole-response methods (best-of-n) rank by the rewards themselves, not by learned values.
         self.reward_fn = reward_fn or value_fn
