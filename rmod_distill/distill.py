@@ -385,14 +385,11 @@ def prompt_and_answer(tokenizer, prompt: list[dict], completion: list[dict], cut
     differently at the start of a string), so it is the finished rendering less its end-of-turn.
     """
 
-    def render(messages, generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     prompt_ids = chat_prompt_ids(tokenizer, prompt)
-    text = render(prompt + completion, False)
+    text = tokenizer.apply_chat_template(prompt + completion, tokenize=False, add_generation_prompt=False)
     if cut_off:
         content = completion[0]["content"]
         if text.rfind(content) < 0 and content.strip():
