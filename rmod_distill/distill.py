@@ -35,13 +35,15 @@ from rmod_distill.prompts import base_prompt_id, held_out
 from rmod_distill.tracking import WandbConfig
 
 
-OBJECTIVES = ("sft", "dpo", "sft+dpo")
+OBJECTIVES = ("sft", "dpo", "sft+dpo", "grpo", "sft+grpo")
 PAIRINGS = ("reference", "reference-all", "samples", "both", *BLOCK_PAIRINGS)
 # TRL 1.16 DPOConfig.loss_type's values (checked here, before a model loads); not exo_pair, which needs a
 # label_smoothing that distill does not pass
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 STUDENT = "student"  # the method name of rejected_dir's rows inside distill
+# TRL 1.16 GRPOConfig.loss_type's values
+GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "luspo", "sapo", "vespo")
 
 
 @dataclass
@@ -111,7 +113,10 @@ class DistillConfig(SFTConfig):
     objective: str = field(
         default="sft",
         metadata={"help": "sft (learn RMOD's answers) | dpo (prefer RMOD's answers, TRL's DPOTrainer; the reference "
-                          "model is the adapter's starting point, no second copy) | sft+dpo (SFT, then DPO from it)."},
+                          "model is the adapter's starting point, no second copy) | sft+dpo (SFT, then DPO from it) | "
+                          "grpo (TRL's GRPOTrainer on the student's own samples of the train prompts, rewarded by "
+                          "RMOD's worst case: the lowest of generate_dir's normalised objectives, scored as its "
+                          "answers were; KL to the adapter's starting point) | sft+grpo (SFT, then GRPO from it)."},
     )
     pairs: str = field(
         default="reference",
@@ -155,6 +160,15 @@ class DistillConfig(SFTConfig):
     )
     dpo_learning_rate: float | None = field(default=None, metadata={"help": "DPO's learning rate (null: learning_rate)."})
     dpo_epochs: float | None = field(default=None, metadata={"help": "DPO's epochs (null: num_train_epochs)."})
+    grpo_beta: float = field(default=0.04, metadata={
+        "help": "GRPO's KL coefficient (TRL's beta) to the adapter's starting point: the SFT adapter, init_adapter, or "
+                "the base policy; 0 drops the KL term."})
+    grpo_num_generations: int = field(default=4, metadata={
+        "help": "GRPO's samples a prompt, compared within their group; per_device_train_batch_size x "
+                "gradient_accumulation_steps must be a multiple of it."})
+    grpo_loss_type: str = field(default="dapo", metadata={"help": "TRL GRPOConfig's loss_type (grpo, dapo, dr_grpo, bnpo, ...)."})
+    grpo_learning_rate: float | None = field(default=None, metadata={"help": "GRPO's learning rate (null: learning_rate)."})
+    grpo_epochs: float | None = field(default=None, metadata={"help": "GRPO's passes over the train prompts (null: num_train_epochs)."})
     init_adapter: str | None = field(
         default=None,
         metadata={"help": "Continue training this LoRA adapter (any `rmod-distill download` source) instead of a "
@@ -204,6 +218,18 @@ class DistillConfig(SFTConfig):
                              f"{len(self.dpo_loss_type)} losses {self.dpo_loss_type}")
         if not self.dpo_beta > 0:
             raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
+        if self.grpo_loss_type not in GRPO_LOSSES:
+            raise ValueError(f"grpo_loss_type must be one of {', '.join(GRPO_LOSSES)}, got {self.grpo_loss_type!r}")
+        if not self.grpo_beta >= 0:
+            raise ValueError(f"grpo_beta must be >= 0, got {self.grpo_beta}")
+        if self.grpo_num_generations < 2:
+            raise ValueError(f"grpo_num_generations must be >= 2 (GRPO compares a prompt's samples), "
+                             f"got {self.grpo_num_generations}")
+        if "grpo" in self.objective and (self.per_device_train_batch_size * self.gradient_accumulation_steps
+                                         % self.grpo_num_generations):
+            raise ValueError(f"per_device_train_batch_size x gradient_accumulation_steps "
+                             f"({self.per_device_train_batch_size} x {self.gradient_accumulation_steps}) must be a "
+                             f"multiple of grpo_num_generations {self.grpo_num_generations}: GRPO samples whole groups")
         if isinstance(self.wandb, dict):
             self.wandb = WandbConfig(**self.wandb)
         if isinstance(self.model, dict):
@@ -244,6 +270,8 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
                             "scores blocks: rmod or cd)")
     if cfg.rejected_dir:
         check_rejected_dir(cfg, info, set(map(base_prompt_id, dataset["prompt_id"])))
+    if "grpo" in cfg.objective:
+        WorstCaseReward.check(gen, info)
     return info
 
 
@@ -624,6 +652,83 @@ def sample_completions(model, tokenizer, rows, max_new_tokens: int, seed: int) -
     ]
 
 
+class WorstCaseReward:
+    """GRPO's reward: each answer's worst case, the lowest of generate_dir's objectives after its
+    normalisation, scored with the same objective specs, statistics and scale as the answers
+    distill learns from (RMOD's headline metric, on the student's own samples). An answer with
+    an unknown score (a judge's missing one) gets None, which TRL leaves out of its group."""
+
+    __name__ = "worst_case"  # TRL names the reward's log column after the function
+
+    @staticmethod
+    def check(gen: Path, info: dict) -> None:
+        """What the reward needs from the generate run, checked before any model loads."""
+        if not info.get("objective_specs"):
+            raise UserError(f"generate_dir {gen}: run.json has no objective_specs (made by an older version); GRPO "
+                            "scores the student as generate scored its answers: rerun generate")
+        if not (gen / "normalization.json").is_file():
+            raise UserError(f"generate_dir {gen}: no normalization.json; GRPO's reward is on its scale: rerun generate")
+
+    def __init__(self, gen: Path, info: dict):
+        from rmod_distill.config import from_dict
+        from rmod_distill.objectives import Normalizer, ObjectiveSet, ObjectiveSpec
+
+        where = f"{gen}/run.json objective_specs"
+        self.objectives = ObjectiveSet.from_specs([from_dict(ObjectiveSpec, s, where) for s in info["objective_specs"]])
+        norm = gen / "normalization.json"
+        scale = info.get("config", {}).get("scale", "zscore")
+        self.objectives.set_normalizer(Normalizer.load(norm).with_scale(scale, str(norm)), str(norm))
+
+    def __call__(self, prompts, completions, **_) -> list[float | None]:
+        import numpy as np
+
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        z = self.objectives.normalizer(self.objectives.raw(prompts, texts))
+        return [None if np.isnan(row).any() else float(row.min()) for row in z]
+
+
+def train_grpo(cfg: DistillConfig, model, tokenizer, train, peft_config, out: Path, metrics: dict, gen_info: dict):
+    """GRPO with TRL's GRPOTrainer on ``train``'s prompts (each once), rewarded by
+    :class:`WorstCaseReward`; the student samples with generate_dir's decoding settings (length,
+    temperature, top-p), as eval samples it. Returns the trainer."""
+    import dataclasses
+
+    import datasets
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import GRPOConfig, GRPOTrainer
+
+    prompts, seen = [], set()
+    for pid, prompt in zip(train["prompt_id"], train["prompt"]):
+        if base_prompt_id(pid) not in seen:
+            seen.add(base_prompt_id(pid))
+            prompts.append({"prompt": prompt})
+    decoding = gen_info.get("config", {}).get("decoding", {})
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    args = GRPOConfig(**dict(
+        shared, output_dir=str(out / "grpo"), beta=cfg.grpo_beta, num_generations=cfg.grpo_num_generations,
+        loss_type=cfg.grpo_loss_type, max_completion_length=decoding.get("max_new_tokens", 64),
+        temperature=decoding.get("temperature", 1.0), top_p=decoding.get("top_p", 1.0),
+        learning_rate=cfg.grpo_learning_rate or cfg.learning_rate,
+        num_train_epochs=cfg.grpo_epochs or cfg.num_train_epochs,
+        eval_strategy="no", remove_unused_columns=False,
+    ))
+    print(f"distill: GRPO on {len(prompts)} train prompts x {cfg.grpo_num_generations} samples, reward: worst case "
+          f"of {', '.join(gen_info.get('objectives') or [])}")
+    trainer = GRPOTrainer(model=model, reward_funcs=WorstCaseReward(Path(cfg.generate_dir), gen_info), args=args,
+                          train_dataset=datasets.Dataset.from_list(prompts), processing_class=tokenizer,
+                          peft_config=peft_config)
+    resume = get_last_checkpoint(str(out / "grpo")) if (out / "grpo").is_dir() else None
+    trainer.train(resume_from_checkpoint=resume)
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    if rewards:  # the mean worst case of the student's samples, at the first and the last logging step
+        metrics.update(grpo_reward_first=float(rewards[0]), grpo_reward_last=float(rewards[-1]))
+    kl = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    if kl:
+        metrics["grpo_kl_last"] = float(kl[-1])
+    return trainer
+
+
 def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, metrics: dict,
               unfinished: set[tuple[str, str]] = frozenset(), scores: dict | None = None):
     """DPO with TRL's DPOTrainer on :func:`preference_pairs`; returns the trainer. ``unfinished``:
@@ -776,10 +881,15 @@ def run(cfg: DistillConfig) -> Path:
                             None if trainer is not None or cfg.init_adapter else peft_config, out, metrics, unfinished,
                             scores)
 
+    # ------------------------------------------------------------------ train: GRPO
+    if "grpo" in cfg.objective:
+        trainer = train_grpo(cfg, trainer.model if trainer is not None else model, tokenizer, train,
+                             None if trainer is not None or cfg.init_adapter else peft_config, out, metrics, gen_info)
+
     # ------------------------------------------------------------------ save
     if trainer.is_world_process_zero():
         if "ref" in getattr(trainer.model, "peft_config", {}):
-            trainer.model.delete_adapter("ref")  # DPO's frozen copy of the SFT adapter is not part of the result
+            trainer.model.delete_adapter("ref")  # DPO's / GRPO's frozen copy of the start is not part of the result
         trainer.save_model(str(out))
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():

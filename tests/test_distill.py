@@ -782,3 +782,68 @@ def test_block_pairs_need_recorded_candidates(tiny_policy_dir, tiny_generate_dir
         with pytest.raises(ValueError, match=message):
             parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x",
                                                      "--pairs", "blocks", *extra))
+
+
+@pytest.mark.parametrize("objective", ["grpo", "sft+grpo"])
+def test_grpo_trains_an_adapter_on_the_worst_case(tiny_policy_dir, tiny_generate_dir, tmp_path, monkeypatch,
+                                                  objective):
+    import numpy as np
+    import trl
+    from safetensors.torch import load_file
+
+    from rmod_distill.distill import WorstCaseReward
+    from rmod_distill.objectives import Normalizer
+
+    made, scored = [], []
+    real_init, real_call = trl.GRPOTrainer.__init__, WorstCaseReward.__call__
+
+    def recording_init(self, *args, **kwargs):
+        made.append((kwargs["args"], len(kwargs["train_dataset"])))
+        real_init(self, *args, **kwargs)
+
+    def recording_call(self, prompts, completions, **kw):
+        out = real_call(self, prompts, completions, **kw)
+        scored.append(([c[-1]["content"] for c in completions], prompts, out))
+        return out
+
+    monkeypatch.setattr(trl.GRPOTrainer, "__init__", recording_init)
+    monkeypatch.setattr(WorstCaseReward, "__call__", recording_call)
+    out = tmp_path / objective.replace("+", "-")
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", objective,
+                                                 "--max_steps", "2", "--grpo_num_generations", "2",
+                                                 "--grpo_learning_rate", "0.05")))
+    check_adapter_folder(out)
+    args, n_prompts = made[0]
+    info = json.loads((tiny_generate_dir / "run.json").read_text())
+    decoding = info["config"]["decoding"]
+    # the student samples as eval samples it, on each train prompt once (12 train prompts, a quarter held out)
+    assert (args.max_completion_length, args.temperature, args.top_p, args.beta, args.num_generations) == (
+        decoding["max_new_tokens"], decoding["temperature"], decoding["top_p"], 0.04, 2)
+    assert args.learning_rate == 0.05 and 0 < n_prompts < 12
+    # the reward is each answer's lowest normalised objective, as generate scored its answers
+    texts, prompts, rewards = scored[0]
+    norm = Normalizer.load(tiny_generate_dir / "normalization.json")
+    reward = WorstCaseReward(tiny_generate_dir, info)
+    expected = norm(reward.objectives.raw(prompts, texts)).min(axis=1)
+    assert np.allclose(rewards, expected) and len(rewards) == 4  # 2 prompts a step x 2 samples
+    saved = json.loads((out / "run.json").read_text())["metrics"]
+    assert "grpo_reward_first" in saved and ("train_loss" in saved) == (objective == "sft+grpo")
+    assert not (out / "ref").exists()
+    lora_b = [v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
+
+
+def test_grpo_settings_are_checked_before_the_model_loads(tiny_policy_dir, tiny_generate_dir, tmp_path):
+    base = distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x", "--objective", "grpo")
+    for extra, message in ((["--grpo_num_generations", "3"], r"\(4 x 1\) must be a multiple of grpo_num_generations 3"),
+                           (["--grpo_num_generations", "1"], "grpo_num_generations must be >= 2"),
+                           (["--grpo_beta", "-1"], "grpo_beta must be >= 0"),
+                           (["--grpo_loss_type", "ppo"], "grpo_loss_type must be one of")):
+        with pytest.raises(ValueError, match=message):
+            parse_config(DistillConfig, [*base, *extra])
+    gen = tmp_path / "gen"
+    shutil.copytree(tiny_generate_dir, gen)
+    (gen / "normalization.json").unlink()
+    with pytest.raises(UserError, match="no normalization.json; GRPO's reward"):
+        run(parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "y", "--objective", "grpo")))
+    assert not (tmp_path / "y").exists()
