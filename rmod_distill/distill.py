@@ -35,7 +35,7 @@ from rmod_distill.prompts import base_prompt_id, held_out
 from rmod_distill.tracking import WandbConfig
 
 
-OBJECTIVES = ("sft", "dpo", "sft+dpo", "grpo", "sft+grpo")
+OBJECTIVES = ("sft", "dpo", "sft+dpo", "grpo", "sft+grpo", "dpo+grpo", "sft+dpo+grpo")
 PAIRINGS = ("reference", "reference-all", "samples", "both", *BLOCK_PAIRINGS)
 # TRL 1.16 DPOConfig.loss_type's values (checked here, before a model loads); not exo_pair, which needs a
 # label_smoothing that distill does not pass
@@ -116,7 +116,8 @@ class DistillConfig(SFTConfig):
                           "model is the adapter's starting point, no second copy) | sft+dpo (SFT, then DPO from it) | "
                           "grpo (TRL's GRPOTrainer on the student's own samples of the train prompts, rewarded by "
                           "RMOD's worst case: the lowest of generate_dir's normalised objectives, scored as its "
-                          "answers were; KL to the adapter's starting point) | sft+grpo (SFT, then GRPO from it)."},
+                          "answers were; KL to the adapter's starting point) | sft+grpo (SFT, then GRPO from it) | "
+                          "dpo+grpo | sft+dpo+grpo (each stage from the one before)."},
     )
     pairs: str = field(
         default="reference",
@@ -687,9 +688,10 @@ class WorstCaseReward:
         return [None if np.isnan(row).any() else float(row.min()) for row in z]
 
 
-def train_grpo(cfg: DistillConfig, model, tokenizer, train, peft_config, out: Path, metrics: dict, gen_info: dict):
-    """GRPO with TRL's GRPOTrainer on ``train``'s prompts (each once), rewarded by
-    :class:`WorstCaseReward`; the student samples with generate_dir's decoding settings (length,
+def train_grpo(cfg: DistillConfig, model, tokenizer, train, peft_config, out: Path, metrics: dict, gen_info: dict,
+               reward: WorstCaseReward):
+    """GRPO with TRL's GRPOTrainer on ``train``'s prompts (each once), rewarded by ``reward``
+    (:class:`WorstCaseReward` of generate_dir); the student samples with generate_dir's decoding settings (length,
     temperature, top-p), as eval samples it. Returns the trainer."""
     import dataclasses
 
@@ -715,7 +717,7 @@ def train_grpo(cfg: DistillConfig, model, tokenizer, train, peft_config, out: Pa
     ))
     print(f"distill: GRPO on {len(prompts)} train prompts x {cfg.grpo_num_generations} samples, reward: worst case "
           f"of {', '.join(gen_info.get('objectives') or [])}")
-    trainer = GRPOTrainer(model=model, reward_funcs=WorstCaseReward(Path(cfg.generate_dir), gen_info), args=args,
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args,
                           train_dataset=datasets.Dataset.from_list(prompts), processing_class=tokenizer,
                           peft_config=peft_config)
     resume = get_last_checkpoint(str(out / "grpo")) if (out / "grpo").is_dir() else None
@@ -806,6 +808,8 @@ def run(cfg: DistillConfig) -> Path:
     folder.check()
     gen_info = check_generate_dir(cfg)
     PolicyConfig(cfg.model.model_name_or_path, cfg.init_adapter, cfg.model.dtype).check()
+    # GRPO's scorers load before the policy: one that cannot (a reward model not there) fails before any training
+    reward = WorstCaseReward(Path(cfg.generate_dir), gen_info) if "grpo" in cfg.objective else None
     cfg.wandb.check()
     state.wait_for_everyone()
     out = folder.begin(state.is_main_process)
@@ -883,8 +887,11 @@ def run(cfg: DistillConfig) -> Path:
 
     # ------------------------------------------------------------------ train: GRPO
     if "grpo" in cfg.objective:
+        if trainer is not None and "ref" in getattr(trainer.model, "peft_config", {}):
+            trainer.model.delete_adapter("ref")  # DPO's reference; GRPO's is a copy of the adapter DPO made
         trainer = train_grpo(cfg, trainer.model if trainer is not None else model, tokenizer, train,
-                             None if trainer is not None or cfg.init_adapter else peft_config, out, metrics, gen_info)
+                             None if trainer is not None or cfg.init_adapter else peft_config, out, metrics, gen_info,
+                             reward)
 
     # ------------------------------------------------------------------ save
     if trainer.is_world_process_zero():

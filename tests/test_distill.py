@@ -784,7 +784,7 @@ def test_block_pairs_need_recorded_candidates(tiny_policy_dir, tiny_generate_dir
                                                      "--pairs", "blocks", *extra))
 
 
-@pytest.mark.parametrize("objective", ["grpo", "sft+grpo"])
+@pytest.mark.parametrize("objective", ["grpo", "sft+grpo", "sft+dpo+grpo"])
 def test_grpo_trains_an_adapter_on_the_worst_case(tiny_policy_dir, tiny_generate_dir, tmp_path, monkeypatch,
                                                   objective):
     import numpy as np
@@ -808,7 +808,7 @@ def test_grpo_trains_an_adapter_on_the_worst_case(tiny_policy_dir, tiny_generate
 
     monkeypatch.setattr(trl.GRPOTrainer, "__init__", recording_init)
     monkeypatch.setattr(WorstCaseReward, "__call__", recording_call)
-    out = tmp_path / objective.replace("+", "-")
+    out = tmp_path / objective.replace("+", "-")  # sft+dpo+grpo: GRPO from DPO's adapter, DPO's reference dropped
     run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", objective,
                                                  "--max_steps", "2", "--grpo_num_generations", "2",
                                                  "--grpo_learning_rate", "0.05")))
@@ -827,7 +827,8 @@ def test_grpo_trains_an_adapter_on_the_worst_case(tiny_policy_dir, tiny_generate
     expected = norm(reward.objectives.raw(prompts, texts)).min(axis=1)
     assert np.allclose(rewards, expected) and len(rewards) == 4  # 2 prompts a step x 2 samples
     saved = json.loads((out / "run.json").read_text())["metrics"]
-    assert "grpo_reward_first" in saved and ("train_loss" in saved) == (objective == "sft+grpo")
+    assert "grpo_reward_first" in saved and ("train_loss" in saved) == objective.startswith("sft")
+    assert ("dpo_pairs" in saved) == ("dpo" in objective)
     assert not (out / "ref").exists()
     lora_b = [v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
