@@ -355,9 +355,9 @@ def test_stale_round_one_statistics_are_refused_before_any_round_runs(two_rounds
 
 
 def test_iterate_best_runs_the_validation_splits_best_chain(tmp_path, monkeypatch):
-    """recipes/default/iterate-best.yaml is student E15 of docs/results.md: two answers of each of rmod
+    """recipes/default/iterate-best.yaml is student GE15 of docs/results.md: two answers of each of rmod
     and reference, SFT then one DPO epoch at lr 2e-3 and beta 0.02 on every RMOD answer over every
-    reference answer of its prompt, scored on the eval split."""
+    reference answer of its prompt (E15), then one GRPO pass at lr 5e-4, scored on the eval split."""
     from rmod_distill.distill import DistillConfig
     from rmod_distill.generate import GenerateConfig
 
@@ -367,6 +367,7 @@ def test_iterate_best_runs_the_validation_splits_best_chain(tmp_path, monkeypatc
     dist = parse_config(DistillConfig, stage_argv(cfg, 1, "distill", tmp_path) + ["--bf16", "false"])
     assert cfg.rounds == 1 and not cfg.final_dpo
     assert gen.samples_per_prompt == 2 and gen.methods == ["rmod", "reference"]
-    assert (dist.objective, dist.pairs, dist.dpo_learning_rate, dist.dpo_epochs) == ("sft+dpo", "reference-all", 2e-3, 1)
+    assert (dist.objective, dist.pairs, dist.dpo_learning_rate, dist.dpo_epochs) == ("sft+dpo+grpo", "reference-all", 2e-3, 1)
     assert dist.dpo_beta == 0.02
+    assert (dist.grpo_learning_rate, dist.grpo_epochs, dist.grpo_beta, dist.grpo_num_generations) == (5e-4, 1, 0.04, 4)
     assert dist.samples_per_prompt is None  # every generated answer
