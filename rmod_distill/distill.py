@@ -31,7 +31,7 @@ from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, promp
 from rmod_distill.engine.runs import process_state
 from rmod_distill.errors import UserError
 from rmod_distill.policy import PolicyConfig, policy_fingerprint
-from rmod_distill.prompts import base_prompt_id, held_out
+from rmod_distill.prompts import PromptsConfig, base_prompt_id, held_out, load_prompts
 from rmod_distill.tracking import WandbConfig
 
 
@@ -170,6 +170,11 @@ class DistillConfig(SFTConfig):
     grpo_loss_type: str = field(default="dapo", metadata={"help": "TRL GRPOConfig's loss_type (grpo, dapo, dr_grpo, bnpo, ...)."})
     grpo_learning_rate: float | None = field(default=None, metadata={"help": "GRPO's learning rate (null: learning_rate)."})
     grpo_epochs: float | None = field(default=None, metadata={"help": "GRPO's passes over the train prompts (null: num_train_epochs)."})
+    grpo_prompts: str | None = field(default=None, metadata={
+        "help": "More prompts for GRPO, which needs no teacher answers: a prompt file (or hub dataset) read with "
+                "generate_dir's prompt settings (its split, columns and system prompt), whose prompts GRPO samples "
+                "besides generate_dir's train prompts; ids already there and prompts held out by eval_fraction "
+                "are left out (null: generate_dir's train prompts only)."})
     init_adapter: str | None = field(
         default=None,
         metadata={"help": "Continue training this LoRA adapter (any `rmod-distill download` source) instead of a "
@@ -226,6 +231,9 @@ class DistillConfig(SFTConfig):
         if self.grpo_num_generations < 2:
             raise ValueError(f"grpo_num_generations must be >= 2 (GRPO compares a prompt's samples), "
                              f"got {self.grpo_num_generations}")
+        if self.grpo_prompts is not None and "grpo" not in self.objective:
+            raise ValueError(f"grpo_prompts gives GRPO more prompts: it needs an objective with grpo "
+                             f"(got objective {self.objective!r})")
         if "grpo" in self.objective and (self.per_device_train_batch_size * self.gradient_accumulation_steps
                                          % self.grpo_num_generations):
             raise ValueError(f"per_device_train_batch_size x gradient_accumulation_steps "
@@ -274,6 +282,28 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
     if "grpo" in cfg.objective:
         WorstCaseReward.check(gen, info)
     return info
+
+
+def grpo_extra_prompts(cfg: DistillConfig, info: dict, known: set[str]) -> list[list[dict]]:
+    """The conversations of ``cfg.grpo_prompts`` that GRPO samples besides generate_dir's train prompts:
+    read as generate_dir read its prompts (split, columns, text format, system prompt), without the ids in
+    ``known`` (generate_dir's) and those that eval_fraction holds out. Loaded before any model."""
+    import dataclasses
+
+    if cfg.grpo_prompts is None:
+        return []
+    names = {f.name for f in dataclasses.fields(PromptsConfig)}
+    settings = {k: v for k, v in info.get("config", {}).get("prompts", {}).items() if k in names}
+    settings.update(path=cfg.grpo_prompts, limit=None, subset="all")
+    try:
+        prompts = load_prompts(PromptsConfig(**settings))
+    except UserError as exc:
+        raise UserError(f"grpo_prompts: {str(exc).replace('prompts.path: ', '')}") from None
+    kept = [p.messages for p in prompts if p.id not in known and not held_out(p.id, cfg.eval_fraction)]
+    if not kept:
+        raise UserError(f"grpo_prompts {cfg.grpo_prompts}: none of its {len(prompts)} prompts is new (every id is in "
+                        f"generate_dir {cfg.generate_dir} or held out by eval_fraction {cfg.eval_fraction})")
+    return kept
 
 
 def _generate_marker(run: Path, key: str, missing: str) -> dict:
@@ -689,9 +719,9 @@ class WorstCaseReward:
 
 
 def train_grpo(cfg: DistillConfig, model, tokenizer, train, peft_config, out: Path, metrics: dict, gen_info: dict,
-               reward: WorstCaseReward):
+               reward: WorstCaseReward, extra: list[list[dict]] = ()):
     """GRPO with TRL's GRPOTrainer on ``train``'s prompts (each once), rewarded by ``reward``
-    (:class:`WorstCaseReward` of generate_dir); the student samples with generate_dir's decoding settings (length,
+    (:class:`WorstCaseReward` of generate_dir) and on ``extra`` (:func:`grpo_extra_prompts`); the student samples with generate_dir's decoding settings (length,
     temperature, top-p), as eval samples it. Returns the trainer."""
     import dataclasses
 
@@ -705,6 +735,7 @@ def train_grpo(cfg: DistillConfig, model, tokenizer, train, peft_config, out: Pa
         if base_prompt_id(pid) not in seen:
             seen.add(base_prompt_id(pid))
             prompts.append({"prompt": prompt})
+    prompts += [{"prompt": messages} for messages in extra]
     decoding = gen_info.get("config", {}).get("decoding", {})
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     args = GRPOConfig(**dict(
@@ -715,7 +746,7 @@ def train_grpo(cfg: DistillConfig, model, tokenizer, train, peft_config, out: Pa
         num_train_epochs=cfg.grpo_epochs or cfg.num_train_epochs,
         eval_strategy="no", remove_unused_columns=False,
     ))
-    print(f"distill: GRPO on {len(prompts)} train prompts x {cfg.grpo_num_generations} samples, reward: worst case "
+    print(f"distill: GRPO on {len(prompts)} train prompts ({len(extra)} of them from grpo_prompts) x {cfg.grpo_num_generations} samples, reward: worst case "
           f"of {', '.join(gen_info.get('objectives') or [])}")
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args,
                           train_dataset=datasets.Dataset.from_list(prompts), processing_class=tokenizer,
@@ -810,6 +841,8 @@ def run(cfg: DistillConfig) -> Path:
     PolicyConfig(cfg.model.model_name_or_path, cfg.init_adapter, cfg.model.dtype).check()
     # GRPO's scorers load before the policy: one that cannot (a reward model not there) fails before any training
     reward = WorstCaseReward(Path(cfg.generate_dir), gen_info) if "grpo" in cfg.objective else None
+    extra = grpo_extra_prompts(cfg, gen_info, set(map(base_prompt_id, _checked_dataset(
+        Path(cfg.generate_dir), "generate_dir")["prompt_id"]))) if cfg.grpo_prompts else []
     cfg.wandb.check()
     state.wait_for_everyone()
     out = folder.begin(state.is_main_process)
@@ -891,7 +924,7 @@ def run(cfg: DistillConfig) -> Path:
             trainer.model.delete_adapter("ref")  # DPO's reference; GRPO's is a copy of the adapter DPO made
         trainer = train_grpo(cfg, trainer.model if trainer is not None else model, tokenizer, train,
                              None if trainer is not None or cfg.init_adapter else peft_config, out, metrics, gen_info,
-                             reward)
+                             reward, extra)
 
     # ------------------------------------------------------------------ save
     if trainer.is_world_process_zero():

@@ -834,6 +834,53 @@ def test_grpo_trains_an_adapter_on_the_worst_case(tiny_policy_dir, tiny_generate
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
 
 
+def test_grpo_prompts_add_new_train_prompts(tiny_policy_dir, tiny_generate_dir, tmp_path, monkeypatch):
+    import trl
+
+    from rmod_distill.prompts import held_out
+
+    made = []
+    real_init = trl.GRPOTrainer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        made.append([r["prompt"][-1]["content"] for r in kwargs["train_dataset"]])
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(trl.GRPOTrainer, "__init__", recording_init)
+    # p00 and p01 are generate_dir's own ids; e-ids are new, one of them on the eval split
+    new = [{"id": f"n{i:02d}", "prompt": f"new question number {i} about my garden ?", "split": "train"}
+           for i in range(12)]
+    rows = [{"id": "p00", "prompt": "a different text under a known id", "split": "train"},
+            {"id": "p01", "prompt": "another known id", "split": "train"},
+            {"id": "e00", "prompt": "an eval prompt GRPO must not see", "split": "eval"}, *new]
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = [r["prompt"] for r in new if not held_out(r["id"], 0.25)]
+    assert 0 < len(kept) < len(new)  # the held-out share of the new prompts is left out too
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "out", "--objective",
+                                                 "grpo", "--max_steps", "1", "--grpo_num_generations", "2",
+                                                 "--grpo_prompts", str(extra))))
+    texts = made[0]
+    base = [t for t in texts if t not in kept]
+    assert texts[len(base):] == kept and 0 < len(base) < 12  # generate_dir's train prompts, then the new ones
+    assert not {"a different text under a known id", "another known id", "an eval prompt GRPO must not see"} & set(texts)
+
+
+def test_grpo_prompts_are_checked_before_the_model_loads(tiny_policy_dir, tiny_generate_dir, tmp_path):
+    with pytest.raises(ValueError, match="grpo_prompts gives GRPO more prompts: it needs an objective with grpo"):
+        parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x",
+                                                 "--grpo_prompts", "extra.jsonl"))
+    missing = tmp_path / "nope.jsonl"
+    known = tmp_path / "known.jsonl"
+    known.write_text(json.dumps({"id": "p00", "prompt": "known", "split": "train"}) + "\n")
+    for path, message in ((missing, f"grpo_prompts: .*{missing.name}"), (known, "none of its 1 prompts is new")):
+        out = tmp_path / path.stem
+        with pytest.raises(UserError, match=message):
+            run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "grpo",
+                                                         "--grpo_prompts", str(path))))
+        assert not out.exists()
+
+
 def test_grpo_settings_are_checked_before_the_model_loads(tiny_policy_dir, tiny_generate_dir, tmp_path):
     base = distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x", "--objective", "grpo")
     for extra, message in ((["--grpo_num_generations", "3"], r"\(4 x 1\) must be a multiple of grpo_num_generations 3"),
