@@ -721,8 +721,9 @@ class WorstCaseReward:
 def train_grpo(cfg: DistillConfig, model, tokenizer, train, peft_config, out: Path, metrics: dict, gen_info: dict,
                reward: WorstCaseReward, extra: list[list[dict]] = ()):
     """GRPO with TRL's GRPOTrainer on ``train``'s prompts (each once), rewarded by ``reward``
-    (:class:`WorstCaseReward` of generate_dir) and on ``extra`` (:func:`grpo_extra_prompts`); the student samples with generate_dir's decoding settings (length,
-    temperature, top-p), as eval samples it. Returns the trainer."""
+    (:class:`WorstCaseReward` of generate_dir), then on ``extra``'s (:func:`grpo_extra_prompts`); the student
+    samples with generate_dir's decoding settings (length, temperature, top-p), as eval samples it. Returns the
+    trainer."""
     import dataclasses
 
     import datasets
@@ -746,8 +747,8 @@ def train_grpo(cfg: DistillConfig, model, tokenizer, train, peft_config, out: Pa
         num_train_epochs=cfg.grpo_epochs or cfg.num_train_epochs,
         eval_strategy="no", remove_unused_columns=False,
     ))
-    print(f"distill: GRPO on {len(prompts)} train prompts ({len(extra)} of them from grpo_prompts) x {cfg.grpo_num_generations} samples, reward: worst case "
-          f"of {', '.join(gen_info.get('objectives') or [])}")
+    print(f"distill: GRPO on {len(prompts)} train prompts ({len(extra)} of them from grpo_prompts) x "
+          f"{cfg.grpo_num_generations} samples, reward: worst case of {', '.join(gen_info.get('objectives') or [])}")
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args,
                           train_dataset=datasets.Dataset.from_list(prompts), processing_class=tokenizer,
                           peft_config=peft_config)
