@@ -370,4 +370,5 @@ def test_iterate_best_runs_the_validation_splits_best_chain(tmp_path, monkeypatc
     assert (dist.objective, dist.pairs, dist.dpo_learning_rate, dist.dpo_epochs) == ("sft+dpo+grpo", "reference-all", 2e-3, 1)
     assert dist.dpo_beta == 0.02
     assert (dist.grpo_learning_rate, dist.grpo_epochs, dist.grpo_beta, dist.grpo_num_generations) == (5e-4, 1, 0.04, 4)
+    assert dist.grpo_prompts == "data/prompts/extra-train.jsonl"  # GRPO also samples the 300 extra train prompts
     assert dist.samples_per_prompt is None  # every generated answer
