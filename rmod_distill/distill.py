@@ -290,8 +290,6 @@ def grpo_extra_prompts(cfg: DistillConfig, info: dict, known: set[str]) -> list[
     ``known`` (generate_dir's) and those that eval_fraction holds out. Loaded before any model."""
     import dataclasses
 
-    if cfg.grpo_prompts is None:
-        return []
     names = {f.name for f in dataclasses.fields(PromptsConfig)}
     settings = {k: v for k, v in info.get("config", {}).get("prompts", {}).items() if k in names}
     settings.update(path=cfg.grpo_prompts, limit=None, subset="all")

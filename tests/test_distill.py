@@ -847,7 +847,7 @@ def test_grpo_prompts_add_new_train_prompts(tiny_policy_dir, tiny_generate_dir, 
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(trl.GRPOTrainer, "__init__", recording_init)
-    # p00 and p01 are generate_dir's own ids; e-ids are new, one of them on the eval split
+    # p00 and p01 are generate_dir's own ids, e00 is on the eval split; the n-ids are new train prompts
     new = [{"id": f"n{i:02d}", "prompt": f"new question number {i} about my garden ?", "split": "train"}
            for i in range(12)]
     rows = [{"id": "p00", "prompt": "a different text under a known id", "split": "train"},
