@@ -255,8 +255,9 @@ class DistillConfig(SFTConfig):
         self.report_to = reporters
 
 
-def check_generate_dir(cfg: DistillConfig) -> dict:
-    """The generate run's ``run.json``, checked (complete, with the recipe's methods) before any model loads."""
+def check_generate_dir(cfg: DistillConfig) -> tuple[dict, set[str]]:
+    """The generate run's ``run.json``, checked (complete, with the recipe's methods) before any model loads,
+    and the ids of the prompts its dataset holds (rejected_dir and grpo_prompts are checked against them)."""
     gen = Path(cfg.generate_dir)
     if not gen.is_dir():
         raise UserError(f"generate_dir {gen} does not exist; run `rmod-distill generate` first (or fix the path)")
@@ -277,11 +278,12 @@ def check_generate_dir(cfg: DistillConfig) -> dict:
             raise UserError(f"generate_dir {gen}: no block candidates in samples.jsonl for methods {cfg.methods}; "
                             f"pairs {cfg.pairs} need a generate run with --keep_candidates true (and a method that "
                             "scores blocks: rmod or cd)")
+    prompt_ids = set(map(base_prompt_id, dataset["prompt_id"]))
     if cfg.rejected_dir:
-        check_rejected_dir(cfg, info, set(map(base_prompt_id, dataset["prompt_id"])))
+        check_rejected_dir(cfg, info, prompt_ids)
     if "grpo" in cfg.objective:
         WorstCaseReward.check(gen, info)
-    return info
+    return info, prompt_ids
 
 
 def grpo_extra_prompts(cfg: DistillConfig, info: dict, known: set[str]) -> list[list[dict]]:
@@ -836,12 +838,11 @@ def run(cfg: DistillConfig) -> Path:
 
     # ------------------------------------------------------------------ check every input first
     folder.check()
-    gen_info = check_generate_dir(cfg)
+    gen_info, gen_prompt_ids = check_generate_dir(cfg)
     PolicyConfig(cfg.model.model_name_or_path, cfg.init_adapter, cfg.model.dtype).check()
     # GRPO's scorers load before the policy: one that cannot (a reward model not there) fails before any training
     reward = WorstCaseReward(Path(cfg.generate_dir), gen_info) if "grpo" in cfg.objective else None
-    extra = grpo_extra_prompts(cfg, gen_info, set(map(base_prompt_id, _checked_dataset(
-        Path(cfg.generate_dir), "generate_dir")["prompt_id"]))) if cfg.grpo_prompts else []
+    extra = grpo_extra_prompts(cfg, gen_info, gen_prompt_ids) if cfg.grpo_prompts else []
     cfg.wandb.check()
     state.wait_for_everyone()
     out = folder.begin(state.is_main_process)

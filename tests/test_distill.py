@@ -81,7 +81,7 @@ def test_only_completion_tokens_carry_loss_and_cut_off_answers_do_not_stop(tiny_
 
     cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, "/tmp/unused-distill"))
     model, tok = load_policy(str(tiny_policy_dir), device="cpu")
-    train, _, _ = load_generated(cfg, tok, check_generate_dir(cfg))
+    train, _, _ = load_generated(cfg, tok, check_generate_dir(cfg)[0])
     cut = {(train[1]["prompt_id"], train[1]["method"])}  # row 1 as if cut off at max_new_tokens
     examples = sft_examples(train, tok, cut)
     # A finished answer is tokenized exactly as TRL tokenizes the conversational row itself.
@@ -476,7 +476,7 @@ def test_samples_per_prompt_and_keep_best_choose_the_rows(tiny_policy_dir, tmp_p
     def rows(*extra):
         cfg = parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "unused", "--eval_fraction",
                                                        "0", *extra))
-        train, _, everything = load_generated(cfg, tokenizer, check_generate_dir(cfg))
+        train, _, everything = load_generated(cfg, tokenizer, check_generate_dir(cfg)[0])
         return list(train), list(everything)
 
     every, _ = rows()
