@@ -161,6 +161,15 @@ class DistillConfig(SFTConfig):
     )
     dpo_learning_rate: float | None = field(default=None, metadata={"help": "DPO's learning rate (null: learning_rate)."})
     dpo_epochs: float | None = field(default=None, metadata={"help": "DPO's epochs (null: num_train_epochs)."})
+    dpo_restarts: int = field(default=1, metadata={
+        "help": "Train DPO this many times from the same start, with training seeds seed, seed+1, ... (other pair "
+                "orders and dropout masks), and keep the run whose plain samples have the highest mean worst case on "
+                "the held-out prompts: those that eval_fraction holds out of generate_dir and of grpo_prompts, which "
+                "no stage trains on. DPO's seed moves a student further than any setting tried (docs/results.md); "
+                "each restart costs one DPO run and dpo_select_samples samples of each held-out prompt."})
+    dpo_select_samples: int = field(default=2, metadata={
+        "help": "dpo_restarts > 1: plain samples of each held-out prompt that score a restart (the same seeds for "
+                "every restart, so they are compared on the same draws)."})
     grpo_beta: float = field(default=0.04, metadata={
         "help": "GRPO's KL coefficient (TRL's beta) to the adapter's starting point: the SFT adapter, init_adapter, or "
                 "the base policy; 0 drops the KL term."})
@@ -224,6 +233,14 @@ class DistillConfig(SFTConfig):
                              f"{len(self.dpo_loss_type)} losses {self.dpo_loss_type}")
         if not self.dpo_beta > 0:
             raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
+        if self.dpo_restarts < 1 or self.dpo_select_samples < 1:
+            raise ValueError(f"dpo_restarts and dpo_select_samples must be >= 1, got {self.dpo_restarts} and "
+                             f"{self.dpo_select_samples}")
+        if self.dpo_restarts > 1 and "dpo" not in self.objective:
+            raise ValueError(f"dpo_restarts repeats DPO; objective {self.objective!r} trains none")
+        if self.dpo_restarts > 1 and self.eval_fraction == 0:
+            raise ValueError("dpo_restarts chooses among DPO runs on the prompts eval_fraction holds out; "
+                             "eval_fraction 0 holds out none")
         if self.grpo_loss_type not in GRPO_LOSSES:
             raise ValueError(f"grpo_loss_type must be one of {', '.join(GRPO_LOSSES)}, got {self.grpo_loss_type!r}")
         if not self.grpo_beta >= 0:
@@ -281,15 +298,16 @@ def check_generate_dir(cfg: DistillConfig) -> tuple[dict, set[str]]:
     prompt_ids = set(map(base_prompt_id, dataset["prompt_id"]))
     if cfg.rejected_dir:
         check_rejected_dir(cfg, info, prompt_ids)
-    if "grpo" in cfg.objective:
+    if "grpo" in cfg.objective or cfg.dpo_restarts > 1:
         WorstCaseReward.check(gen, info)
     return info, prompt_ids
 
 
-def grpo_extra_prompts(cfg: DistillConfig, info: dict, known: set[str]) -> list[list[dict]]:
+def grpo_extra_prompts(cfg: DistillConfig, info: dict, known: set[str]) -> tuple[list[list[dict]], list[tuple]]:
     """The conversations of ``cfg.grpo_prompts`` that GRPO samples besides generate_dir's train prompts:
     read as generate_dir read its prompts (split, columns, text format, system prompt), without the ids in
-    ``known`` (generate_dir's) and those that eval_fraction holds out. Loaded before any model."""
+    ``known`` (generate_dir's) and those that eval_fraction holds out; and those held out, as (id, conversation)
+    pairs (:func:`train_dpo_restarts` chooses on them). Loaded before any model."""
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(PromptsConfig)}
@@ -299,11 +317,25 @@ def grpo_extra_prompts(cfg: DistillConfig, info: dict, known: set[str]) -> list[
         prompts = load_prompts(PromptsConfig(**settings))
     except UserError as exc:
         raise UserError(f"grpo_prompts: {str(exc).replace('prompts.path: ', '')}") from None
-    kept = [p.messages for p in prompts if p.id not in known and not held_out(p.id, cfg.eval_fraction)]
+    new = [p for p in prompts if p.id not in known]
+    kept = [p.messages for p in new if not held_out(p.id, cfg.eval_fraction)]
     if not kept:
         raise UserError(f"grpo_prompts {cfg.grpo_prompts}: none of its {len(prompts)} prompts is new (every id is in "
                         f"generate_dir {cfg.generate_dir} or held out by eval_fraction {cfg.eval_fraction})")
-    return kept
+    return kept, [(p.id, p.messages) for p in new if held_out(p.id, cfg.eval_fraction)]
+
+
+def selection_prompts(cfg: DistillConfig, everything, more: list[tuple]) -> list[tuple]:
+    """The prompts ``dpo_restarts`` chooses on, as (id, conversation) pairs: generate_dir's prompts that
+    eval_fraction holds out (one row's conversation each), then ``more`` (grpo_prompts' held-out ones)."""
+    chosen: dict[str, list[dict]] = {}
+    for pid, prompt in zip(everything["prompt_id"], everything["prompt"]):
+        base = base_prompt_id(pid)
+        if held_out(base, cfg.eval_fraction) and base not in chosen:
+            chosen[base] = prompt
+    for pid, prompt in more:
+        chosen.setdefault(pid, prompt)
+    return sorted(chosen.items())
 
 
 def _generate_marker(run: Path, key: str, missing: str) -> dict:
@@ -718,6 +750,66 @@ class WorstCaseReward:
         return [None if np.isnan(row).any() else float(row.min()) for row in z]
 
 
+def held_out_worst_case(model, tokenizer, prompts: list[tuple], reward: WorstCaseReward, decoding: dict,
+                        samples: int, seed: int, batch_size: int = 16) -> tuple[float, int]:
+    """The mean worst case (``reward``) of ``samples`` plain samples of ``model`` for each (id, conversation) of
+    ``prompts``, sampled as generate_dir's decoding samples (length, temperature, top-p) with seeds from ``seed``
+    and the prompt ids only: every model scored with the same seed meets the same draws. Returns the mean and
+    the number of answers it is over (an unknown score is left out)."""
+    import numpy as np
+    import torch
+
+    cfg = DecodingConfig(num_candidates=1, max_new_tokens=decoding.get("max_new_tokens", 64),
+                         temperature=decoding.get("temperature", 1.0), top_p=decoding.get("top_p", 1.0),
+                         top_k=decoding.get("top_k", 0))
+    decoder = BlockwiseDecoder.from_model(model, tokenizer, cfg)
+    jobs = [(f"{pid}#select-{j}", messages) for pid, messages in prompts for j in range(samples)]
+    was_training = model.training
+    model.eval()
+    scores: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(jobs), batch_size):
+            batch = jobs[i:i + batch_size]
+            results = decoder.decode([m for _, m in batch], [prompt_seed(seed, pid, "distilled") for pid, _ in batch],
+                                     decoder.method("reference"))
+            scores += [s for s in reward([m for _, m in batch], [r.text for r in results]) if s is not None]
+    model.train(was_training)
+    return (float(np.mean(scores)) if scores else float("-inf")), len(scores)
+
+
+def train_dpo_restarts(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, metrics: dict,
+                       unfinished: set[tuple[str, str]], scores: dict | None, reward: WorstCaseReward,
+                       prompts: list[tuple], decoding: dict):
+    """``dpo_restarts`` DPO runs from the same adapter with training seeds ``seed``, ``seed + 1``, ... (each in
+    ``dpo-seed<N>/``, resumable), each scored by :func:`held_out_worst_case` on ``prompts``; the model ends with
+    the best run's adapter. Returns that run's trainer."""
+    from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    if not isinstance(model, PeftModel):  # a fresh adapter, made once so that every run starts from the same one
+        model = get_peft_model(model, peft_config)
+    start = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    runs = []
+    for seed in range(cfg.seed, cfg.seed + cfg.dpo_restarts):
+        set_peft_model_state_dict(model, start)
+        run_metrics: dict = {}
+        trainer = train_dpo(cfg, model, tokenizer, ds, None, out, run_metrics, unfinished, scores,
+                            seed=seed, folder=f"dpo-seed{seed}")
+        model = trainer.model
+        if "ref" in model.peft_config:
+            model.delete_adapter("ref")  # this run's reference; the next run copies the start again
+        score, n = held_out_worst_case(model, tokenizer, prompts, reward, decoding, cfg.dpo_select_samples, cfg.seed)
+        print(f"distill: DPO with seed {seed}: mean worst case {score:+.3f} over {n} held-out answers "
+              f"({len(prompts)} prompts x {cfg.dpo_select_samples})")
+        state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        runs.append((score, seed, trainer, run_metrics, state))
+    score, seed, trainer, run_metrics, state = max(runs, key=lambda r: r[0])  # the first of equals
+    set_peft_model_state_dict(model, state)
+    metrics.update(run_metrics, dpo_seed=seed, dpo_held_out_worst_case=score,
+                   **{f"dpo_held_out_worst_case_seed{r[1]}": r[0] for r in runs})
+    print(f"distill: keeping DPO's seed {seed} ({score:+.3f})")
+    return trainer
+
+
 def train_grpo(cfg: DistillConfig, model, tokenizer, train, peft_config, out: Path, metrics: dict, gen_info: dict,
                reward: WorstCaseReward, extra: list[list[dict]] = ()):
     """GRPO with TRL's GRPOTrainer on ``train``'s prompts (each once), rewarded by ``reward``
@@ -764,10 +856,12 @@ def train_grpo(cfg: DistillConfig, model, tokenizer, train, peft_config, out: Pa
 
 
 def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, metrics: dict,
-              unfinished: set[tuple[str, str]] = frozenset(), scores: dict | None = None):
+              unfinished: set[tuple[str, str]] = frozenset(), scores: dict | None = None, seed: int | None = None,
+              folder: str = "dpo"):
     """DPO with TRL's DPOTrainer on :func:`preference_pairs`; returns the trainer. ``unfinished``:
     the answers cut off at ``max_new_tokens`` (:func:`unfinished_answers`), learnt without end-of-turn;
-    ``scores``: the answers' objective scores (:func:`objective_scores`), for ``pair_tolerance``.
+    ``scores``: the answers' objective scores (:func:`objective_scores`), for ``pair_tolerance``; ``seed``:
+    the training seed (null: the run's); ``folder``: its checkpoints' folder in ``out``.
 
     ``model`` is the base policy (a fresh adapter from ``peft_config``) or a PEFT model (SFT-
     trained here, or ``init_adapter``), in which case TRL keeps a frozen copy of its adapter as
@@ -793,11 +887,11 @@ def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, 
     # The run's TrainingArguments carry over (batch, schedule, precision, logging); DPO's own keys on top.
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     args = DPOConfig(**dict(
-        shared, output_dir=str(out / "dpo"), beta=cfg.dpo_beta, max_length=cfg.max_length,
+        shared, output_dir=str(out / folder), beta=cfg.dpo_beta, max_length=cfg.max_length,
         loss_type=list(cfg.dpo_loss_type), loss_weights=cfg.dpo_loss_weights,
         learning_rate=cfg.dpo_learning_rate or cfg.learning_rate,
         num_train_epochs=cfg.dpo_epochs or cfg.num_train_epochs,
-        eval_strategy=cfg.eval_strategy if held else "no",
+        eval_strategy=cfg.eval_strategy if held else "no", seed=cfg.seed if seed is None else seed,
     ))
     class PreTokenizedDPOTrainer(DPOTrainer):
         """TRL's DPOTrainer on rows already tokenised by :func:`dpo_examples` (its own tokenisation
@@ -816,7 +910,7 @@ def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, 
         train_dataset=dpo_examples(train, tokenizer, unfinished),
         eval_dataset=dpo_examples(held, tokenizer, unfinished) if held else None,
     )
-    resume = get_last_checkpoint(str(out / "dpo")) if (out / "dpo").is_dir() else None
+    resume = get_last_checkpoint(str(out / folder)) if (out / folder).is_dir() else None
     result = trainer.train(resume_from_checkpoint=resume)
     metrics.update(dpo_pairs=len(train), dpo_train_loss=float(result.training_loss))
     if held:
@@ -841,8 +935,17 @@ def run(cfg: DistillConfig) -> Path:
     gen_info, gen_prompt_ids = check_generate_dir(cfg)
     PolicyConfig(cfg.model.model_name_or_path, cfg.init_adapter, cfg.model.dtype).check()
     # GRPO's scorers load before the policy: one that cannot (a reward model not there) fails before any training
-    reward = WorstCaseReward(Path(cfg.generate_dir), gen_info) if "grpo" in cfg.objective else None
-    extra = grpo_extra_prompts(cfg, gen_info, gen_prompt_ids) if cfg.grpo_prompts else []
+    reward = WorstCaseReward(Path(cfg.generate_dir), gen_info) if "grpo" in cfg.objective or cfg.dpo_restarts > 1 else None
+    extra, extra_held = grpo_extra_prompts(cfg, gen_info, gen_prompt_ids) if cfg.grpo_prompts else ([], [])
+    if cfg.dpo_restarts > 1 and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise UserError(f"dpo_restarts {cfg.dpo_restarts}: the restarts are scored on the student's own samples, "
+                        "which ZeRO-3's sharded weights do not give outside a trainer; use ZeRO-2 or DDP, or set "
+                        "dpo_restarts: 1")
+    if cfg.dpo_restarts > 1 and not extra_held and not any(held_out(i, cfg.eval_fraction) for i in gen_prompt_ids):
+        raise UserError(f"dpo_restarts {cfg.dpo_restarts}: no prompt of generate_dir {cfg.generate_dir}"
+                        f"{' or grpo_prompts' if cfg.grpo_prompts else ''} is held out by eval_fraction "
+                        f"{cfg.eval_fraction}, and the restarts are chosen on those; raise eval_fraction or set "
+                        "dpo_restarts: 1")
     cfg.wandb.check()
     state.wait_for_everyone()
     out = folder.begin(state.is_main_process)
@@ -914,9 +1017,14 @@ def run(cfg: DistillConfig) -> Path:
             if scores is not None:
                 scores.update(objective_scores(Path(cfg.rejected_dir), "reference", STUDENT))
             print(f"distill: DPO's rejected answers: {len(student)} student rows from {cfg.rejected_dir}")
-        trainer = train_dpo(cfg, trainer.model if trainer is not None else model, tokenizer, everything,
-                            None if trainer is not None or cfg.init_adapter else peft_config, out, metrics, unfinished,
-                            scores)
+        start, fresh = (trainer.model if trainer is not None else model), (
+            None if trainer is not None or cfg.init_adapter else peft_config)
+        if cfg.dpo_restarts > 1:
+            trainer = train_dpo_restarts(cfg, start, tokenizer, everything, fresh, out, metrics, unfinished, scores,
+                                         reward, selection_prompts(cfg, everything, extra_held),
+                                         gen_info.get("config", {}).get("decoding", {}))
+        else:
+            trainer = train_dpo(cfg, start, tokenizer, everything, fresh, out, metrics, unfinished, scores)
 
     # ------------------------------------------------------------------ train: GRPO
     if "grpo" in cfg.objective:

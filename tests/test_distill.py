@@ -895,3 +895,72 @@ def test_grpo_settings_are_checked_before_the_model_loads(tiny_policy_dir, tiny_
     with pytest.raises(UserError, match="no normalization.json; GRPO's reward"):
         run(parse_config(DistillConfig, distill_args(tiny_policy_dir, gen, tmp_path / "y", "--objective", "grpo")))
     assert not (tmp_path / "y").exists()
+
+
+def test_dpo_restarts_keep_the_run_with_the_best_held_out_worst_case(tiny_policy_dir, tiny_generate_dir, tmp_path,
+                                                                    monkeypatch):
+    from safetensors.torch import load_file
+
+    from rmod_distill import distill
+    from rmod_distill.prompts import held_out
+
+    start = tmp_path / "sft"  # every run starts from this adapter
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, start, "--max_steps", "1")))
+    dpo = ["--objective", "dpo", "--init_adapter", str(start), "--max_steps", "2", "--save_steps", "2",
+           "--per_device_train_batch_size", "1"]  # one pair a step: the seed decides which
+    scored = []
+    real = distill.held_out_worst_case
+
+    def recording(model, tokenizer, prompts, *args, **kwargs):
+        score, n = real(model, tokenizer, prompts, *args, **kwargs)
+        scored.append((score, n, [pid for pid, _ in prompts]))
+        return score, n
+
+    monkeypatch.setattr(distill, "held_out_worst_case", recording)
+    out = tmp_path / "restarts"
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, *dpo, "--seed", "3",
+                                                 "--dpo_restarts", "3", "--dpo_select_samples", "2")))
+    # three runs, seeds 3, 4 and 5, each scored on the same held-out prompts x 2 samples
+    assert len(scored) == 3 and all(s[2] == scored[0][2] and s[1] == 2 * len(s[2]) for s in scored)
+    assert scored[0][2] == [f"p{i:02d}" for i in range(12) if held_out(f"p{i:02d}", 0.25)] != []
+    metrics = json.loads((out / "run.json").read_text())["metrics"]
+    best = max(range(3), key=lambda i: scored[i][0])
+    assert metrics["dpo_seed"] == 3 + best and metrics["dpo_held_out_worst_case"] == scored[best][0]
+    assert [metrics[f"dpo_held_out_worst_case_seed{s}"] for s in (3, 4, 5)] == [s[0] for s in scored]
+    # the saved adapter is the kept run's last checkpoint
+    kept = load_file(str(out / f"dpo-seed{3 + best}" / "checkpoint-2" / "adapter_model.safetensors"))
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert kept.keys() == saved.keys() and all(torch.equal(kept[k], saved[k]) for k in kept)
+    # each run starts from the same adapter: the run with seed 4 is a plain DPO run with --seed 4
+    alone = tmp_path / "seed4"
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, alone, *dpo, "--seed", "4")))
+    plain = load_file(str(alone / "adapter_model.safetensors"))
+    second = load_file(str(out / "dpo-seed4" / "checkpoint-2" / "adapter_model.safetensors"))
+    assert all(torch.allclose(plain[k], second[k]) for k in plain)
+    assert not all(torch.equal(second[k], load_file(str(out / "dpo-seed3" / "checkpoint-2" /
+                                                         "adapter_model.safetensors"))[k]) for k in second)
+
+
+def test_dpo_restarts_are_checked_before_the_model_loads(tiny_policy_dir, tiny_generate_dir, tmp_path, monkeypatch):
+    from rmod_distill.prompts import held_out
+
+    base = distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x", "--objective", "sft+dpo")
+    for extra, message in ((["--dpo_restarts", "0"], "dpo_restarts and dpo_select_samples must be >= 1"),
+                           (["--dpo_restarts", "2", "--dpo_select_samples", "0"], "must be >= 1"),
+                           (["--dpo_restarts", "2", "--objective", "sft"], "dpo_restarts repeats DPO; objective 'sft'"),
+                           (["--dpo_restarts", "2", "--eval_fraction", "0"], "eval_fraction 0 holds out none")):
+        with pytest.raises(ValueError, match=message):
+            parse_config(DistillConfig, [*base, *extra])
+    ids = [f"p{i:02d}" for i in range(12)]
+    fraction = next(f for f in (0.001, 0.002, 0.005, 0.01) if not any(held_out(i, f) for i in ids))
+    out = tmp_path / "none-held"
+    with pytest.raises(UserError, match=f"dpo_restarts 2: no prompt of generate_dir .* is held out by eval_fraction "
+                                        f"{fraction}"):
+        run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "sft+dpo",
+                                                     "--dpo_restarts", "2", "--eval_fraction", str(fraction))))
+    assert not out.exists()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(UserError, match="dpo_restarts 2: .* use ZeRO-2 or DDP"):
+        run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "sft+dpo",
+                                                     "--dpo_restarts", "2")))
+    assert not out.exists()
