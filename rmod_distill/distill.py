@@ -788,7 +788,7 @@ def train_dpo_restarts(cfg: DistillConfig, model, tokenizer, ds, peft_config, ou
     if not isinstance(model, PeftModel):  # a fresh adapter, made once so that every run starts from the same one
         model = get_peft_model(model, peft_config)
     start = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-    runs = []
+    scored, best = {}, None  # each run's score by seed; the best run's (score, seed, metrics, adapter, trainer)
     for seed in range(cfg.seed, cfg.seed + cfg.dpo_restarts):
         set_peft_model_state_dict(model, start)
         run_metrics: dict = {}
@@ -800,12 +800,14 @@ def train_dpo_restarts(cfg: DistillConfig, model, tokenizer, ds, peft_config, ou
         score, n = held_out_worst_case(model, tokenizer, prompts, reward, decoding, cfg.dpo_select_samples, cfg.seed)
         print(f"distill: DPO with seed {seed}: mean worst case {score:+.3f} over {n} held-out answers "
               f"({len(prompts)} prompts x {cfg.dpo_select_samples})")
-        state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-        runs.append((score, seed, trainer, run_metrics, state))
-    score, seed, trainer, run_metrics, state = max(runs, key=lambda r: r[0])  # the first of equals
+        scored[seed] = score
+        if best is None or score > best[0]:  # the first of equals
+            state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+            best = (score, seed, run_metrics, state, trainer)
+    score, seed, run_metrics, state, trainer = best
     set_peft_model_state_dict(model, state)
     metrics.update(run_metrics, dpo_seed=seed, dpo_held_out_worst_case=score,
-                   **{f"dpo_held_out_worst_case_seed{r[1]}": r[0] for r in runs})
+                   **{f"dpo_held_out_worst_case_seed{s}": v for s, v in scored.items()})
     print(f"distill: keeping DPO's seed {seed} ({score:+.3f})")
     return trainer
 
