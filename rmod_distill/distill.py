@@ -24,7 +24,7 @@ from trl import ModelConfig, SFTConfig, get_peft_config
 
 from rmod_distill.adapters import MANIFEST, PORTABLE_FILES, check_adapter_folder
 from rmod_distill.artifacts import (BLOCK_PAIRINGS, RunFolder, atomic_write_text, dpo_pairs_problem, provenance,
-                                    read_json, read_jsonl, write_jsonl)
+                                    read_json, read_jsonl, write_json, write_jsonl)
 from rmod_distill.cards import adapter_card
 from rmod_distill.config import parse_config, to_dict
 from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
@@ -109,7 +109,9 @@ class DistillConfig(SFTConfig):
                           "DPO's pairs reference / reference-all / both take their chosen side from those k RMOD "
                           "answers (null: all): the teacher's best answers rather than its average one."},
     )
-    eval_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out for eval loss."})
+    eval_fraction: float = field(default=0.1, metadata={
+        "help": "Share of prompts held out (by a hash of the id): SFT's eval loss, DPO's held-out pairs, and the "
+                "prompts dpo_restarts chooses on; no stage trains on them."})
     objective: str = field(
         default="sft",
         metadata={"help": "sft (learn RMOD's answers) | dpo (prefer RMOD's answers, TRL's DPOTrainer; the reference "
@@ -163,10 +165,12 @@ class DistillConfig(SFTConfig):
     dpo_epochs: float | None = field(default=None, metadata={"help": "DPO's epochs (null: num_train_epochs)."})
     dpo_restarts: int = field(default=1, metadata={
         "help": "Train DPO this many times from the same start, with training seeds seed, seed+1, ... (other pair "
-                "orders and dropout masks), and keep the run whose plain samples have the highest mean worst case on "
-                "the held-out prompts: those that eval_fraction holds out of generate_dir and of grpo_prompts, which "
-                "no stage trains on. DPO's seed moves a student further than any setting tried (docs/results.md); "
-                "each restart costs one DPO run and dpo_select_samples samples of each held-out prompt."})
+                "orders and dropout masks; with data_seed set, the dropout masks only), and keep the run whose plain "
+                "samples have the highest mean worst case on the held-out prompts: those that eval_fraction holds "
+                "out of generate_dir and of grpo_prompts, which no stage trains on (choose eval_fraction so that "
+                "they are not the prompts you report on). DPO's seed moves a student further than any setting "
+                "tried (docs/results.md); each restart costs one DPO run and dpo_select_samples samples of each "
+                "held-out prompt."})
     dpo_select_samples: int = field(default=2, metadata={
         "help": "dpo_restarts > 1: plain samples of each held-out prompt that score a restart (the same seeds for "
                 "every restart, so they are compared on the same draws)."})
@@ -728,9 +732,10 @@ class WorstCaseReward:
         """What the reward needs from the generate run, checked before any model loads."""
         if not info.get("objective_specs"):
             raise UserError(f"generate_dir {gen}: run.json has no objective_specs (made by an older version); GRPO "
-                            "scores the student as generate scored its answers: rerun generate")
+                            "(and dpo_restarts) score the student as generate scored its answers: rerun generate")
         if not (gen / "normalization.json").is_file():
-            raise UserError(f"generate_dir {gen}: no normalization.json; GRPO's reward is on its scale: rerun generate")
+            raise UserError(f"generate_dir {gen}: no normalization.json; GRPO's reward (and dpo_restarts' score) is "
+                            "on its scale: rerun generate")
 
     def __init__(self, gen: Path, info: dict):
         from rmod_distill.config import from_dict
@@ -777,6 +782,17 @@ def held_out_worst_case(model, tokenizer, prompts: list[tuple], reward: WorstCas
     return (float(np.mean(scores)) if scores else float("-inf")), len(scores)
 
 
+def _from_main_process(*values):
+    """``values`` as the main process has them (a distributed run: every process then keeps the same run)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    shared = list(values)
+    dist.broadcast_object_list(shared, src=0)
+    return tuple(shared)
+
+
 def train_dpo_restarts(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, metrics: dict,
                        unfinished: set[tuple[str, str]], scores: dict | None, reward: WorstCaseReward,
                        prompts: list[tuple], decoding: dict):
@@ -786,6 +802,9 @@ def train_dpo_restarts(cfg: DistillConfig, model, tokenizer, ds, peft_config, ou
     from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     if not isinstance(model, PeftModel):  # a fresh adapter, made once so that every run starts from the same one
+        from transformers import set_seed
+
+        set_seed(cfg.seed)  # as TRL seeds its own fresh adapter: the run with seed `seed` is a plain DPO run's
         model = get_peft_model(model, peft_config)
     start = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     scored, best = {}, None  # each run's score by seed; the best run's (score, seed, metrics, adapter, trainer)
@@ -797,7 +816,16 @@ def train_dpo_restarts(cfg: DistillConfig, model, tokenizer, ds, peft_config, ou
         model = trainer.model
         if "ref" in model.peft_config:
             model.delete_adapter("ref")  # this run's reference; the next run copies the start again
-        score, n = held_out_worst_case(model, tokenizer, prompts, reward, decoding, cfg.dpo_select_samples, cfg.seed)
+        record = out / f"dpo-seed{seed}" / "held_out_worst_case.json"
+        if record.is_file():  # scored before an interruption: the same choice on resuming, even where sampling is not exact
+            score, n = (lambda r: (r["score"], r["answers"]))(read_json(record, "dpo_restarts' score"))
+        else:
+            score, n = held_out_worst_case(model, tokenizer, prompts, reward, decoding, cfg.dpo_select_samples,
+                                           cfg.seed)
+            score, n = _from_main_process(score, n)  # every process keeps the run the main process chose
+            if trainer.is_world_process_zero():
+                write_json(record, {"seed": seed, "score": score, "answers": n, "prompts": len(prompts),
+                                    "samples_per_prompt": cfg.dpo_select_samples})
         print(f"distill: DPO with seed {seed}: mean worst case {score:+.3f} over {n} held-out answers "
               f"({len(prompts)} prompts x {cfg.dpo_select_samples})")
         scored[seed] = score
@@ -939,7 +967,10 @@ def run(cfg: DistillConfig) -> Path:
     # GRPO's scorers load before the policy: one that cannot (a reward model not there) fails before any training
     reward = WorstCaseReward(Path(cfg.generate_dir), gen_info) if "grpo" in cfg.objective or cfg.dpo_restarts > 1 else None
     extra, extra_held = grpo_extra_prompts(cfg, gen_info, gen_prompt_ids) if cfg.grpo_prompts else ([], [])
-    if cfg.dpo_restarts > 1 and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if cfg.dpo_restarts > 1 and (os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+                                 or is_deepspeed_zero3_enabled()):
         raise UserError(f"dpo_restarts {cfg.dpo_restarts}: the restarts are scored on the student's own samples, "
                         "which ZeRO-3's sharded weights do not give outside a trainer; use ZeRO-2 or DDP, or set "
                         "dpo_restarts: 1")
@@ -1009,6 +1040,8 @@ def run(cfg: DistillConfig) -> Path:
     # ------------------------------------------------------------------ train: DPO
     cfg.eval_strategy = eval_strategy  # DPO measures its held-out pairs whenever it has some
     if "dpo" in cfg.objective:
+        # the restarts choose on generate_dir's held-out prompts (not rejected_dir's) and grpo_prompts'
+        chooser = selection_prompts(cfg, everything, extra_held) if cfg.dpo_restarts > 1 else []
         scores = objective_scores(Path(cfg.generate_dir)) if cfg.pair_tolerance is not None else None
         if cfg.rejected_dir:
             import datasets
@@ -1023,7 +1056,7 @@ def run(cfg: DistillConfig) -> Path:
             None if trainer is not None or cfg.init_adapter else peft_config)
         if cfg.dpo_restarts > 1:
             trainer = train_dpo_restarts(cfg, start, tokenizer, everything, fresh, out, metrics, unfinished, scores,
-                                         reward, selection_prompts(cfg, everything, extra_held),
+                                         reward, chooser,
                                          gen_info.get("config", {}).get("decoding", {}))
         else:
             trainer = train_dpo(cfg, start, tokenizer, everything, fresh, out, metrics, unfinished, scores)

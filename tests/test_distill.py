@@ -913,6 +913,7 @@ def test_dpo_restarts_keep_the_run_with_the_best_held_out_worst_case(tiny_policy
 
     def recording(model, tokenizer, prompts, *args, **kwargs):
         score, n = real(model, tokenizer, prompts, *args, **kwargs)
+        score += 100.0 if len(scored) == 1 else 0.0  # the middle run wins: the kept adapter must be put back
         scored.append((score, n, [pid for pid, _ in prompts]))
         return score, n
 
@@ -925,12 +926,15 @@ def test_dpo_restarts_keep_the_run_with_the_best_held_out_worst_case(tiny_policy
     assert scored[0][2] == [f"p{i:02d}" for i in range(12) if held_out(f"p{i:02d}", 0.25)] != []
     metrics = json.loads((out / "run.json").read_text())["metrics"]
     best = max(range(3), key=lambda i: scored[i][0])
+    assert best == 1
     assert metrics["dpo_seed"] == 3 + best and metrics["dpo_held_out_worst_case"] == scored[best][0]
     assert [metrics[f"dpo_held_out_worst_case_seed{s}"] for s in (3, 4, 5)] == [s[0] for s in scored]
     # the saved adapter is the kept run's last checkpoint
     kept = load_file(str(out / f"dpo-seed{3 + best}" / "checkpoint-2" / "adapter_model.safetensors"))
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert kept.keys() == saved.keys() and all(torch.equal(kept[k], saved[k]) for k in kept)
+    record = json.loads((out / "dpo-seed4" / "held_out_worst_case.json").read_text())
+    assert (record["seed"], record["score"], record["answers"]) == (4, scored[1][0], scored[1][1])
     # each run starts from the same adapter: the run with seed 4 is a plain DPO run with --seed 4
     alone = tmp_path / "seed4"
     run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, alone, *dpo, "--seed", "4")))
@@ -964,3 +968,25 @@ def test_dpo_restarts_are_checked_before_the_model_loads(tiny_policy_dir, tiny_g
         run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "sft+dpo",
                                                      "--dpo_restarts", "2")))
     assert not out.exists()
+
+
+def test_dpo_restarts_from_a_fresh_adapter_match_plain_runs(tiny_policy_dir, tiny_generate_dir, tmp_path):
+    """objective dpo with no init_adapter: the restarts' common start is the fresh adapter TRL makes with the run's
+    seed, so the first run is a plain DPO run; then GRPO continues from the kept run (dpo+grpo)."""
+    from safetensors.torch import load_file
+
+    dpo = ["--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "1", "--seed", "0"]
+    out = tmp_path / "restarts"
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, *dpo, "--objective",
+                                                 "dpo", "--dpo_restarts", "2", "--dpo_select_samples", "1")))
+    alone = tmp_path / "plain"
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, alone, *dpo, "--objective", "dpo")))
+    plain = load_file(str(alone / "adapter_model.safetensors"))
+    first = load_file(str(out / "dpo-seed0" / "checkpoint-2" / "adapter_model.safetensors"))
+    assert plain.keys() == first.keys() and all(torch.allclose(plain[k], first[k]) for k in plain)
+    grpo = tmp_path / "grpo"
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, grpo, *dpo, "--objective",
+                                                 "dpo+grpo", "--dpo_restarts", "2", "--dpo_select_samples", "1",
+                                                 "--grpo_num_generations", "2", "--per_device_train_batch_size", "2")))
+    metrics = json.loads((grpo / "run.json").read_text())["metrics"]
+    assert metrics["dpo_seed"] in (0, 1) and "grpo_reward_first" in metrics and not (grpo / "ref").exists()
