@@ -26,7 +26,7 @@ help:
 	@echo "make distill RECIPE=...   stage 2: LoRA distillation (ACCELERATE_CONFIG=recipes/accelerate_configs/zero2.yaml)"
 	@echo "make eval RECIPE=...      stage 3: the adapter against RMOD and the baselines"
 	@echo "make iterate ROUNDS=N      on-policy rounds: RMOD over the student against its own sample, SFT + DPO"
-	@echo "  ITERATE=iterate-best       ... the best chain found: SFT, DPO, then GRPO on the worst case (86 min)"
+	@echo "  ITERATE=iterate-best       ... the best chain found: SFT, DPO (3 seeds), then GRPO on the worst case (~115 min)"
 	@echo "  ITERATE=iterate-dpo        ... the earlier objectives' best chain: SFT, round 2, then DPO (about 1 h)"
 	@echo "make values RECIPE=...    a learned value model (G heads) for decoding.values: learned"
 	@echo "make bench                speed, cost and scaling table (runs/bench/bench.json)"

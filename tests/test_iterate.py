@@ -368,7 +368,7 @@ def test_iterate_best_runs_the_validation_splits_best_chain(tmp_path, monkeypatc
     assert cfg.rounds == 1 and not cfg.final_dpo
     assert gen.samples_per_prompt == 2 and gen.methods == ["rmod", "reference"]
     assert (dist.objective, dist.pairs, dist.dpo_learning_rate, dist.dpo_epochs) == ("sft+dpo+grpo", "reference-all", 2e-3, 1)
-    assert dist.dpo_beta == 0.02
+    assert dist.dpo_beta == 0.02 and dist.dpo_restarts == 3  # DPO's seeds 0, 1, 2; the best on held-out train prompts
     assert (dist.grpo_learning_rate, dist.grpo_epochs, dist.grpo_beta, dist.grpo_num_generations) == (5e-4, 1, 0.04, 4)
     assert dist.grpo_prompts == "data/prompts/extra-train.jsonl"  # GRPO also samples the 300 extra train prompts
     assert dist.samples_per_prompt is None  # every generated answer
