@@ -757,28 +757,28 @@ class WorstCaseReward:
 
 def held_out_worst_case(model, tokenizer, prompts: list[tuple], reward: WorstCaseReward, decoding: dict,
                         samples: int, seed: int, batch_size: int = 16) -> tuple[float, int]:
-    """The mean worst case (``reward``) of ``samples`` plain samples of ``model`` for each (id, conversation) of
-    ``prompts``, sampled as generate_dir's decoding samples (length, temperature, top-p) with seeds from ``seed``
-    and the prompt ids only: every model scored with the same seed meets the same draws. Returns the mean and
-    the number of answers it is over (an unknown score is left out)."""
+    """The mean worst case (``reward``'s objectives and normalisation) of ``samples`` plain samples of ``model``
+    for each (id, conversation) of ``prompts``, decoded as eval decodes ``distilled`` (:func:`decode_rows`) with
+    generate_dir's length, temperature and top-p, and seeds from ``seed`` and the prompt ids only: every model
+    scored with the same seed meets the same draws. Returns the mean and the number of answers it is over (an
+    unknown score is left out)."""
     import numpy as np
     import torch
+
+    from rmod_distill.engine.runs import decode_rows
+    from rmod_distill.prompts import Prompt
 
     cfg = DecodingConfig(num_candidates=1, max_new_tokens=decoding.get("max_new_tokens", 64),
                          temperature=decoding.get("temperature", 1.0), top_p=decoding.get("top_p", 1.0),
                          top_k=decoding.get("top_k", 0))
-    decoder = BlockwiseDecoder.from_model(model, tokenizer, cfg)
-    jobs = [(f"{pid}#select-{j}", messages) for pid, messages in prompts for j in range(samples)]
+    jobs = [Prompt(f"{pid}#select-{j}", messages) for pid, messages in prompts for j in range(samples)]
     was_training = model.training
     model.eval()
-    scores: list[float] = []
     with torch.no_grad():
-        for i in range(0, len(jobs), batch_size):
-            batch = jobs[i:i + batch_size]
-            results = decoder.decode([m for _, m in batch], [prompt_seed(seed, pid, "distilled") for pid, _ in batch],
-                                     decoder.method("reference"))
-            scores += [s for s in reward([m for _, m in batch], [r.text for r in results]) if s is not None]
+        rows = decode_rows(BlockwiseDecoder.from_model(model, tokenizer, cfg), reward.objectives, jobs, "distilled",
+                           seed, batch_size)
     model.train(was_training)
+    scores = [r["worst_case"] for r in rows if r["worst_case"] is not None]
     return (float(np.mean(scores)) if scores else float("-inf")), len(scores)
 
 
