@@ -78,6 +78,37 @@ def stage_adapter_copy(src: Path, dst: Path, files: list[str]) -> Path:
     return dst
 
 
+def hub_token_problem(token: str | None) -> str | None:
+    """Why ``push_to_hub`` cannot publish (no hub token: ``hub_token``, ``HF_TOKEN`` or a saved login); None
+    when it can. Checked before any model loads, so that a long run does not end without its upload."""
+    from huggingface_hub import get_token
+
+    if token or get_token():
+        return None
+    return ("push_to_hub: true needs a hub token; log in with `hf auth login`, set HF_TOKEN, or set hub_token "
+            "(or set push_to_hub: false)")
+
+
+def publish_adapter(path: Path, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
+    """Upload a finished adapter folder's portable files (weights, tokenizer, model card, run.json; never
+    checkpoints, DPO's or GRPO's training folders, or W&B runs) to the hub model repo ``repo_id``, creating
+    it when new; returns the repo id."""
+    from huggingface_hub import HfApi
+
+    check_adapter_folder(path)
+    api = HfApi(token=token)
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo.repo_id, folder_path=str(path), repo_type="model",
+                          allow_patterns=[name for name in PORTABLE_FILES if (path / name).is_file()],
+                          commit_message=f"rmod-distill adapter from {path.name}")
+    except Exception as exc:  # no network, bad token, no rights: several types; the adapter is saved either way
+        raise UserError(f"the adapter is saved in {path} but pushing it to hub repo {repo_id!r} failed "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); push it later: `rmod-distill download "
+                        f"{path} --to DIR` copies its portable files, then `hf upload {repo_id} DIR`") from None
+    return repo.repo_id
+
+
 def _offline_run_adapter(path: Path) -> Path | None:
     """The staged adapter inside a W&B offline run folder (or the newest run under a wandb/ folder)."""
     for candidate in (path / "files" / "adapter", path / "adapter"):

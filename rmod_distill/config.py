@@ -320,10 +320,14 @@ def _show_default(value: Any) -> str:
     return repr(to_dict(value))
 
 
+SECRET_KEYS = ("hub_token",)  # recipe keys whose values never reach run.json, model cards or W&B
+
+
 def to_dict(config: Any) -> Any:
     """A JSON-ready copy of a config (for run.json and model cards)."""
-    if dataclasses.is_dataclass(config):
-        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
+    if dataclasses.is_dataclass(config):  # a secret (hub_token) is named, never written (run.json goes to the hub)
+        return {f.name: "<hidden>" if f.name in SECRET_KEYS and getattr(config, f.name) else
+                to_dict(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
     if isinstance(config, (list, tuple)):
         return [to_dict(v) for v in config]
     if isinstance(config, dict):

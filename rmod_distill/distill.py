@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trl import ModelConfig, SFTConfig, get_peft_config
 
-from rmod_distill.adapters import MANIFEST, PORTABLE_FILES, check_adapter_folder
+from rmod_distill.adapters import MANIFEST, PORTABLE_FILES, check_adapter_folder, hub_token_problem, publish_adapter
 from rmod_distill.artifacts import (BLOCK_PAIRINGS, RunFolder, atomic_write_text, dpo_pairs_problem, provenance,
                                     read_json, read_jsonl, write_json, write_jsonl)
 from rmod_distill.cards import adapter_card
@@ -980,6 +980,11 @@ def run(cfg: DistillConfig) -> Path:
                         f"{cfg.eval_fraction}, and the restarts are chosen on those; raise eval_fraction or set "
                         "dpo_restarts: 1")
     cfg.wandb.check()
+    if cfg.push_to_hub and (problem := hub_token_problem(cfg.hub_token)):
+        raise UserError(problem)
+    # Distill publishes the finished adapter folder itself (publish_adapter); the trainers would push their own
+    # output_dir (a staging folder, or DPO's / GRPO's checkpoint folder) under its name, at every save.
+    publish, cfg.push_to_hub = cfg.push_to_hub, False
     state.wait_for_everyone()
     out = folder.begin(state.is_main_process)
     state.wait_for_everyone()
@@ -1097,9 +1102,10 @@ def run(cfg: DistillConfig) -> Path:
     folder.finish(info, swap=False)
     _log_to_wandb(cfg, out, samples, metrics, folder.path.name)
     path = folder.swap()
-    if cfg.push_to_hub:
-        trainer.push_to_hub()
     print(f"distill: adapter -> {path}  ({', '.join(f'{k} {v:.4g}' for k, v in metrics.items())})")
+    if publish:
+        repo = publish_adapter(path, cfg.hub_model_id or path.name, cfg.hub_token, cfg.hub_private_repo)
+        print(f"distill: adapter pushed to the hub: {repo}")
     return path
 
 

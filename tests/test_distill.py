@@ -13,7 +13,7 @@ import torch
 from rmod_distill.errors import UserError
 from rmod_distill.config import parse_config
 from rmod_distill.distill import DistillConfig, run
-from rmod_distill.adapters import check_adapter_folder, fetch_adapter
+from rmod_distill.adapters import check_adapter_folder, fetch_adapter, publish_adapter
 from rmod_distill.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -423,6 +423,67 @@ def test_dpo_trains_an_adapter(tiny_policy_dir, tiny_generate_dir, tmp_path, obj
     assert info["metrics"]["dpo_pairs"] > 0 and ("train_loss" in info["metrics"]) == (objective == "sft+dpo")
     lora_b = [v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
+
+
+class FakeHub:
+    """huggingface_hub.HfApi's create_repo / upload_folder, recorded (nothing here reaches the hub)."""
+
+    calls: list = []
+    fail = False
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, **kwargs):
+        FakeHub.calls.append(("create_repo", repo_id, kwargs, self.token))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, **kwargs):
+        if FakeHub.fail:
+            raise ConnectionError("no route to huggingface.co")
+        FakeHub.calls.append(("upload_folder", kwargs["repo_id"], kwargs, self.token))
+
+
+def test_push_to_hub_publishes_the_adapter_folder_not_dpos(tiny_policy_dir, tiny_generate_dir, tmp_path,
+                                                          monkeypatch):
+    """With DPO as the last stage the adapter folder is what goes to the hub (under hub_model_id), once at the
+    end: no trainer pushes its checkpoint folder (out/dpo) or a staging folder, and the token is never written."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    FakeHub.calls, FakeHub.fail = [], False
+    out = tmp_path / "adapter"
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "sft+dpo",
+                                                 "--max_steps", "3", "--eval_fraction", "0.0", "--push_to_hub", "true",
+                                                 "--hub_model_id", "me/rmod-adapter", "--hub_token", "hf_secret123")))
+    assert [c[:2] for c in FakeHub.calls] == [("create_repo", "me/rmod-adapter"), ("upload_folder", "me/rmod-adapter")]
+    upload = FakeHub.calls[1][2]
+    assert Path(upload["folder_path"]) == out and FakeHub.calls[1][3] == "hf_secret123"
+    assert {"adapter_config.json", "adapter_model.safetensors", "run.json", "README.md"} <= set(upload["allow_patterns"])
+    assert not any("checkpoint" in p or "dpo" in p for p in upload["allow_patterns"])
+    for name in ("run.json", "README.md"):
+        if (out / name).exists():
+            assert "hf_secret123" not in (out / name).read_text(), name
+    assert json.loads((out / "run.json").read_text())["config"]["hub_token"] == "<hidden>"
+
+    # a failed upload names the saved folder and how to push it later
+    FakeHub.calls, FakeHub.fail = [], True
+    with pytest.raises(UserError, match=f"the adapter is saved in {out} but pushing it to hub repo 'me/x' failed"):
+        publish_adapter(out, "me/x")
+
+
+def test_push_to_hub_without_a_token_is_refused_before_the_model_loads(tiny_policy_dir, tiny_generate_dir,
+                                                                       tmp_path, monkeypatch):
+    import huggingface_hub
+
+    import rmod_distill.policy
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(rmod_distill.policy, "load_policy", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(UserError, match="push_to_hub: true needs a hub token"):
+        run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x",
+                                                     "--push_to_hub", "true")))
+    assert not (tmp_path / "x").exists()
 
 
 def test_dpo_needs_reference_rows(tiny_policy_dir, tiny_generate_dir, tmp_path):
