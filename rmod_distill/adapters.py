@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from rmod_distill.artifacts import is_local_path
+from rmod_distill.config import HIDDEN
 from rmod_distill.errors import UserError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -78,34 +79,52 @@ def stage_adapter_copy(src: Path, dst: Path, files: list[str]) -> Path:
     return dst
 
 
-def hub_token_problem(token: str | None) -> str | None:
-    """Why ``push_to_hub`` cannot publish (no hub token: ``hub_token``, ``HF_TOKEN`` or a saved login); None
-    when it can. Checked before any model loads, so that a long run does not end without its upload."""
-    from huggingface_hub import get_token
+def hub_push_problem(token: str | None, repo_id: str) -> str | None:
+    """Why ``push_to_hub`` cannot publish to ``repo_id`` (offline mode, a repo id the hub refuses, no hub
+    token: ``hub_token``, ``HF_TOKEN`` or a saved login); None when it can. Checked before any model
+    loads, so that a long run does not end without its upload."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    if constants.is_offline_mode():
+        return "push_to_hub: true, but HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or set push_to_hub: false"
+    if token == HIDDEN:
+        return (f"hub_token is {HIDDEN!r} (copied from a run.json or --dry-run?); give the token itself, or use "
+                "HF_TOKEN or `hf auth login`")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        return (f"push_to_hub: {repo_id!r} is not a hub repo id ({' '.join(str(exc).split())[:160]}); set "
+                "hub_model_id: org/name")
     if token or get_token():
         return None
     return ("push_to_hub: true needs a hub token; log in with `hf auth login`, set HF_TOKEN, or set hub_token "
             "(or set push_to_hub: false)")
 
 
-def publish_adapter(path: Path, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
+def publish_adapter(path: Path, repo_id: str, token: str | None = None, private: bool | None = None,
+                    revision: str | None = None) -> str:
     """Upload a finished adapter folder's portable files (weights, tokenizer, model card, run.json; never
-    checkpoints, DPO's or GRPO's training folders, or W&B runs) to the hub model repo ``repo_id``, creating
-    it when new; returns the repo id."""
+    checkpoints, DPO's or GRPO's training folders, or W&B runs) to the hub model repo ``repo_id`` (on branch
+    ``revision``), creating it when new, and remove the portable files an earlier push left there that this
+    adapter does not have (a stale manifest would fail `download`); returns the repo id."""
     from huggingface_hub import HfApi
 
     check_adapter_folder(path)
     api = HfApi(token=token)
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(repo_id=repo.repo_id, folder_path=str(path), repo_type="model",
+        if revision:
+            api.create_branch(repo.repo_id, branch=revision, repo_type="model", exist_ok=True)
+        api.upload_folder(repo_id=repo.repo_id, folder_path=str(path), repo_type="model", revision=revision,
                           allow_patterns=[name for name in PORTABLE_FILES if (path / name).is_file()],
+                          delete_patterns=[*PORTABLE_FILES, "training_args.bin"],
                           commit_message=f"rmod-distill adapter from {path.name}")
     except Exception as exc:  # no network, bad token, no rights: several types; the adapter is saved either way
         raise UserError(f"the adapter is saved in {path} but pushing it to hub repo {repo_id!r} failed "
-                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); push it later: `rmod-distill download "
-                        f"{path} --to DIR` copies its portable files, then `hf upload {repo_id} DIR`") from None
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); push it later: `rmod-distill "
+                        f"download {path} --to DIR` copies its portable files, then `hf upload {repo_id} DIR"
+                        f"{' --private' if private else ''}{f' --revision {revision}' if revision else ''}`") from None
     return repo.repo_id
 
 

@@ -174,7 +174,8 @@ def is_local_path(name: str) -> bool:
 MARKER = "run.json"
 # Keys that name where and how a run is logged or written, not what its rows are: a rerun
 # that changes only these resumes the run.
-NOT_RECIPE = ("output_dir", "overwrite", "wandb", "logging_dir", "report_to", "run_name")
+NOT_RECIPE = ("output_dir", "overwrite", "wandb", "logging_dir", "report_to", "run_name", "push_to_hub", "hub_token",
+              "hub_model_id", "hub_private_repo", "hub_strategy", "hub_always_push", "hub_revision")
 
 
 def recipe_key(config: dict) -> dict:

@@ -9,10 +9,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rmod_distill.artifacts import is_local_path
 from rmod_distill.policy import base_model_name
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 SHOWN_RESULTS = ("train_loss", "eval_loss", "eval_mean_token_accuracy", "train_rows")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` can be a hub model id (``org/name`` or ``name``), not a local folder."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if is_local_path(name) or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _eval_table(metrics: dict) -> str:
@@ -54,7 +68,7 @@ def adapter_card(info: dict, eval_metrics: dict | None = None, eval_report: str 
                     metric_value=round(eval_metrics[method]["worst_case_reward"], 4),
                 ))
     data = ModelCardData(
-        library_name="peft", base_model=base, tags=["rmod", "robust-multi-objective-decoding", "lora", "trl", "sft"],
+        library_name="peft", base_model=base if is_hub_id(base) else None,  # the hub refuses a local path there tags=["rmod", "robust-multi-objective-decoding", "lora", "trl", "sft"],
         model_name=f"rmod-distilled-{Path(cfg['output_dir']).name}" if results else None,
         eval_results=results or None,
     )

@@ -320,13 +320,14 @@ def _show_default(value: Any) -> str:
     return repr(to_dict(value))
 
 
-SECRET_KEYS = ("hub_token",)  # recipe keys whose values never reach run.json, model cards or W&B
+SECRET_KEYS = ("hub_token",)  # recipe keys whose values never reach run.json or model cards
+HIDDEN = "<hidden>"  # what run.json shows for a secret that was set
 
 
 def to_dict(config: Any) -> Any:
     """A JSON-ready copy of a config (for run.json and model cards)."""
     if dataclasses.is_dataclass(config):  # a secret (hub_token) is named, never written (run.json goes to the hub)
-        return {f.name: "<hidden>" if f.name in SECRET_KEYS and getattr(config, f.name) else
+        return {f.name: HIDDEN if f.name in SECRET_KEYS and getattr(config, f.name) else
                 to_dict(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
     if isinstance(config, (list, tuple)):
         return [to_dict(v) for v in config]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trl import ModelConfig, SFTConfig, get_peft_config
 
-from rmod_distill.adapters import MANIFEST, PORTABLE_FILES, check_adapter_folder, hub_token_problem, publish_adapter
+from rmod_distill.adapters import MANIFEST, PORTABLE_FILES, check_adapter_folder, hub_push_problem, publish_adapter
 from rmod_distill.artifacts import (BLOCK_PAIRINGS, RunFolder, atomic_write_text, dpo_pairs_problem, provenance,
                                     read_json, read_jsonl, write_json, write_jsonl)
 from rmod_distill.cards import adapter_card
@@ -949,6 +949,11 @@ def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, 
     return trainer
 
 
+def hub_repo_id(cfg: DistillConfig) -> str:
+    """The hub repo ``push_to_hub`` publishes to: ``hub_model_id``, else the output folder's name."""
+    return cfg.hub_model_id or Path(cfg.output_dir).resolve().name
+
+
 def run(cfg: DistillConfig) -> Path:
     """Run the distill stage; returns the adapter folder."""
     from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
@@ -980,11 +985,13 @@ def run(cfg: DistillConfig) -> Path:
                         f"{cfg.eval_fraction}, and the restarts are chosen on those; raise eval_fraction or set "
                         "dpo_restarts: 1")
     cfg.wandb.check()
-    if cfg.push_to_hub and (problem := hub_token_problem(cfg.hub_token)):
+    if cfg.push_to_hub and (problem := hub_push_problem(cfg.hub_token, hub_repo_id(cfg))):
         raise UserError(problem)
     # Distill publishes the finished adapter folder itself (publish_adapter); the trainers would push their own
-    # output_dir (a staging folder, or DPO's / GRPO's checkpoint folder) under its name, at every save.
-    publish, cfg.push_to_hub = cfg.push_to_hub, False
+    # output_dir (a staging folder, or DPO's / GRPO's checkpoint folder) under its name, at every save, and
+    # pickle the token into training_args.bin: they get neither.
+    publish = (hub_repo_id(cfg), cfg.hub_token) if cfg.push_to_hub else None
+    cfg.push_to_hub, cfg.hub_token = False, None
     state.wait_for_everyone()
     out = folder.begin(state.is_main_process)
     state.wait_for_everyone()
@@ -1104,7 +1111,7 @@ def run(cfg: DistillConfig) -> Path:
     path = folder.swap()
     print(f"distill: adapter -> {path}  ({', '.join(f'{k} {v:.4g}' for k, v in metrics.items())})")
     if publish:
-        repo = publish_adapter(path, cfg.hub_model_id or path.name, cfg.hub_token, cfg.hub_private_repo)
+        repo = publish_adapter(path, *publish, private=cfg.hub_private_repo, revision=cfg.hub_revision)
         print(f"distill: adapter pushed to the hub: {repo}")
     return path
 

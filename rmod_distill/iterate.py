@@ -249,6 +249,12 @@ def check(cfg: IterateConfig) -> None:
             parsed[r, stage] = parse_config(_stage(stage)[0], stage_argv(cfg, r, stage, out))
         except (ConfigError, ValueError) as exc:
             raise UserError(f"{keys}: {' '.join(str(exc).split())}") from None
+        if getattr(parsed[r, stage], "push_to_hub", False):  # a round's distill pushes at its end: say now it cannot
+            from rmod_distill.adapters import hub_push_problem
+            from rmod_distill.distill import hub_repo_id
+
+            if problem := hub_push_problem(parsed[r, stage].hub_token, hub_repo_id(parsed[r, stage])):
+                raise UserError(f"{keys}: {problem}")
     # Every later round and eval is normalised by round 1's statistics: refuse stale ones (an earlier
     # scorer version) now, not once round 2's policy has loaded.
     first = generate_dir(cfg, out, 1)

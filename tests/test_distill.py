@@ -1,5 +1,6 @@
 """The distill stage on the tiny policy: training, masking, saving, W&B, download, ZeRO-2 and ZeRO-3."""
 
+import inspect
 import json
 import os
 import shutil
@@ -44,7 +45,9 @@ def test_adapter_folder_is_complete(distilled):
     assert info["complete"] and info["config"]["model"]["lora_r"] == 4 and info["packages"]["peft"]
     assert not set(info["held_out_prompt_ids"]) & set(info["train_prompt_ids"])
     card = (distilled / "README.md").read_text()
-    assert "base_model:" in card and "LoRA r=4" in card and "harmlessness, concision" in card
+    assert "LoRA r=4" in card and "harmlessness, concision" in card
+    # the tiny policy is a local folder: named in the text, not as base_model metadata (the hub refuses a path)
+    assert "RMOD-distilled LoRA adapter for `/" in card and "base_model:" not in card
 
 
 def test_parameters_changed_and_round_trip(tiny_policy_dir, distilled):
@@ -425,65 +428,115 @@ def test_dpo_trains_an_adapter(tiny_policy_dir, tiny_generate_dir, tmp_path, obj
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
 
 
+from huggingface_hub import HfApi as REAL_HFAPI  # noqa: E402 (FakeHub binds each call to its signature)
+
+
 class FakeHub:
-    """huggingface_hub.HfApi's create_repo / upload_folder, recorded (nothing here reaches the hub)."""
+    """huggingface_hub.HfApi's create_repo / create_branch / upload_folder, recorded (nothing here reaches the
+    hub); each call must bind to the real method's signature."""
 
     calls: list = []
     fail = False
 
-    def __init__(self, token=None):
-        self.token = token
+    def __init__(self, *args, **kwargs):
+        self.real = REAL_HFAPI
+        inspect.signature(self.real.__init__).bind(self, *args, **kwargs)
+        self.token = kwargs.get("token")
 
-    def create_repo(self, repo_id, **kwargs):
-        FakeHub.calls.append(("create_repo", repo_id, kwargs, self.token))
-        return type("RepoUrl", (), {"repo_id": repo_id})()
+    def _record(self, name, *args, **kwargs):
+        inspect.signature(getattr(self.real, name)).bind(self, *args, **kwargs)
+        FakeHub.calls.append((name, (list(args) or [kwargs.get("repo_id")])[0], kwargs, self.token))
 
-    def upload_folder(self, **kwargs):
+    def create_repo(self, *args, **kwargs):
+        self._record("create_repo", *args, **kwargs)
+        return type("RepoUrl", (), {"repo_id": (list(args) or [kwargs.get("repo_id")])[0]})()
+
+    def create_branch(self, *args, **kwargs):
+        self._record("create_branch", *args, **kwargs)
+
+    def upload_folder(self, *args, **kwargs):
         if FakeHub.fail:
             raise ConnectionError("no route to huggingface.co")
-        FakeHub.calls.append(("upload_folder", kwargs["repo_id"], kwargs, self.token))
+        self._record("upload_folder", *args, **kwargs)
 
 
-def test_push_to_hub_publishes_the_adapter_folder_not_dpos(tiny_policy_dir, tiny_generate_dir, tmp_path,
-                                                          monkeypatch):
-    """With DPO as the last stage the adapter folder is what goes to the hub (under hub_model_id), once at the
-    end: no trainer pushes its checkpoint folder (out/dpo) or a staging folder, and the token is never written."""
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """The hub API recorded, online mode (conftest sets HF_HUB_OFFLINE), and no trainer allowed to push."""
     import huggingface_hub
+    from huggingface_hub import constants
+    from transformers import Trainer
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("init_hf_repo", "push_to_hub", "_push_from_checkpoint"):
+        monkeypatch.setattr(Trainer, name, lambda *a, _name=name, **k: pytest.fail(f"a trainer called {_name}"))
     FakeHub.calls, FakeHub.fail = [], False
-    out = tmp_path / "adapter"
-    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", "sft+dpo",
+    return FakeHub
+
+
+@pytest.mark.parametrize("objective", ["sft+dpo", "sft"])
+def test_push_to_hub_publishes_the_adapter_folder_not_the_trainers(tiny_policy_dir, tiny_generate_dir, tmp_path,
+                                                                  fake_hub, objective):
+    """The adapter folder is what goes to the hub (under hub_model_id, else the output folder's name), once at
+    the end, whatever the last stage: no trainer pushes its checkpoint folder (out/dpo) or a staging folder,
+    and the token is never written (run.json, the card, training_args.bin)."""
+    out = tmp_path / "my-adapter"
+    extra = ["--hub_model_id", "me/rmod-adapter", "--hub_private_repo", "true", "--hub_revision", "v1"] \
+        if objective == "sft+dpo" else []
+    run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, out, "--objective", objective,
                                                  "--max_steps", "3", "--eval_fraction", "0.0", "--push_to_hub", "true",
-                                                 "--hub_model_id", "me/rmod-adapter", "--hub_token", "hf_secret123")))
-    assert [c[:2] for c in FakeHub.calls] == [("create_repo", "me/rmod-adapter"), ("upload_folder", "me/rmod-adapter")]
-    upload = FakeHub.calls[1][2]
-    assert Path(upload["folder_path"]) == out and FakeHub.calls[1][3] == "hf_secret123"
+                                                 "--hub_token", "hf_secret123", *extra)))
+    repo = "me/rmod-adapter" if extra else "my-adapter"
+    steps = [("create_repo", repo)] + ([("create_branch", repo)] if extra else []) + [("upload_folder", repo)]
+    assert [c[:2] for c in fake_hub.calls] == steps
+    assert fake_hub.calls[0][2]["private"] is (True if extra else None)
+    upload = fake_hub.calls[-1][2]
+    assert Path(upload["folder_path"]) == out and fake_hub.calls[-1][3] == "hf_secret123"
+    assert upload["revision"] == ("v1" if extra else None)
     assert {"adapter_config.json", "adapter_model.safetensors", "run.json", "README.md"} <= set(upload["allow_patterns"])
     assert not any("checkpoint" in p or "dpo" in p for p in upload["allow_patterns"])
-    for name in ("run.json", "README.md"):
-        if (out / name).exists():
-            assert "hf_secret123" not in (out / name).read_text(), name
+    assert "manifest.json" in upload["delete_patterns"]  # a stale one from an earlier push would fail `download`
+    for f in [*out.glob("*.json"), out / "README.md", *out.rglob("training_args.bin")]:
+        assert b"hf_secret123" not in f.read_bytes(), f
     assert json.loads((out / "run.json").read_text())["config"]["hub_token"] == "<hidden>"
+    assert "base_model:" not in (out / "README.md").read_text()  # a local base model: the hub refuses a path there
 
     # a failed upload names the saved folder and how to push it later
-    FakeHub.calls, FakeHub.fail = [], True
-    with pytest.raises(UserError, match=f"the adapter is saved in {out} but pushing it to hub repo 'me/x' failed"):
-        publish_adapter(out, "me/x")
+    fake_hub.calls, fake_hub.fail = [], True
+    with pytest.raises(UserError, match=f"the adapter is saved in {out} but pushing it to hub repo 'me/x' failed.*"
+                                        "hf upload me/x DIR --private"):
+        publish_adapter(out, "me/x", private=True)
 
 
-def test_push_to_hub_without_a_token_is_refused_before_the_model_loads(tiny_policy_dir, tiny_generate_dir,
-                                                                       tmp_path, monkeypatch):
+@pytest.mark.parametrize("offline, token, extra, message", [
+    (False, None, [], "push_to_hub: true needs a hub token"),
+    (True, "hf_x", [], "HF_HUB_OFFLINE is set"),
+    (False, "<hidden>", [], "hub_token is '<hidden>'"),
+    (False, "hf_x", ["--hub_model_id", "me/two/slashes"], "'me/two/slashes' is not a hub repo id"),
+])
+def test_push_to_hub_that_cannot_publish_is_refused_before_the_model_loads(tiny_policy_dir, tiny_generate_dir,
+                                                                           tmp_path, monkeypatch, offline, token,
+                                                                           extra, message):
     import huggingface_hub
+    from huggingface_hub import constants
 
     import rmod_distill.policy
 
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
     monkeypatch.setattr(rmod_distill.policy, "load_policy", lambda *a, **k: pytest.fail("the model loaded"))
-    with pytest.raises(UserError, match="push_to_hub: true needs a hub token"):
-        run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x",
-                                                     "--push_to_hub", "true")))
+    with pytest.raises(UserError, match=message):
+        run(parse_config(DistillConfig, distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x", "--push_to_hub",
+                                                     "true", *(["--hub_token", token] if token else []), *extra)))
     assert not (tmp_path / "x").exists()
+
+
+def test_card_base_model_is_a_hub_id_only():
+    from rmod_distill.cards import is_hub_id
+
+    assert is_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct") and is_hub_id("gpt2")
+    assert not is_hub_id("/models/x") and not is_hub_id(str(ROOT)) and not is_hub_id("a/b/c")
 
 
 def test_dpo_needs_reference_rows(tiny_policy_dir, tiny_generate_dir, tmp_path):

@@ -237,6 +237,7 @@ def test_an_on_policy_round_trains_on_rmod_over_the_students_own_answers(tiny_po
     (["--start", "resume"], "start must be one of"),
     (["--recipe", "no/such/folder"], "no/such/folder/generate.yaml does not exist"),
     (["--generate_args", "[--decoding.num_candidates, many]"], "generate_args"),
+    (["--distill_args", "[--push_to_hub, 'true']"], "distill_args: push_to_hub: true, but HF_HUB_OFFLINE is set"),
 ])
 def test_bad_iterate_recipes(argv, message, tmp_path):
     with pytest.raises(UserError, match=message):
