@@ -79,6 +79,11 @@ def stage_adapter_copy(src: Path, dst: Path, files: list[str]) -> Path:
     return dst
 
 
+def hub_repo_id(cfg) -> str:
+    """The hub repo a distill recipe's ``push_to_hub`` publishes to: ``hub_model_id``, else its output folder's name."""
+    return cfg.hub_model_id or Path(cfg.output_dir).resolve().name
+
+
 def hub_push_problem(token: str | None, repo_id: str) -> str | None:
     """Why ``push_to_hub`` cannot publish to ``repo_id`` (offline mode, a repo id the hub refuses, no hub
     token: ``hub_token``, ``HF_TOKEN`` or a saved login); None when it can. Checked before any model

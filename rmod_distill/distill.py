@@ -22,7 +22,8 @@ from pathlib import Path
 
 from trl import ModelConfig, SFTConfig, get_peft_config
 
-from rmod_distill.adapters import MANIFEST, PORTABLE_FILES, check_adapter_folder, hub_push_problem, publish_adapter
+from rmod_distill.adapters import (MANIFEST, PORTABLE_FILES, check_adapter_folder, hub_push_problem, hub_repo_id,
+                                   publish_adapter)
 from rmod_distill.artifacts import (BLOCK_PAIRINGS, RunFolder, atomic_write_text, dpo_pairs_problem, provenance,
                                     read_json, read_jsonl, write_json, write_jsonl)
 from rmod_distill.cards import adapter_card
@@ -947,11 +948,6 @@ def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, 
         metrics.update({f"dpo_{k}": float(v) for k, v in trainer.evaluate().items()
                         if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")})
     return trainer
-
-
-def hub_repo_id(cfg: DistillConfig) -> str:
-    """The hub repo ``push_to_hub`` publishes to: ``hub_model_id``, else the output folder's name."""
-    return cfg.hub_model_id or Path(cfg.output_dir).resolve().name
 
 
 def run(cfg: DistillConfig) -> Path:

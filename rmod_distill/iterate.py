@@ -250,8 +250,7 @@ def check(cfg: IterateConfig) -> None:
         except (ConfigError, ValueError) as exc:
             raise UserError(f"{keys}: {' '.join(str(exc).split())}") from None
         if getattr(parsed[r, stage], "push_to_hub", False):  # a round's distill pushes at its end: say now it cannot
-            from rmod_distill.adapters import hub_push_problem
-            from rmod_distill.distill import hub_repo_id
+            from rmod_distill.adapters import hub_push_problem, hub_repo_id
 
             if problem := hub_push_problem(parsed[r, stage].hub_token, hub_repo_id(parsed[r, stage])):
                 raise UserError(f"{keys}: {problem}")
