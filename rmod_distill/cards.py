@@ -68,7 +68,9 @@ def adapter_card(info: dict, eval_metrics: dict | None = None, eval_report: str 
                     metric_value=round(eval_metrics[method]["worst_case_reward"], 4),
                 ))
     data = ModelCardData(
-        library_name="peft", base_model=base if is_hub_id(base) else None,  # the hub refuses a local path there tags=["rmod", "robust-multi-objective-decoding", "lora", "trl", "sft"],
+        # base_model only for a hub id: the hub refuses a local path there
+        library_name="peft", base_model=base if is_hub_id(base) else None,
+        tags=["rmod", "robust-multi-objective-decoding", "lora", "trl", "sft"],
         model_name=f"rmod-distilled-{Path(cfg['output_dir']).name}" if results else None,
         eval_results=results or None,
     )

@@ -329,8 +329,9 @@ def to_dict(config: Any) -> Any:
     if dataclasses.is_dataclass(config):  # a secret (hub_token) is named, never written (run.json goes to the hub)
         return {f.name: HIDDEN if f.name in SECRET_KEYS and getattr(config, f.name) else
                 to_dict(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
-    if isinstance(config, (list, tuple)):
-        return [to_dict(v) for v in config]
+    if isinstance(config, (list, tuple)):  # a command line inside a recipe (iterate's *_args) hides its secrets too
+        return [HIDDEN if i and config[i - 1] in [f"--{k}" for k in SECRET_KEYS] else to_dict(v)
+                for i, v in enumerate(config)]
     if isinstance(config, dict):
         return {str(k): to_dict(v) for k, v in config.items()}
     if isinstance(config, Path):

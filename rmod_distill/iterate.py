@@ -205,12 +205,16 @@ def _kept(cfg: IterateConfig, round_: int, stage: str, out: Path) -> Path | None
     given = (round_ == 1 and ((stage == "generate" and cfg.from_generate) or (stage == "distill" and cfg.from_adapter)))
     if cfg.overwrite and not given:
         return None
-    wanted = _normalised(recipe_key(to_dict(parse_config(cls, argv))))
+    stage_cfg = parse_config(cls, argv)
+    wanted = _normalised(recipe_key(to_dict(stage_cfg)))
     changed = _differences(_normalised(recipe_key(info.get("config", {}))), wanted)
     if changed:
         what = "from_generate / from_adapter" if given else "another output_dir, or --overwrite to redo the rounds"
         raise UserError(f"{folder} holds a complete {stage} run made with another recipe (keys differ: {changed}); "
                         f"use {what}")
+    if getattr(stage_cfg, "push_to_hub", False):
+        print(f"iterate: {folder} is kept as it is and not pushed again; to push it: `rmod-distill download {folder} "
+              "--to DIR`, then `hf upload REPO DIR`")
     return folder
 
 

@@ -48,6 +48,7 @@ def test_adapter_folder_is_complete(distilled):
     assert "LoRA r=4" in card and "harmlessness, concision" in card
     # the tiny policy is a local folder: named in the text, not as base_model metadata (the hub refuses a path)
     assert "RMOD-distilled LoRA adapter for `/" in card and "base_model:" not in card
+    assert "- robust-multi-objective-decoding" in card and "library_name: peft" in card  # the card's metadata
 
 
 def test_parameters_changed_and_round_trip(tiny_policy_dir, distilled):

@@ -261,6 +261,27 @@ def test_round_one_from_an_existing_run(two_rounds, tmp_path, capsys):
         "reference", "rmod", "round-1", "round-2"]
 
 
+def test_a_kept_adapter_is_not_pushed_again_and_says_so(two_rounds, tmp_path, capsys, monkeypatch):
+    """push_to_hub added after a round's distill completed: the push keys are not recipe keys, so the round is
+    kept, and iterate says it was not pushed and how to push it (it never pushes silently or not at all)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda *a, **k: pytest.fail("a kept round was pushed"))
+    recipe, out = two_rounds
+    new = tmp_path / "it"
+    run(parse_config(IterateConfig, ["--recipe", str(recipe), "--rounds", "1", "--output_dir", str(new),
+                                     "--from_generate", str(out / "round-1" / "generate"),
+                                     "--from_adapter", str(out / "round-1" / "distill"),
+                                     "--distill_args", "[--push_to_hub, 'true', --hub_token, hf_secret]"]))
+    log = capsys.readouterr().out
+    assert "round 1 distill: complete, kept" in log
+    assert f"iterate: {out / 'round-1' / 'distill'} is kept as it is and not pushed again" in log
+    assert "hf_secret" not in (new / "run.json").read_text()  # iterate's own run.json hides the token too
+
+
 def test_a_kept_round_must_match_the_recipe(two_rounds, tmp_path):
     """A complete round made with other settings (the stage recipe edited since) is an error,
     not silently reused."""
