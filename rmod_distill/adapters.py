@@ -127,10 +127,15 @@ def publish_adapter(path: Path, repo_id: str, token: str | None = None, private:
                           commit_message=f"rmod-distill adapter from {path.name}")
     except Exception as exc:  # no network, bad token, no rights: several types; the adapter is saved either way
         raise UserError(f"the adapter is saved in {path} but pushing it to hub repo {repo_id!r} failed "
-                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); push it later: `rmod-distill "
-                        f"download {path} --to DIR` copies its portable files, then `hf upload {repo_id} DIR"
-                        f"{' --private' if private else ''}{f' --revision {revision}' if revision else ''}`") from None
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+                        f"{push_later_hint(path, repo_id, private, revision)}") from None
     return repo.repo_id
+
+
+def push_later_hint(path: Path, repo_id: str, private: bool | None = None, revision: str | None = None) -> str:
+    """How to push an adapter folder by hand, its portable files only (what :func:`publish_adapter` uploads)."""
+    return (f"push it later: `rmod-distill download {path} --to DIR` copies its portable files, then "
+            f"`hf upload {repo_id} DIR{' --private' if private else ''}{f' --revision {revision}' if revision else ''}`")
 
 
 def _offline_run_adapter(path: Path) -> Path | None:

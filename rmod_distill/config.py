@@ -321,6 +321,7 @@ def _show_default(value: Any) -> str:
 
 
 SECRET_KEYS = ("hub_token",)  # recipe keys whose values never reach run.json or model cards
+SECRET_FLAGS = tuple(f"--{k}" for k in SECRET_KEYS)  # the same keys on a command line inside a recipe
 HIDDEN = "<hidden>"  # what run.json shows for a secret that was set
 
 
@@ -330,7 +331,7 @@ def to_dict(config: Any) -> Any:
         return {f.name: HIDDEN if f.name in SECRET_KEYS and getattr(config, f.name) else
                 to_dict(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
     if isinstance(config, (list, tuple)):  # a command line inside a recipe (iterate's *_args) hides its secrets too
-        return [HIDDEN if i and config[i - 1] in [f"--{k}" for k in SECRET_KEYS] else to_dict(v)
+        return [HIDDEN if i and config[i - 1] in SECRET_FLAGS else to_dict(v)
                 for i, v in enumerate(config)]
     if isinstance(config, dict):
         return {str(k): to_dict(v) for k, v in config.items()}

@@ -213,8 +213,10 @@ def _kept(cfg: IterateConfig, round_: int, stage: str, out: Path) -> Path | None
         raise UserError(f"{folder} holds a complete {stage} run made with another recipe (keys differ: {changed}); "
                         f"use {what}")
     if getattr(stage_cfg, "push_to_hub", False):
-        print(f"iterate: {folder} is kept as it is and not pushed again; to push it: `rmod-distill download {folder} "
-              "--to DIR`, then `hf upload REPO DIR`")
+        from rmod_distill.adapters import hub_repo_id, push_later_hint
+
+        print(f"iterate: {folder} is kept as it is and not pushed again; "
+              f"{push_later_hint(folder, hub_repo_id(stage_cfg), stage_cfg.hub_private_repo, stage_cfg.hub_revision)}")
     return folder
 
 
