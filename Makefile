@@ -1,10 +1,13 @@
 # Every target installs what it needs into .venv on first use (torch pinned and constrained).
 PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
+# VENV=path INSTALL=0 runs the targets in an environment you already have, installing nothing into it.
+VENV    ?= .venv
+INSTALL ?= 1
+BIN     := $(VENV)/bin
 RECIPE ?= default
 ARGS   ?=
 STAMP  := $(VENV)/.installed-stamp
+SETUP  := $(if $(filter 0,$(INSTALL)),,$(STAMP))
 # vLLM lives in its own environment: it pins other transformers (and, with CUDA, torch) versions.
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
@@ -44,13 +47,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(SETUP)
 	$(BIN)/python -m pytest
 
-test-slow: $(STAMP)
+test-slow: $(SETUP)
 	$(BIN)/python -m pytest -m slow
 
-test-all: $(STAMP)
+test-all: $(SETUP)
 	$(BIN)/python -m pytest -m ''
 
 # vllm (CUDA) where a GPU driver is present, else the CPU build (the same `vllm` package).
@@ -69,36 +72,36 @@ $(VLLM_STAMP):
 
 vllm-env: $(VLLM_STAMP)
 
-test-vllm: $(STAMP) $(VLLM_STAMP)
+test-vllm: $(SETUP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -m vllm tests/test_vllm.py tests/test_vllm_judge.py
 
-generate: $(STAMP)
+generate: $(SETUP)
 	$(BIN)/rmod-distill generate --config recipes/$(RECIPE)/generate.yaml $(ARGS)
 
-distill: $(STAMP)
+distill: $(SETUP)
 ifeq ($(ACCELERATE_CONFIG),)
 	$(BIN)/rmod-distill distill --config recipes/$(RECIPE)/distill.yaml $(ARGS)
 else
 	$(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) -m rmod_distill.distill --config recipes/$(RECIPE)/distill.yaml $(ARGS)
 endif
 
-eval: $(STAMP)
+eval: $(SETUP)
 	$(BIN)/rmod-distill eval --config recipes/$(RECIPE)/eval.yaml $(ARGS)
 
-iterate: $(STAMP)
+iterate: $(SETUP)
 	$(BIN)/rmod-distill iterate --config recipes/$(RECIPE)/$(ITERATE).yaml $(if $(ROUNDS),--rounds $(ROUNDS)) $(ARGS)
 
-values: $(STAMP)
+values: $(SETUP)
 	$(BIN)/rmod-distill values --config recipes/$(RECIPE)/values.yaml $(ARGS)
 
-bench: $(STAMP)
+bench: $(SETUP)
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 # docs/recipes.md from the config dataclasses' help; tests/test_docs.py fails when it is stale.
-docs: $(STAMP)
+docs: $(SETUP)
 	$(BIN)/python -m rmod_distill.recipe_docs
 
-gpu-wheels: $(STAMP)
+gpu-wheels: $(SETUP)
 	PYTHON=$(BIN)/python bash scripts/gpu_wheels.sh
 
 # No $(STAMP): on the GPU machine there is no .venv to make (and no registry); its python3 runs the check.
@@ -107,7 +110,7 @@ gpu-check:
 	PYTHON=$(GPU_PYTHON) bash scripts/gpu_check.sh --out runs/gpu-check $(ARGS)
 
 # The main job: every stage on the embedded default, then the report's table.
-demo: $(STAMP)
+demo: $(SETUP)
 	$(MAKE) --no-print-directory generate RECIPE=$(RECIPE)
 	$(MAKE) --no-print-directory distill RECIPE=$(RECIPE)
 	$(MAKE) --no-print-directory eval RECIPE=$(RECIPE)

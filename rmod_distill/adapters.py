@@ -152,8 +152,21 @@ def _offline_run_adapter(path: Path) -> Path | None:
     return None
 
 
+def check_destination(to: Path) -> None:
+    """``--to`` must be able to be a folder: refuse an existing file there, or a file where a folder above it
+    would go, before anything is fetched or written."""
+    for candidate in [to, *to.parents]:
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is a file" if candidate == to else f"is below {candidate}, a file"
+                raise UserError(f"--to {to} {where}, not a folder; give a new or empty folder")
+            return
+
+
 def fetch_adapter(source: str, to: str | Path | None = None) -> Path:
     """Resolve an adapter source to a verified local folder (copied to ``to`` when given)."""
+    if to is not None:
+        check_destination(Path(to))
     path = Path(source)
     if path.exists():
         staged = _offline_run_adapter(path) if not (path / "adapter_config.json").exists() else path

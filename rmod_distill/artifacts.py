@@ -15,6 +15,7 @@ JSONL file is written atomically and read strictly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -82,9 +83,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def json_safe(value):
+    """``value`` with every NaN or infinite float (numpy's too) replaced by None, tuples as lists: what JSON can
+    hold (``json.dumps`` would write a bare ``NaN``, which strict parsers refuse)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) or type(value).__module__ == "numpy" and hasattr(value, "dtype"):
+        if getattr(value, "dtype", None) is not None and value.dtype.kind in "iu":
+            return int(value)
+        if getattr(value, "dtype", None) is not None and value.dtype.kind == "b":
+            return bool(value)
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
 def write_json(path: str | Path, data) -> None:
-    """Atomically write indented JSON."""
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    """Atomically write indented JSON; NaN and infinities are written as null (see :func:`json_safe`)."""
+    atomic_write_text(path, json.dumps(json_safe(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
@@ -190,14 +208,61 @@ def recipe_key(config: dict) -> dict:
     return key
 
 
+TOOL_FOLDERS = ("wandb",)  # written into a run folder after it completes (W&B's offline runs): never a user's
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Every file below ``folder`` as a sorted list of relative POSIX paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first existing ancestor of ``path`` (or ``path`` itself) that is a file, not a folder."""
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def read_run(path: str | Path, stage: str, key: str) -> dict:
+    """The ``run.json`` of the complete ``stage`` run that recipe key (or argument) ``key`` names;
+    anything else (missing, a file, another tool's folder, another stage's run, an unfinished run)
+    is refused in one line naming ``key`` and the folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{key} {path} does not exist; run `rmod-distill {stage}` first (or fix the path)")
+    if not path.is_dir():
+        raise UserError(f"{key} {path} is a file, not a {stage} run folder")
+    marker = path / MARKER
+    info = read_json(marker, f"{key} run marker") if marker.is_file() else {}
+    found = info.get("stage")
+    if not isinstance(found, str):
+        raise UserError(f"{key} {path} is not a {stage} run (no rmod-distill {MARKER} there); give the output_dir "
+                        f"of `rmod-distill {stage}`")
+    if found != stage:
+        raise UserError(f"{key} {path} holds {_a(found)} {found} run, not {_a(stage)} {stage} run; give the "
+                        f"output_dir of `rmod-distill {stage}`")
+    if info.get("complete") is not True:
+        raise UserError(f"{key} {path} is an unfinished {stage} run; rerun that `rmod-distill {stage}` command to "
+                        "complete it")
+    return info
+
+
 class RunFolder:
     """A stage's output folder and its lifecycle.
 
     ``check()`` (before anything is loaded or removed) refuses a complete run without
-    ``overwrite``, an unfinished run made with another recipe without ``overwrite``, and a
-    folder holding files that no rmod-distill stage wrote. ``begin()`` returns the folder
-    to write into (a staging folder beside the old run when overwriting a complete one)
-    and marks it unfinished; ``finish(info)`` marks it complete and swaps it in.
+    ``overwrite``, an unfinished run made with another recipe without ``overwrite``, a
+    folder holding files that no rmod-distill stage wrote (a ``run.json`` without a
+    ``stage`` is another tool's), and, when overwriting a complete run, any file in it that
+    the run did not write (its ``run.json`` lists them under ``files``): nothing of a user's
+    is deleted. ``begin()`` returns the folder to write into (a staging folder beside the old
+    run when overwriting a complete one) and marks it unfinished; ``finish(info)`` marks it
+    complete, records its files and swaps it in.
     """
 
     def __init__(self, path: str | Path, stage: str, config: dict, overwrite: bool):
@@ -207,30 +272,59 @@ class RunFolder:
         self.work = self.path
 
     def _marker(self, folder: Path) -> dict | None:
+        """The folder's run marker; None without one. Another tool's ``run.json`` (not JSON, or
+        without this project's ``stage`` and ``complete`` keys) counts as a user's file."""
         marker = folder / MARKER
-        if not marker.exists():
+        if not marker.is_file():
             return None
-        return read_json(marker, f"{self.stage} run marker")
+        try:
+            info = json.loads(marker.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(info, dict) or not isinstance(info.get("stage"), str) or "complete" not in info:
+            return None
+        return info
+
+    def _foreign(self, info: dict) -> list[str]:
+        """Files in the complete run at ``self.path`` that it did not write (a user's notes, a compare)."""
+        if "files" in info:
+            written = set(info["files"])
+            return [f for f in _files_under(self.path) if f != MARKER and f not in written
+                    and f.split("/")[0] not in TOOL_FOLDERS]
+        # A run made before runs recorded their files: what changed after it completed is not its own.
+        done = (self.path / MARKER).stat().st_mtime
+        return [f for f in _files_under(self.path) if f.split("/")[0] not in TOOL_FOLDERS
+                and (self.path / f).stat().st_mtime > done + 1]
 
     def check(self) -> None:
         """Refuse what would lose or mix up a user's files; see the class docstring."""
+        blocker = _blocking_file(self.path)
+        if blocker is not None:
+            what = "is a file, not a folder" if blocker == self.path else \
+                f"cannot be made: {blocker} is a file, not a folder"
+            raise UserError(f"output_dir {self.path} {what}; choose another output_dir")
         info = self._marker(self.path)
         if info is None:
-            if self.path.exists() and not self.path.is_dir():
-                raise UserError(f"output_dir {self.path} is a file, not a folder")
             if self.path.is_dir() and any(self.path.iterdir()):
+                why = f"{MARKER} is not an rmod-distill run marker" if (self.path / MARKER).exists() else \
+                    f"no {MARKER}"
                 raise UserError(
-                    f"output_dir {self.path} holds files that no rmod-distill run wrote (no {MARKER}); "
-                    "choose another output_dir"
+                    f"output_dir {self.path} holds files that no rmod-distill run wrote ({why}); "
+                    "choose another output_dir (it is refused with --overwrite too)"
                 )
             return
-        if info.get("stage", self.stage) != self.stage:
+        if info["stage"] != self.stage:
             raise UserError(f"output_dir {self.path} holds a {info['stage']} run, not a {self.stage} run; "
                             "choose another output_dir")
         if info.get("complete"):
             if not self.overwrite:
                 raise UserError(f"{self.path} already holds a complete {self.stage} run; pass --overwrite to "
                                 "replace it (it is kept until the new run completes) or set output_dir")
+            foreign = self._foreign(info)
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise UserError(f"{self.path} holds files the {self.stage} run did not write ({shown}); --overwrite "
+                                "would delete them: move them out of the folder, or choose another output_dir")
             return
         old, new = recipe_key(info.get("config", {})), recipe_key(self.config)
         # A key added to the recipe since the run was made, at its off value (False / null), changes nothing.
@@ -261,9 +355,12 @@ class RunFolder:
         return self.work
 
     def finish(self, info: dict, swap: bool = True) -> Path:
-        """Mark the run complete with ``info`` and (unless ``swap=False``, for a last step inside
-        the new folder) swap it in for the old one; returns where the run now is."""
-        write_json(self.work / MARKER, dict(provenance(self.config), stage=self.stage, complete=True, **info))
+        """Mark the run complete with ``info`` and the list of the files it wrote, then (unless
+        ``swap=False``, for a last step inside the new folder) swap it in for the old one;
+        returns where the run now is."""
+        files = [f for f in _files_under(self.work) if f != MARKER]
+        write_json(self.work / MARKER, dict(provenance(self.config), stage=self.stage, complete=True, **info,
+                                            files=files))
         return self.swap() if swap else self.work
 
     def swap(self) -> Path:

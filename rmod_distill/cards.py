@@ -13,7 +13,31 @@ from rmod_distill.artifacts import is_local_path
 from rmod_distill.policy import base_model_name
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
-SHOWN_RESULTS = ("train_loss", "eval_loss", "eval_mean_token_accuracy", "train_rows")
+SHOWN_RESULTS = ("train_loss", "eval_loss", "eval_mean_token_accuracy", "train_rows", "dpo_pairs", "dpo_train_loss",
+                 "dpo_eval_rewards/accuracies", "dpo_held_out_worst_case", "grpo_reward_first", "grpo_reward_last",
+                 "grpo_kl_last")
+TRAINERS = {"sft": "SFTTrainer", "dpo": "DPOTrainer", "grpo": "GRPOTrainer"}
+
+
+def _steps(cfg: dict) -> tuple[list[str], list[str]]:
+    """The training chain that ran (``objective``, e.g. ``sft+dpo+grpo``): one line per step with its
+    settings, and the steps' names (the card's tags)."""
+    chain = [s for s in str(cfg.get("objective", "sft")).split("+") if s in TRAINERS]
+    lr, epochs = cfg["learning_rate"], cfg["num_train_epochs"]
+    lines = []
+    for step in chain:
+        if step == "sft":
+            lines.append(f"SFT (TRL's SFTTrainer) on RMOD's answers, completion-only loss: lr {lr}, epochs {epochs}")
+        elif step == "dpo":
+            lines.append(f"DPO (TRL's DPOTrainer), RMOD's answer over the reference policy's (pairs "
+                         f"{cfg.get('pairs')}): beta {cfg.get('dpo_beta')}, lr {cfg.get('dpo_learning_rate') or lr}, "
+                         f"epochs {cfg.get('dpo_epochs') or epochs}, {cfg.get('dpo_restarts', 1)} seed(s), the best "
+                         "kept on held-out train prompts")
+        else:
+            lines.append(f"GRPO (TRL's GRPOTrainer) on the student's own samples, rewarded by their worst-case "
+                         f"objective: beta {cfg.get('grpo_beta')}, lr {cfg.get('grpo_learning_rate') or lr}, epochs "
+                         f"{cfg.get('grpo_epochs') or epochs}, {cfg.get('grpo_num_generations')} samples a prompt")
+    return lines, chain
 
 
 def is_hub_id(name: str) -> bool:
@@ -67,10 +91,11 @@ def adapter_card(info: dict, eval_metrics: dict | None = None, eval_report: str 
                     metric_type="worst_case_reward", metric_name=f"worst-case reward ({method})",
                     metric_value=round(eval_metrics[method]["worst_case_reward"], 4),
                 ))
+    steps, chain = _steps(cfg)
     data = ModelCardData(
         # base_model only for a hub id: the hub refuses a local path there
         library_name="peft", base_model=base if is_hub_id(base) else None,
-        tags=["rmod", "robust-multi-objective-decoding", "lora", "trl", "sft"],
+        tags=["rmod", "robust-multi-objective-decoding", "lora", "trl", *chain],
         model_name=f"rmod-distilled-{Path(cfg['output_dir']).name}" if results else None,
         eval_results=results or None,
     )
@@ -81,8 +106,8 @@ def adapter_card(info: dict, eval_metrics: dict | None = None, eval_report: str 
         train_rows=info["rows"]["train"], eval_rows=info["rows"]["held_out"],
         lora={"r": model["lora_r"], "alpha": model["lora_alpha"], "dropout": model["lora_dropout"],
               "modules": model["lora_target_modules"]},
-        training={"learning_rate": cfg["learning_rate"], "epochs": cfg["num_train_epochs"],
-                  "batch": cfg["per_device_train_batch_size"], "accumulation": cfg["gradient_accumulation_steps"],
+        chain=", then ".join(f"{s.upper()} ({TRAINERS[s]})" for s in chain), steps=steps,
+        training={"batch": cfg["per_device_train_batch_size"], "accumulation": cfg["gradient_accumulation_steps"],
                   "max_length": cfg["max_length"]},
         results={k: info["metrics"][k] for k in SHOWN_RESULTS if k in info["metrics"]},
         eval_table=_eval_table(eval_metrics) if eval_metrics else None,

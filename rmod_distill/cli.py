@@ -19,6 +19,7 @@ STAGES = {
     "compare": ("rmod_distill.compare", "students side by side: several evals' adapters against one eval's baselines"),
     "values": ("rmod_distill.values", "train a value model (G heads) by Monte-Carlo regression on rollouts"),
     "download": ("rmod_distill.download", "fetch and verify an adapter: folder, W&B offline run or artifact, hub repo"),
+    "init": ("rmod_distill.init", "a new experiment's generate, distill and eval recipes, consistent across stages"),
 }
 
 
@@ -28,7 +29,8 @@ def usage() -> str:
     lines += [f"  {name:<10} {desc}" for name, (_, desc) in STAGES.items()]
     lines += ["", "Run `rmod-distill <stage> --help` for a stage's keys. The recipe stages (generate, distill, eval,",
               "iterate, values) take --dry-run: check the recipe and print it resolved without running anything",
-              "(compare and download take paths, not recipes). Add --debug to see a traceback behind an error."]
+              "(compare, download and init take paths and names, not recipes). Add --debug to see a traceback",
+              "behind an error."]
     return "\n".join(lines)
 
 
@@ -45,14 +47,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rmod-distill: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     from rmod_distill.errors import UserError
+    from rmod_distill.quiet import install
+    from rmod_distill.tracking import hide_secrets, scrub, secret_values
 
+    # The stage has its arguments in `rest`; whatever reads the process's command line later (W&B records
+    # it in the run's metadata) sees <hidden> for a secret such as --hub_token.
+    hide_secrets(*secret_values(rest))
+    install()  # the libraries' warnings a user cannot act on (rmod_distill/quiet.py says which and why)
     try:
         importlib.import_module(STAGES[stage][0]).main(rest)
     except UserError as exc:
         if debug:
             raise
         # One line a user can act on; --debug shows the traceback.
-        message = " ".join(str(exc).split())
+        message = scrub(" ".join(str(exc).split()))  # a library's error quoted in it may hold a token
         print(f"rmod-distill {stage}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from rmod_distill.artifacts import read_jsonl
+from rmod_distill.artifacts import read_jsonl, read_run
 from rmod_distill.errors import UserError
-from rmod_distill.metrics import (TAIL_Z, bootstrap_interval, paired_comparisons, prompt_groups, tail_share,
-                                  worst_tail_mean)
+from rmod_distill.metrics import (TAIL_Z, bootstrap_interval, format_recovery, paired_comparisons, prompt_groups,
+                                  tail_share, worst_tail_mean)
 from rmod_distill.prompts import base_prompt_id
 
 
 def eval_rows(folder: Path) -> list[dict]:
-    """The rows of an eval run's ``generations/samples.jsonl`` (every method's answers)."""
+    """The rows of a complete eval run's ``generations/samples.jsonl`` (every method's answers)."""
+    read_run(folder, "eval", "eval run")
     path = folder / "generations" / "samples.jsonl"
     if not path.is_file():
         raise UserError(f"{folder}: not a complete eval run (no generations/samples.jsonl)")
@@ -123,12 +124,11 @@ def table_lines(table: list[dict]) -> list[str]:
              "| recovery by mean [95% CI] | recovery by median [95% CI] | tokens/resp |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
-        ci = f"{r['worst_case']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
+        ci = f"{r['worst_case']:+.3f} [{_signed(r['ci'][0])}, {_signed(r['ci'][1])}]"
         if "recovery" in r:
             d = r["minus_rmod"]
-            diff = f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
-            rec = [f"{v['value']:.0%} [{v['ci'][0]:.0%}, {v['ci'][1]:.0%}]" for v in
-                   (r["recovery"]["mean"], r["recovery"]["median"])]
+            diff = f"{_signed(d['mean'])} [{_signed(d['ci'][0])}, {_signed(d['ci'][1])}]"
+            rec = [format_recovery(v) for v in (r["recovery"]["mean"], r["recovery"]["median"])]
         else:
             diff, rec = "-", ["-", "-"]
         lines.append(f"| `{r['method']}` | {ci} | {r['median']:+.3f} | {100 * r['tail_share']:.1f}% | "
@@ -136,12 +136,18 @@ def table_lines(table: list[dict]) -> list[str]:
     return lines
 
 
+def _signed(x: float | None) -> str:
+    """A signed figure; "-" where it could not be computed (None, NaN)."""
+    return "-" if x is None or x != x else f"{x:+.3f}"
+
+
 def intro(info: dict) -> str:
     """The sentence under a comparison's title: what was compared and how to read it."""
     answers = f" ({info['answers']} answers)" if info["answers"] != info["prompts"] else ""
     return (f"{info['prompts']} prompts{answers}; objectives {', '.join(info['objectives'])}. Students are sampled "
             "plainly. Recovery: `(student - reference) / (rmod - reference)` of the per-answer worst case, by mean "
-            "and by median, with paired 95% bootstrap intervals (prompts resampled with all their answers); the "
+            "and by median, with paired 95% bootstrap intervals (prompts resampled with all their answers), "
+            "undefined where RMOD's lift is <= 0; the "
             f"tail: the share of answers whose lowest objective is below z = {TAIL_Z:g}, and the mean of the worst 5%."
             + _differs_note(info.get("reference_differs", {})))
 

@@ -22,7 +22,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import yaml
 
@@ -37,7 +37,20 @@ class ConfigError(UserError):
 
 class _Yaml12Loader(yaml.SafeLoader):
     """YAML with 1.2 scalars: only true/false are booleans (``eval_strategy: no`` stays the
-    string "no") and ``5e-3`` is a float, as users of TRL recipes expect."""
+    string "no") and ``5e-3`` is a float, as users of TRL recipes expect. A key given twice in
+    one mapping is an error (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"key {key!r} is given twice (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
@@ -89,30 +102,34 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
+        shaped = []  # the errors of the branches whose shape the value has (a mapping for a section)
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, where)
             except ConfigError as exc:
-                errors.append(exc)
-        raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+                if isinstance(value, dict) and (dataclasses.is_dataclass(arg) or typing.get_origin(arg) is dict) \
+                        or isinstance(value, list) and typing.get_origin(arg) is list:
+                    shaped.append(exc)
+        if len(shaped) == 1:  # e.g. an unknown key inside an optional section: say which
+            raise shaped[0]
+        raise ConfigError(f"{where}: expected {_describe(tp)}, got {_shown(value)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+            raise ConfigError(f"{where}: expected {_describe(tp)}, got {_shown(value)}")
         (arg,) = typing.get_args(tp) or (Any,)
         return [_convert(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_shown(value)}")
         key_t, val_t = typing.get_args(tp) or (Any, Any)
         return {_convert(k, key_t, where): _convert(v, val_t, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+            raise ConfigError(f"{where}: expected {_describe(tp)}, got {_shown(value)}")
         return from_dict(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
@@ -136,6 +153,38 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _field_type(cls, dotted: str) -> Any:
+    """The annotation of a dotted key of dataclass ``cls`` (``decoding.num_candidates``); None when
+    it names no field (that error is reported where the config is built)."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = _hints(tp).get(part)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = args[0] if len(args) == 1 else tp
+    return tp
+
+
+SECRET_WORDS = ("token", "key", "secret", "password")  # keys whose values an error message never shows
+
+
+def _looks_secret(key: Any) -> bool:
+    return isinstance(key, str) and not key.endswith("_env") and any(
+        part in SECRET_WORDS for part in key.lower().replace("-", "_").split("_"))
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` for an error message, with the values of secret-looking keys hidden."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {HIDDEN!r}" if _looks_secret(k) else f"{k!r}: {_shown(v)}"
+                               for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return repr(value)
+
+
 def _hints(cls) -> dict[str, Any]:
     hints = {}
     for klass in reversed(cls.__mro__):
@@ -149,15 +198,29 @@ def _hints(cls) -> dict[str, Any]:
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
+    hints = _hints(cls)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], fields, n=3)
+        name = unknown[0]
+        if f"{name}_env" in fields:  # a secret put in a recipe where the name of its variable belongs
+            raise ConfigError(f"{where}: unknown key {name!r} for {cls.__name__}: put the key in an environment "
+                              f"variable and give its name as {name}_env (a recipe never holds a secret)")
+        nested = [f"{k}.{name}" for k, tp in hints.items() if k in fields and dataclasses.is_dataclass(tp)
+                  and name in {f.name for f in dataclasses.fields(tp)}]
+        close = nested or difflib.get_close_matches(str(name), fields, n=3)
         hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} for {cls.__name__}; {hint}valid keys are: {', '.join(sorted(fields))}"
+            f"{where}: unknown key {name!r} for {cls.__name__}; {hint}valid keys are: {', '.join(sorted(fields))}"
         )
-    hints = _hints(cls)
-    kwargs = {k: _convert(v, hints.get(k, Any), f"{where}: key {k!r}") for k, v in data.items()}
+    kwargs = {}
+    for k, v in data.items():
+        try:
+            kwargs[k] = _convert(v, hints.get(k, Any), f"{where}: key {k!r}")
+        except ConfigError:
+            if _looks_secret(k):  # the message would show the secret itself
+                raise ConfigError(f"{where}: key {k!r}: expected {_describe(hints.get(k, Any))}, got a value "
+                                  "that is not shown (it may be a secret)") from None
+            raise
     missing = [
         name for name, f in fields.items()
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -182,6 +245,13 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: what went wrong and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a recipe file, which must hold a YAML mapping."""
     path = Path(path)
@@ -192,7 +262,9 @@ def load_yaml(path: str | Path) -> dict:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"recipe file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if data is None:
         # An empty file (or only comments) is almost always a wrong path or a lost edit, not "all defaults".
         raise ConfigError(f"recipe file {path} is empty (no keys); expected a YAML mapping of keys to values "
@@ -206,21 +278,40 @@ def parse_config(cls: type[T], argv: list[str] | None = None) -> T:
     """Parse ``--config FILE`` plus ``--key value`` / ``--key=value`` overrides into ``cls``.
 
     A bare ``--flag`` sets a boolean to true. ``--help`` prints every key with its help.
-    ``--dry-run`` parses and validates the recipe (types, unknown keys, each section's own
-    checks), prints it resolved as YAML and exits 0: no model loads, no folder is written.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(config_help(cls))
         raise SystemExit(0)
-    if "--dry-run" in argv:
-        cfg = _parse(cls, [a for a in argv if a != "--dry-run"])
-        # Through JSON so that library enums and paths print as the plain values a recipe holds.
-        resolved = json.loads(json.dumps(to_dict(cfg), default=str))
-        print(f"# {cls.__name__}, resolved (--dry-run: nothing loaded, nothing written)")
-        print(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), end="")
-        raise SystemExit(0)
     return _parse(cls, argv)
+
+
+def stage_main(cls: type[T], argv: list[str] | None, check: Callable[[T, bool], Any],
+               run: Callable[[T, Any], Any]) -> Any:
+    """A recipe stage's ``main``: parse the recipe, then ``check(cfg, dry_run)`` (every check the
+    stage makes before a model loads or its output folder is touched), then ``run(cfg, checked)``.
+
+    With ``--dry-run`` the same checks run (those that would load a model, such as scoring with a
+    reward model, are left out) and the resolved recipe is printed as YAML: exit 0, nothing written.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dry_run = "--dry-run" in argv
+    cfg = parse_config(cls, [a for a in argv if a != "--dry-run"])
+    checked = check(cfg, dry_run)
+    if not dry_run:
+        return run(cfg, checked)
+    # Through JSON so that library enums and paths print as the plain values a recipe holds.
+    resolved = json.loads(json.dumps(to_dict(cfg), default=str))
+    print(f"# {cls.__name__}, resolved and checked (--dry-run: no model loaded, nothing written)")
+    print(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), end="")
+    raise SystemExit(0)
+
+
+def _build(cls: type[T], data: dict, source: str) -> T:
+    """:func:`from_dict` after the class's ``inherit(data)`` (where it has one) filled in the keys a
+    recipe leaves to another run (eval: the decoding of its generate run)."""
+    inherit = getattr(cls, "inherit", None)
+    return from_dict(cls, inherit(copy.deepcopy(data)) if inherit else data, source)
 
 
 def _parse(cls: type[T], argv: list[str]) -> T:
@@ -233,31 +324,41 @@ def _parse(cls: type[T], argv: list[str]) -> T:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: options are --config FILE and --key value")
         key, eq, value = arg[2:].partition("=")
+        bare = False
         if not eq:
             if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 value = argv[i + 1]
                 i += 1
             else:
-                value = "true"
+                value, bare = "true", True
         i += 1
         if key == "config":
             data = load_yaml(value)
             source = value
             continue
-        overrides.append((key.replace("-", "_"), yaml_load(value) if value != "" else ""))
+        key = key.replace("-", "_")
+        if bare and _field_type(cls, key) not in (bool, None):
+            raise ConfigError(f"--{key} needs a value (expected {_describe(_field_type(cls, key))}); "
+                              f"write --{key} VALUE")
+        try:
+            parsed = yaml_load(value) if value != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--{key}: the value {value!r} is not valid YAML: {_yaml_problem(exc)}; lists are "
+                              "written [a, b] and mappings {key: value}, quoted for the shell") from None
+        overrides.append((key, parsed))
     if not overrides:
-        return from_dict(cls, data, source)
+        return _build(cls, data, source)
     recipe, merged = data, copy.deepcopy(data)
     for key, value in overrides:
         _set_dotted(merged, key, value)
     try:
-        return from_dict(cls, merged, source)
+        return _build(cls, merged, source)
     except ConfigError as merged_error:
         if source == "command line":
             raise
         # Blame the recipe file only when it fails on its own; otherwise an override broke it.
         try:
-            from_dict(cls, copy.deepcopy(recipe), source)
+            _build(cls, copy.deepcopy(recipe), source)
         except ConfigError:
             raise merged_error from None
         # Name the override at fault: the first that breaks the recipe on its own.
@@ -266,7 +367,7 @@ def _parse(cls: type[T], argv: list[str]) -> T:
             trial = copy.deepcopy(recipe)
             try:
                 _set_dotted(trial, key, value)
-                from_dict(cls, trial, source)
+                _build(cls, trial, source)
             except ConfigError:
                 culprit = f"--{key}"
                 break

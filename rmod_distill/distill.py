@@ -24,14 +24,14 @@ from trl import ModelConfig, SFTConfig, get_peft_config
 
 from rmod_distill.adapters import (MANIFEST, PORTABLE_FILES, check_adapter_folder, hub_push_problem, hub_repo_id,
                                    publish_adapter)
-from rmod_distill.artifacts import (BLOCK_PAIRINGS, RunFolder, atomic_write_text, dpo_pairs_problem, provenance,
+from rmod_distill.artifacts import (BLOCK_PAIRINGS, RunFolder, read_run, atomic_write_text, dpo_pairs_problem, provenance,
                                     read_json, read_jsonl, write_json, write_jsonl)
 from rmod_distill.cards import adapter_card
-from rmod_distill.config import parse_config, to_dict
+from rmod_distill.config import stage_main, to_dict
 from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
 from rmod_distill.engine.runs import process_state
 from rmod_distill.errors import UserError
-from rmod_distill.policy import PolicyConfig, policy_fingerprint
+from rmod_distill.policy import PolicyConfig, load_tokenizer, policy_fingerprint, same_policy
 from rmod_distill.prompts import PromptsConfig, base_prompt_id, held_out, load_prompts
 from rmod_distill.tracking import WandbConfig
 
@@ -75,6 +75,10 @@ class DistillModelConfig(ModelConfig):
             if given:
                 raise ValueError(f"model.{key}: not supported by distill (the policy is loaded by rmod-distill's "
                                  f"own loader, unquantised, as a causal LM); leave it at its default")
+        for key, ok, expected in (("lora_r", self.lora_r >= 1, ">= 1"), ("lora_alpha", self.lora_alpha > 0, "> 0"),
+                                  ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)")):
+            if not ok:
+                raise ValueError(f"model.{key} must be {expected}, got {getattr(self, key)}")
         modules = self.lora_target_modules
         super().__post_init__()
         # TRL turns a one-item list into a string, which PEFT reads as a regex over full module
@@ -220,6 +224,10 @@ class DistillConfig(SFTConfig):
                              "objective dpo on pairs samples uses neither (drop keep_best)")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        for key in ("learning_rate", "dpo_learning_rate", "grpo_learning_rate"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{key} must be a finite number > 0, got {value}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.pairs not in PAIRINGS:
@@ -281,9 +289,7 @@ def check_generate_dir(cfg: DistillConfig) -> tuple[dict, set[str]]:
     """The generate run's ``run.json``, checked (complete, with the recipe's methods) before any model loads,
     and the ids of the prompts its dataset holds (rejected_dir and grpo_prompts are checked against them)."""
     gen = Path(cfg.generate_dir)
-    if not gen.is_dir():
-        raise UserError(f"generate_dir {gen} does not exist; run `rmod-distill generate` first (or fix the path)")
-    info = _generate_marker(gen, "generate_dir", "no run.json there; run `make generate` first (or fix the path)")
+    info = read_run(gen, "generate", "generate_dir")
     available = info.get("config", {}).get("methods", [])
     missing = [m for m in cfg.methods if m not in available]
     if missing:
@@ -343,16 +349,6 @@ def selection_prompts(cfg: DistillConfig, everything, more: list[tuple]) -> list
     return sorted(chosen.items())
 
 
-def _generate_marker(run: Path, key: str, missing: str) -> dict:
-    """The ``run.json`` of the generate run that ``key`` names, refused unless complete."""
-    if not (run / "run.json").is_file():
-        raise UserError(f"{key} {run}: {missing}")
-    info = read_json(run / "run.json", "generate run marker")
-    if info.get("stage", "generate") != "generate" or not info.get("complete"):
-        raise UserError(f"{key} {run}: not a complete generate run; rerun generate to complete it")
-    return info
-
-
 def _checked_dataset(run: Path, key: str):
     """The generate run's ``dataset/``, memory-mapped; a missing or damaged one is refused."""
     if not (run / "dataset").is_dir():
@@ -366,9 +362,7 @@ def check_rejected_dir(cfg: DistillConfig, gen_info: dict, prompt_ids: set[str])
     on some of generate_dir's prompts (``prompt_ids``)."""
     rej = Path(cfg.rejected_dir)
     where = f"rejected_dir {rej}"
-    info = _generate_marker(rej, "rejected_dir", "no generate run there (no run.json); make it with `rmod-distill "
-                            f"generate --policy.adapter <student> --methods '[reference]' --normalization "
-                            f"{cfg.generate_dir}/normalization.json --output_dir {rej}`")
+    info = read_run(rej, "generate", "rejected_dir")
     if "reference" not in info.get("config", {}).get("methods", []):
         raise UserError(f"{where}: no `reference` rows (methods there: {info.get('config', {}).get('methods')}); "
                         "generate the student's own samples with --methods '[reference]'")
@@ -412,20 +406,26 @@ def _read_dataset(gen: Path, keep_in_memory: bool, key: str = "generate_dir"):
                         "rerun generate with --overwrite") from None
 
 
+def check_policy(cfg: DistillConfig, info: dict) -> None:
+    """The policy to distil into is the one that generated the data (the same model, compared as
+    resolved paths, and the same vocabulary and chat template); loads only its tokenizer."""
+    made_with = info.get("policy_fingerprint")
+    name = cfg.model.model_name_or_path
+    mine = policy_fingerprint(name, load_tokenizer(name))  # a policy without a chat template fails here
+    if made_with is None:
+        return
+    differs = [k for k in ("vocab_size", "vocab_sha256", "chat_template_sha256") if made_with.get(k) != mine[k]]
+    if not same_policy(made_with.get("model"), name) or differs:
+        raise UserError(
+            f"generate_dir {cfg.generate_dir} was made with policy {made_with.get('model')!r}"
+            f"{' (different ' + ', '.join(differs) + ')' if differs else ''}; model.model_name_or_path is "
+            f"{name!r}: distil into the policy that generated the data"
+        )
+
+
 def load_generated(cfg: DistillConfig, tokenizer, info: dict):
     """The generate run's dataset, checked against the policy, filtered, split into train/held-out."""
     gen = Path(cfg.generate_dir)
-    made_with = info.get("policy_fingerprint")
-    name = cfg.model.model_name_or_path
-    mine = policy_fingerprint(name, tokenizer)
-    if made_with is not None:
-        differs = [k for k in ("vocab_size", "vocab_sha256", "chat_template_sha256") if made_with.get(k) != mine[k]]
-        if made_with.get("model") != name or differs:
-            raise UserError(
-                f"generate_dir {gen} was made with policy {made_with.get('model')!r}"
-                f"{' (different ' + ', '.join(differs) + ')' if differs else ''}; this recipe distills "
-                f"{name!r}: distil into the policy that generated the data"
-            )
     ds = _read_dataset(gen, keep_in_memory=True)
     if cfg.samples_per_prompt is not None:  # for DPO's pairs too
         ds = ds.filter(lambda r: sample_index(r["prompt_id"]) < cfg.samples_per_prompt, keep_in_memory=True)
@@ -950,23 +950,28 @@ def train_dpo(cfg: DistillConfig, model, tokenizer, ds, peft_config, out: Path, 
     return trainer
 
 
-def run(cfg: DistillConfig) -> Path:
-    """Run the distill stage; returns the adapter folder."""
-    from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
-    from trl import SFTTrainer
+@dataclass
+class Checked:
+    """What :func:`check` read and built, handed to :func:`run`."""
 
-    from rmod_distill.policy import load_policy
+    folder: RunFolder
+    gen_info: dict
+    reward: "WorstCaseReward | None"  # GRPO's reward and the DPO restarts' score (None in --dry-run)
+    extra: list  # grpo_prompts' conversations GRPO samples besides generate_dir's
+    extra_held: list  # and those held out (the DPO restarts are chosen on them)
 
-    resolved = to_dict(cfg)
-    folder = RunFolder(cfg.output_dir, "distill", resolved, cfg.overwrite)
-    state = process_state()
 
-    # ------------------------------------------------------------------ check every input first
+def check(cfg: DistillConfig, dry_run: bool = False) -> Checked:
+    """Every check before the policy loads or output_dir is touched (``--dry-run`` runs the same,
+    without loading GRPO's scorers)."""
+    folder = RunFolder(cfg.output_dir, "distill", to_dict(cfg), cfg.overwrite)
     folder.check()
     gen_info, gen_prompt_ids = check_generate_dir(cfg)
     PolicyConfig(cfg.model.model_name_or_path, cfg.init_adapter, cfg.model.dtype).check()
+    check_policy(cfg, gen_info)
     # GRPO's scorers load before the policy: one that cannot (a reward model not there) fails before any training
-    reward = WorstCaseReward(Path(cfg.generate_dir), gen_info) if "grpo" in cfg.objective or cfg.dpo_restarts > 1 else None
+    scored = "grpo" in cfg.objective or cfg.dpo_restarts > 1
+    reward = WorstCaseReward(Path(cfg.generate_dir), gen_info) if scored and not dry_run else None
     extra, extra_held = grpo_extra_prompts(cfg, gen_info, gen_prompt_ids) if cfg.grpo_prompts else ([], [])
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -983,6 +988,21 @@ def run(cfg: DistillConfig) -> Path:
     cfg.wandb.check()
     if cfg.push_to_hub and (problem := hub_push_problem(cfg.hub_token, hub_repo_id(cfg))):
         raise UserError(problem)
+    return Checked(folder, gen_info, reward, extra, extra_held)
+
+
+def run(cfg: DistillConfig, checked: Checked | None = None) -> Path:
+    """Run the distill stage (after :func:`check`, unless ``checked`` is its result); returns the adapter folder."""
+    from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+    from trl import SFTTrainer
+
+    from rmod_distill.policy import load_policy
+
+    resolved = to_dict(cfg)
+    state = process_state()
+    checked = checked or check(cfg)
+    folder, gen_info, reward, extra, extra_held = (checked.folder, checked.gen_info, checked.reward, checked.extra,
+                                                   checked.extra_held)
     # Distill publishes the finished adapter folder itself (publish_adapter); the trainers would push their own
     # output_dir (a staging folder, or DPO's / GRPO's checkpoint folder) under its name, at every save, and
     # pickle the token into training_args.bin: they get neither.
@@ -993,7 +1013,19 @@ def run(cfg: DistillConfig) -> Path:
     state.wait_for_everyone()
     cfg.output_dir = str(out)  # the Trainer writes checkpoints beside the adapter, in the folder being made
     resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+    import torch
+
+    from rmod_distill import quiet
+    from rmod_distill.tracking import hide_secrets, trainer_wandb
+
+    # The Trainers start W&B, which records the command line: its secrets (--hub_token) are hidden first.
+    hide_secrets(publish[1] if publish else None)
+    quiet.install()  # `accelerate launch -m rmod_distill.distill` does not pass through the CLI's main
+
+    if cfg.use_cpu or not torch.accelerator.is_available():
+        cfg.dataloader_pin_memory = False  # nothing to pin for (torch warns, and pins nothing); DPO/GRPO copy it
     if "wandb" in cfg.report_to:
+        trainer_wandb()  # one W&B run for SFT, DPO and GRPO (rmod_distill/tracking.py)
         os.environ.setdefault("WANDB_PROJECT", cfg.wandb.project)
         if cfg.wandb.entity:
             os.environ.setdefault("WANDB_ENTITY", cfg.wandb.entity)
@@ -1086,6 +1118,9 @@ def run(cfg: DistillConfig) -> Path:
     if not trainer.is_world_process_zero():
         return folder.path
     _check_saved_adapter(out)
+    # Saved as padding on the left, as sampling in batches needs (the trainers may have set it to the right, and
+    # transformers writes only what was given at init): a user's AutoTokenizer then pads as load_policy does.
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
     tokenizer.save_pretrained(str(out))
     rows = list(held.select(range(min(cfg.sample_prompts, len(held))))) if held is not None else []
     samples = sample_completions(trainer.model, tokenizer, rows, 64, cfg.seed)
@@ -1141,8 +1176,8 @@ def _log_to_wandb(cfg: DistillConfig, out: Path, samples: list[dict], metrics: d
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the recipe and run the stage."""
-    run(parse_config(DistillConfig, argv))
+    """Parse the recipe, check it, and run the stage (``--dry-run``: check only)."""
+    stage_main(DistillConfig, argv, check, run)
 
 
 if __name__ == "__main__":

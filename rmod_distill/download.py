@@ -24,10 +24,16 @@ def main(argv: list[str] | None = None) -> None:
     dest = fetch_adapter(args.source, args.to)
     config = json.loads((dest / "adapter_config.json").read_text())
     base = config.get("base_model_name_or_path") or "BASE_MODEL"
-    print(f"adapter verified -> {dest}")
-    print("use it:")
-    print(f"  rmod-distill eval --config recipes/default/eval.yaml --adapter {dest}")
-    print(f"  python -c \"from rmod_distill.policy import load_policy; load_policy('{base}', adapter='{dest}')\"")
+    print(f"adapter verified -> {dest} (base policy: {base})")
+    print("sample from it with PEFT (it loads the base; the tokenizer pads on the left, as batches need):")
+    print("  from peft import AutoPeftModelForCausalLM")
+    print("  from transformers import AutoTokenizer")
+    print(f"  model = AutoPeftModelForCausalLM.from_pretrained({str(dest)!r})")
+    print(f"  tokenizer = AutoTokenizer.from_pretrained({str(dest)!r})")
+    print("or with rmod-distill (the embedded default too):")
+    print(f"  from rmod_distill.policy import load_policy; load_policy({base!r}, adapter={str(dest)!r})")
+    print(f"evaluate it with your experiment's eval recipe (its policy.model must be {base}):")
+    print(f"  rmod-distill eval --config recipes/<experiment>/eval.yaml --adapter {dest}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ replies in ``generations/judge.jsonl``).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +31,15 @@ from pathlib import Path
 import numpy as np
 
 from rmod_distill.adapters import MANIFEST, fetch_adapter
-from rmod_distill.artifacts import RunFolder, atomic_write_text, provenance, read_json, write_json, write_jsonl
+from rmod_distill.artifacts import MARKER, RunFolder, atomic_write_text, provenance, read_json, read_run, write_json, write_jsonl
 from rmod_distill.cards import adapter_card
-from rmod_distill.config import parse_config, to_dict
+from rmod_distill.config import stage_main, to_dict
 from rmod_distill.engine.decoding import DecodingConfig
 from rmod_distill.engine.runs import decode_methods, merged_rows, process_state
 from rmod_distill.engine.setup import BackendConfig, build_decoder, check_decoding_inputs, serve_policy
 from rmod_distill.errors import UserError
-from rmod_distill.metrics import bootstrap_interval, complete, method_metrics, paired_comparisons, \
-    median_worst_case, prompt_groups, TAIL_Z, worst_case_win_rate
+from rmod_distill.metrics import bootstrap_interval, complete, format_recovery, json_safe, method_metrics, \
+    paired_comparisons, median_worst_case, prompt_groups, recovery, TAIL_Z, worst_case_win_rate
 from rmod_distill.objectives import (SCALES, Normalizer, ObjectiveSet, ObjectiveSpec, check_scale, default_objectives,
                                      scorer_id)
 from rmod_distill.policy import PolicyConfig
@@ -62,7 +64,11 @@ class EvalConfig:
     )
     prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(split="eval"))
     objectives: list[ObjectiveSpec] = field(default_factory=default_objectives)
-    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    decoding: DecodingConfig = field(
+        default_factory=DecodingConfig,
+        metadata={"help": "Keys not set here come from generate_dir's run; of those that shape the reference answers "
+                          "(the normalisation's samples: max_new_tokens, temperature, top_p, top_k) "
+                          "a different value is refused."})
     scale: str = field(
         default="zscore",
         metadata={"help": "How rewards of different objectives are put on one scale for decoding and metrics: zscore "
@@ -93,6 +99,21 @@ class EvalConfig:
         metadata={"help": "Flag a method whose share of missing judge scores on any objective is above this."},
     )
 
+    @classmethod
+    def inherit(cls, data: dict) -> dict:
+        """The recipe (``data``) with the ``decoding`` keys it leaves out taken from its generate run,
+        whose reference answers measured the normalisation every score here is read against."""
+        gen = data.get("generate_dir", cls.__dataclass_fields__["generate_dir"].default)
+        try:
+            made = json.loads((Path(str(gen)) / MARKER).read_text())["config"]["decoding"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return data  # no generate run there: check() says so
+        given = data.get("decoding") or {}
+        if isinstance(made, dict) and isinstance(given, dict):
+            known = {f.name for f in dataclasses.fields(DecodingConfig)}
+            data["decoding"] = {**{k: v for k, v in made.items() if k in known}, **given}
+        return data
+
     def __post_init__(self):
         for spec in self.judges:
             if spec.kind != "judge":
@@ -108,6 +129,8 @@ class EvalConfig:
             raise ValueError("methods must include 'reference': win rates are measured against it")
         if self.samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.bootstrap_resamples < 1:
+            raise ValueError(f"bootstrap_resamples must be >= 1, got {self.bootstrap_resamples}")
         check_scale(self.scale, self.decoding.values)
 
 
@@ -172,8 +195,9 @@ def make_plots(metrics: dict, names: list[str], rows: list[dict], out: Path) -> 
     for i, method in enumerate(order):
         m = metrics[method]
         means = [m["objective_means"][g] for g in names]
-        err = np.array([[means[j] - m["objective_means_ci"][g][0], m["objective_means_ci"][g][1] - means[j]]
-                        for j, g in enumerate(names)]).T
+        # clipped at 0: a percentile interval of a skewed or constant statistic can sit beside its mean
+        err = np.clip(np.array([[means[j] - m["objective_means_ci"][g][0], m["objective_means_ci"][g][1] - means[j]]
+                                for j, g in enumerate(names)], dtype=float).T, 0, None)
         ax.bar(x + i * width - 0.4 + width / 2, means, width, yerr=err, capsize=2, label=method)
     ax.set_xticks(x, names)
     ax.axhline(0, color="black", lw=0.5)
@@ -190,7 +214,8 @@ def make_plots(metrics: dict, names: list[str], rows: list[dict], out: Path) -> 
         m = metrics[method]
         lo, hi = m["worst_case_reward_ci"]
         ax.errorbar(m["seconds_per_response"], m["worst_case_reward"],
-                    yerr=[[m["worst_case_reward"] - lo], [hi - m["worst_case_reward"]]], fmt="o", capsize=3)
+                    yerr=[[max(0.0, m["worst_case_reward"] - lo)], [max(0.0, hi - m["worst_case_reward"])]], fmt="o",
+                    capsize=3)
         ax.annotate(method, (m["seconds_per_response"], m["worst_case_reward"]), textcoords="offset points",
                     xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
@@ -222,11 +247,15 @@ def _paired_lines(paired: dict) -> list[str]:
     lines = ["Paired comparisons (the same bootstrap-resampled prompts on both sides; 95% intervals):", ""]
     for label, d in paired["differences"].items():
         lo, hi = d["ci"]
-        lines.append(f"- worst-case reward, `{label}`: {d['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        lines.append(f"- worst-case reward, `{label}`: {_signed(d['mean'])} [{_signed(lo)}, {_signed(hi)}]")
     for label, r in paired.get("recovery", {}).items():
-        lo, hi = r["ci"]
-        lines.append(f"- recovery of RMOD's lift by the adapter, by {label}: {r['value']:.0%} [{lo:.0%}, {hi:.0%}]")
+        lines.append(f"- recovery of RMOD's lift by the adapter, by {label}: {format_recovery(r)}")
     return lines + [""]
+
+
+def _signed(x: float | None, digits: int = 3) -> str:
+    """A signed figure for the report; "-" where it could not be computed (None or NaN)."""
+    return "-" if x is None or np.isnan(x) else f"{x:+.{digits}f}"
 
 
 def scale_summary(z: dict[str, np.ndarray], paired: dict, cfg: EvalConfig, groups: np.ndarray | None = None) -> dict:
@@ -242,7 +271,8 @@ def scale_summary(z: dict[str, np.ndarray], paired: dict, cfg: EvalConfig, group
                        "worst_case_reward_ci": [lo, hi],
                        "median_worst_case": median_worst_case(v),
                        "worst_case_win_rate": worst_case_win_rate(v, z["reference"])}
-    return {"methods": out, "recovery": paired.get("recovery")}
+    # JSON-safe (metrics.json): a figure that cannot be computed is None, never NaN.
+    return json_safe({"methods": out, "recovery": paired.get("recovery")})
 
 
 def _scales_lines(scales: dict) -> list[str]:
@@ -257,11 +287,14 @@ def _scales_lines(scales: dict) -> list[str]:
         for s in scales.values():
             m = s["methods"][method]
             lo, hi = m["worst_case_reward_ci"]
-            wcwr = "-" if method == "reference" else f"{100 * m['worst_case_win_rate']:.1f}%"
-            cells += [f"{m['worst_case_reward']:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{m['median_worst_case']:+.3f}", wcwr]
+            wcwr = "-" if method == "reference" or m["worst_case_win_rate"] is None else \
+                f"{100 * m['worst_case_win_rate']:.1f}%"
+            cells += [f"{_signed(m['worst_case_reward'])} [{_signed(lo)}, {_signed(hi)}]",
+                      _signed(m["median_worst_case"]), wcwr]
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
-    rec = [f"{name}: by mean {s['recovery']['mean']['value']:.0%}, by median {s['recovery']['median']['value']:.0%}"
-           for name, s in scales.items() if s.get("recovery")]
+    rec = [f"{name}: by mean {format_recovery(s['recovery']['mean'], interval=False)}, by median "
+           f"{format_recovery(s['recovery']['median'], interval=False)}" for name, s in scales.items()
+           if s.get("recovery")]
     if rec:
         lines += ["", "Recovery of RMOD's worst-case lift by the adapter, " + "; ".join(rec) + "."]
     return lines + [""]
@@ -399,11 +432,12 @@ def write_report(cfg: EvalConfig, metrics: dict, names: list[str], rows: list[di
         d = metrics["distilled"]
         lift = rmod["worst_case_reward"] - ref["worst_case_reward"]
         got = d["worst_case_reward"] - ref["worst_case_reward"]
-        share = got / lift if abs(lift) > 1e-9 else float("nan")
+        share, why = recovery(got, lift)
+        kept = f"{share:.0%} of RMOD's lift" if why is None else f"the recovery is undefined: {why}"
         cost = d["seconds_per_response"] / rmod["seconds_per_response"]
         lines += [
-            f"**Distillation:** RMOD lifts worst-case reward by {lift:+.3f} over `reference`; the distilled "
-            f"adapter lifts it by {got:+.3f} ({share:.0%} of RMOD's lift) at {cost:.0%} of RMOD's time per response "
+            f"**Distillation:** RMOD lifts worst-case reward by {_signed(lift)} over `reference`; the distilled "
+            f"adapter lifts it by {_signed(got)} ({kept}) at {cost:.0%} of RMOD's time per response "
             f"({d['tokens_sampled_per_response']:.0f} vs {rmod['tokens_sampled_per_response']:.0f} tokens sampled).", "",
         ]
     if judge:
@@ -469,25 +503,54 @@ def check_objectives(cfg: EvalConfig, norm_path: Path) -> Normalizer:
     return normalizer
 
 
-def run(cfg: EvalConfig) -> Path:
-    """Run the eval stage; returns the output folder."""
-    state = process_state()
-    folder = RunFolder(cfg.output_dir, "eval", to_dict(cfg), cfg.overwrite)
+REFERENCE_DECODING = ("max_new_tokens", "temperature", "top_p", "top_k")  # what shapes a reference answer
 
-    # ------------------------------------------------------------------ check every input first
+
+def check_decoding_matches(cfg: EvalConfig, gen_info: dict) -> None:
+    """Scores are read against generate_dir's normalisation, measured on reference answers decoded
+    with its settings: eval's reference answers must be decoded the same way."""
+    made = gen_info.get("config", {}).get("decoding", {})
+    for key in REFERENCE_DECODING:
+        mine, theirs = getattr(cfg.decoding, key), made.get(key, getattr(DecodingConfig(), key))
+        if mine != theirs:
+            raise UserError(
+                f"decoding.{key} is {mine} here but {theirs} in generate_dir {cfg.generate_dir}, whose reference "
+                f"answers measured the normalisation: answers decoded otherwise cannot be scored against it; leave "
+                f"decoding.{key} out of the eval recipe (it then comes from generate_dir), or generate with {mine}")
+
+
+@dataclass
+class Checked:
+    """What :func:`check` read and built, handed to :func:`run`."""
+
+    folder: RunFolder
+    prompts: list
+    objectives: ObjectiveSet
+    other: Normalizer | None  # the same statistics on the other scale (both are reported)
+    judges: ObjectiveSet | None
+    adapter: Path | None
+
+
+def check(cfg: EvalConfig, dry_run: bool = False) -> Checked:
+    """Every check before the policy loads or output_dir is touched (``--dry-run`` runs the same,
+    without building the objectives' and judges' models or asking a judge)."""
+    folder = RunFolder(cfg.output_dir, "eval", to_dict(cfg), cfg.overwrite)
     folder.check()
+    check_decoding_matches(cfg, read_run(cfg.generate_dir, "generate", "generate_dir"))
     norm_path = Path(cfg.generate_dir) / "normalization.json"
     normalizer = check_objectives(cfg, norm_path)
+    normalizer.warn_degenerate("eval")
     base_prompts = load_prompts(cfg.prompts)
     prompts = with_samples(base_prompts, cfg.samples_per_prompt)
-    objectives = ObjectiveSet.from_specs(cfg.objectives)
+    objectives = ObjectiveSet.from_specs(cfg.objectives, load=not dry_run)
     objectives.set_normalizer(normalizer.with_scale(cfg.scale, str(norm_path)), str(norm_path))
     other_scale = next(s for s in SCALES if s != cfg.scale)
     other = normalizer.with_scale(other_scale, str(norm_path)) if normalizer.samples else None
-    objectives.probe(prompts[0].messages)
-    judges = ObjectiveSet.from_specs(cfg.judges) if cfg.judges else None
-    if judges is not None:
-        judges.probe(prompts[0].messages)
+    judges = ObjectiveSet.from_specs(cfg.judges, load=not dry_run) if cfg.judges else None
+    if not dry_run:
+        objectives.probe(prompts[0].messages)
+        if judges is not None:
+            judges.probe(prompts[0].messages)
     check_decoding_inputs(cfg.decoding, objectives)
     cfg.policy.check()
     cfg.policy.check_prompt_lengths(base_prompts, cfg.decoding.max_new_tokens, cfg.prompts.path)
@@ -497,6 +560,16 @@ def run(cfg: EvalConfig) -> Path:
         adapter = fetch_adapter(cfg.adapter)
         check_no_overlap(adapter, [p.id for p in base_prompts])
     cfg.wandb.check()
+    return Checked(folder, prompts, objectives, other, judges, adapter)
+
+
+def run(cfg: EvalConfig, checked: Checked | None = None) -> Path:
+    """Run the eval stage (after :func:`check`, unless ``checked`` is its result); returns the output folder."""
+    state = process_state()
+    checked = checked or check(cfg)
+    folder, prompts, objectives, judges, adapter = (checked.folder, checked.prompts, checked.objectives,
+                                                    checked.judges, checked.adapter)
+    other_scale, other = next(s for s in SCALES if s != cfg.scale), checked.other
 
     # ------------------------------------------------------------------ decode (the engine)
     state.wait_for_everyone()
@@ -574,8 +647,8 @@ def run(cfg: EvalConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the recipe and run the stage."""
-    run(parse_config(EvalConfig, argv))
+    """Parse the recipe, check it, and run the stage (``--dry-run``: check only)."""
+    stage_main(EvalConfig, argv, check, run)
 
 
 if __name__ == "__main__":

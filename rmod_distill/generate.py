@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rmod_distill.artifacts import RunFolder, read_json, read_jsonl, write_jsonl
-from rmod_distill.config import parse_config, to_dict
+from rmod_distill.config import stage_main, to_dict
 from rmod_distill.engine.decoding import DecodingConfig, adapter_enabled
 from rmod_distill.engine.runs import decode_methods, decode_rows, merged_rows, process_state
 from rmod_distill.engine.setup import BackendConfig, build_decoder, check_decoding_inputs, serve_policy
@@ -93,9 +93,9 @@ class GenerateConfig:
         if self.policy.merge_adapter and self.backend.kind == "vllm":
             raise ValueError("policy.merge_adapter works on the transformers backend; for vLLM save the merged "
                              "model to a folder and serve that as policy.model")
-        if min(self.batch_size, self.samples_per_prompt, self.normalization_prompts, self.normalization_samples) < 1:
-            raise ValueError(
-                "batch_size, samples_per_prompt, normalization_prompts and normalization_samples must be >= 1")
+        for key in ("batch_size", "samples_per_prompt", "normalization_prompts", "normalization_samples"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         check_scale(self.scale, self.decoding.values)
         if self.normalization_prompts * self.normalization_samples < 2:
             raise ValueError("normalisation needs at least 2 reference samples")
@@ -139,6 +139,7 @@ def measure_normalization(cfg: GenerateConfig, decoder, objectives: ObjectiveSet
     bar.close()
     raw = _matrix(rows, "rewards", objectives.names)
     normalizer = Normalizer.fit(objectives.names, raw, objectives.scorers)
+    normalizer.warn_degenerate("generate")
     normalizer.save(out / "normalization.json")
     for r in rows:
         r.pop("normalized"), r.pop("worst_case")
@@ -146,19 +147,27 @@ def measure_normalization(cfg: GenerateConfig, decoder, objectives: ObjectiveSet
     return normalizer
 
 
-def run(cfg: GenerateConfig) -> Path:
-    """Run the generate stage; returns the output folder."""
-    state = process_state()
-    resolved = to_dict(cfg)
-    folder = RunFolder(cfg.output_dir, "generate", resolved, cfg.overwrite)
+@dataclass
+class Checked:
+    """What :func:`check` read and built, handed to :func:`run`."""
 
-    # ------------------------------------------------------------------ check every input first
+    folder: RunFolder
+    prompts: list[Prompt]
+    calibration_prompts: list[Prompt]
+    objectives: ObjectiveSet
+    normalizer: Normalizer | None
+
+
+def check(cfg: GenerateConfig, dry_run: bool = False) -> Checked:
+    """Every check before the policy loads or output_dir is touched (``--dry-run`` runs the same,
+    without building the objectives' models)."""
+    folder = RunFolder(cfg.output_dir, "generate", to_dict(cfg), cfg.overwrite)
     folder.check()
-    prompts = load_prompts(cfg.prompts)
-    calibration_prompts = prompts
-    prompts = with_samples(prompts, cfg.samples_per_prompt)
-    objectives = ObjectiveSet.from_specs(cfg.objectives)
-    objectives.probe(prompts[0].messages)
+    calibration_prompts = load_prompts(cfg.prompts)
+    prompts = with_samples(calibration_prompts, cfg.samples_per_prompt)
+    objectives = ObjectiveSet.from_specs(cfg.objectives, load=not dry_run)
+    if not dry_run:
+        objectives.probe(prompts[0].messages)
     normalizer = None
     if cfg.normalization:
         normalizer = Normalizer.load(cfg.normalization).with_scale(cfg.scale, cfg.normalization)
@@ -172,6 +181,15 @@ def run(cfg: GenerateConfig) -> Path:
     cfg.policy.check_prompt_lengths(calibration_prompts, cfg.decoding.max_new_tokens, cfg.prompts.path)
     cfg.backend.check()
     cfg.wandb.check()
+    return Checked(folder, prompts, calibration_prompts, objectives, normalizer)
+
+
+def run(cfg: GenerateConfig, checked: Checked | None = None) -> Path:
+    """Run the generate stage (after :func:`check`, unless ``checked`` is its result); returns the output folder."""
+    state = process_state()
+    checked = checked or check(cfg)
+    folder, prompts, objectives, normalizer = checked.folder, checked.prompts, checked.objectives, checked.normalizer
+    calibration_prompts = checked.calibration_prompts
 
     # ------------------------------------------------------------------ output folder, policy
     state.wait_for_everyone()
@@ -251,6 +269,7 @@ def finalize(cfg: GenerateConfig, folder: RunFolder, out: Path, prompts: list[Pr
         objective_specs=to_dict(cfg.objectives),
         policy_fingerprint=fingerprint,
         normalization=read_json(norm_path, "normalisation file"),
+        degenerate_objectives=Normalizer.load(norm_path).degenerate(),
         methods=summary,
     )
     if judge_usage:
@@ -281,8 +300,8 @@ def finalize(cfg: GenerateConfig, folder: RunFolder, out: Path, prompts: list[Pr
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the recipe and run the stage."""
-    run(parse_config(GenerateConfig, argv))
+    """Parse the recipe, check it, and run the stage (``--dry-run``: check only)."""
+    stage_main(GenerateConfig, argv, check, run)
 
 
 if __name__ == "__main__":

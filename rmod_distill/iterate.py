@@ -25,17 +25,17 @@ student's own plain sample, so each pair is RMOD's answer over what the student 
 from __future__ import annotations
 
 import importlib
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from rmod_distill.artifacts import (NOT_RECIPE, RunFolder, dpo_pairs_problem, provenance, read_json, recipe_key,
+from rmod_distill.artifacts import (NOT_RECIPE, RunFolder, read_run, dpo_pairs_problem, provenance, read_json, recipe_key,
                                     write_json)
-from rmod_distill.config import ConfigError, load_yaml, parse_config, to_dict
+from rmod_distill.config import ConfigError, load_yaml, parse_config, stage_main, to_dict
 from rmod_distill.errors import UserError
 from rmod_distill.objectives import Normalizer, scorer_id
 from rmod_distill.comparison import compare_students, intro, table_lines
+from rmod_distill.metrics import format_recovery
 
 STARTS = ("continue", "restart")
 STAGES = ("generate", "distill", "eval")
@@ -220,8 +220,10 @@ def _kept(cfg: IterateConfig, round_: int, stage: str, out: Path) -> Path | None
     return folder
 
 
-def check(cfg: IterateConfig) -> None:
-    """Every stage recipe exists and parses with its overrides, before any model loads."""
+def check(cfg: IterateConfig, dry_run: bool = False) -> None:
+    """Every stage recipe exists and parses with its overrides, before any model loads (``--dry-run``
+    makes the same checks)."""
+    RunFolder(cfg.output_dir, "iterate", to_dict(cfg), cfg.overwrite).check()
     for stage in STAGES:
         path = Path(cfg.recipe) / f"{stage}.yaml"
         if not path.is_file():
@@ -232,11 +234,7 @@ def check(cfg: IterateConfig) -> None:
         path = getattr(cfg, key)
         if path is None:
             continue
-        marker = Path(path) / "run.json"
-        info = read_json(marker, f"{key} run marker") if marker.is_file() else {}
-        if info.get("stage") != stage or not info.get("complete"):
-            raise UserError(f"{key}: {path} is not a complete {stage} run (expected the output_dir of a finished "
-                            f"`rmod-distill {stage}`)")
+        read_run(path, stage, key)
     if cfg.from_adapter:
         made_from = read_json(Path(cfg.from_adapter) / "run.json", "from_adapter run marker").get("generate_dir")
         if made_from and Path(made_from).resolve() != Path(cfg.from_generate).resolve():
@@ -321,11 +319,12 @@ def _name(round_: int, stage: str) -> str:
     return f"final {stage}" if stage in KINDS else f"round {round_} {stage}"
 
 
-def run(cfg: IterateConfig) -> Path:
-    """Run (or resume) every round, then evaluate every student; returns the output folder."""
+def run(cfg: IterateConfig, checked: bool = False) -> Path:
+    """Run (or resume) every round, then evaluate every student (after :func:`check`, unless
+    ``checked``); returns the output folder."""
     resolved = to_dict(cfg)
-    RunFolder(cfg.output_dir, "iterate", resolved, cfg.overwrite).check()
-    check(cfg)
+    if not checked:
+        check(cfg)
     # The rounds are written in place, never in a staging folder (every stage records the paths
     # of the others); with --overwrite each stage redoes its own run, which it replaces only
     # once the new one is complete.
@@ -349,7 +348,7 @@ def run(cfg: IterateConfig) -> Path:
     report = write_report(cfg, out, table, info)
     path = folder.finish({"rounds": table})
     for r in table:
-        extra = f", recovery {r['recovery']['mean']['value']:.0%} (mean)" if "recovery" in r else ""
+        extra = f", recovery {format_recovery(r['recovery']['mean'], interval=False)} (mean)" if "recovery" in r else ""
         print(f"iterate: {r['method']}: worst case {r['worst_case']:+.3f}{extra}")
     print(f"iterate: report -> {path / report.name}")
     return path
@@ -357,7 +356,7 @@ def run(cfg: IterateConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``rmod-distill iterate``."""
-    run(parse_config(IterateConfig, sys.argv[1:] if argv is None else argv))
+    stage_main(IterateConfig, argv, check, lambda cfg, _: run(cfg, checked=True))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from rmod_distill.artifacts import json_safe  # noqa: F401 - also this module's: eval and compare use it
 from rmod_distill.prompts import base_prompt_id
 
 
@@ -190,7 +191,49 @@ def _nanmean(x: np.ndarray) -> float:
 
 
 def _share(got: float, lift: float) -> float:
-    return got / lift if abs(lift) > 1e-12 else float("nan")
+    """``got / lift`` on a bootstrap resample (NaN where the lift is 0; a resample's negative lift is kept, so an
+    interval whose lift crosses zero is what the resamples give)."""
+    return got / lift if abs(lift) > LIFT_EPS else float("nan")
+
+
+LIFT_EPS = 1e-12  # a lift of RMOD's over reference at or below this is no lift
+
+
+def recovery(got: float, lift: float, what: str = "") -> tuple[float | None, str | None]:
+    """The share of RMOD's lift over ``reference`` that a student keeps: ``got / lift``, where ``got`` is
+    ``student - reference`` and ``lift`` is ``rmod - reference`` (of the mean, or the median, worst case).
+
+    Returns ``(share, None)``, or ``(None, why)`` where the share is undefined: RMOD's lift is zero or
+    negative (there is nothing to recover, and the ratio of two differences below zero would read as a
+    large share), or a side is unknown (NaN). ``what`` names the aggregate in ``why`` (" by mean").
+    Every recovery figure (eval's report and metrics.json, compare's and iterate's tables) is this one.
+    """
+    if np.isnan(got) or np.isnan(lift):
+        return None, f"RMOD's lift over reference{what} or the student's is unknown (no complete answers)"
+    if lift <= LIFT_EPS:
+        return None, f"RMOD's lift over reference{what} is {lift:+.3f} <= 0: there is no lift to recover"
+    return got / lift, None
+
+
+def recovery_entry(got: float, lift: float, ci: tuple[float, float] | None = None, what: str = "") -> dict:
+    """A recovery as metrics.json and compare.json hold it: ``{"value": share, "ci": [lo, hi]}``, or, where it is
+    undefined (see :func:`recovery`), ``"value": null`` and ``"undefined"``: why. JSON-safe (no NaN)."""
+    value, why = recovery(got, lift, what)
+    out = {"value": value, "ci": json_safe(list(ci)) if ci is not None else None}
+    if why is not None:
+        out["undefined"] = why
+    return out
+
+
+def format_recovery(entry: dict, interval: bool = True) -> str:
+    """A recovery entry of :func:`recovery_entry` for a report: ``58% [31%, 79%]``, or ``undefined (why)``."""
+    if entry.get("value") is None:
+        return f"undefined ({entry.get('undefined', 'RMOD has no lift over reference')})"
+    ci = entry.get("ci")
+    if not interval or ci is None:
+        return f"{entry['value']:.0%}"
+    lo, hi = ("?" if v is None else f"{v:.0%}" for v in ci)
+    return f"{entry['value']:.0%} [{lo}, {hi}]"
 
 
 def paired_comparisons(z: dict[str, np.ndarray], resamples: int = 1000, seed: int = 0,
@@ -201,8 +244,10 @@ def paired_comparisons(z: dict[str, np.ndarray], resamples: int = 1000, seed: in
     - ``differences``: worst-case reward of A minus B for the pairs that matter (each method
       against ``reference``, ``rmod`` against ``cd``, ``distilled`` against ``rmod``);
     - ``recovery``: ``(distilled - reference) / (rmod - reference)``, the share of RMOD's
-      worst-case lift the adapter keeps, by mean and by median of the per-prompt worst case.
+      worst-case lift the adapter keeps, by mean and by median of the per-prompt worst case
+      (:func:`recovery_entry`: ``value`` null and ``undefined`` saying why where RMOD's lift is <= 0).
 
+    JSON-safe: a figure that cannot be computed is None, never NaN.
     ``groups``: the prompt of each row when a prompt has several answers (resampled together).
     """
     # A prompt with a missing score on either side of a difference is left out of it (NaN-aware mean).
@@ -229,6 +274,8 @@ def paired_comparisons(z: dict[str, np.ndarray], resamples: int = 1000, seed: in
             def stat(i, agg=agg):
                 return _share(float(agg(d[i]) - agg(ref[i])), float(agg(r[i]) - agg(ref[i])))
 
-            out["recovery"][label] = {"value": stat(np.arange(n)),
-                                      "ci": bootstrap_interval(stat, n, resamples, seed, groups=g)}
-    return out
+            whole = np.arange(n)
+            out["recovery"][label] = recovery_entry(
+                float(agg(d[whole]) - agg(ref[whole])), float(agg(r[whole]) - agg(ref[whole])),
+                bootstrap_interval(stat, n, resamples, seed, groups=g), f" by {label}")
+    return json_safe(out)

@@ -105,6 +105,62 @@ class ObjectiveSpec:
         if self.judge is not None:
             self.judge.validate(self.name)
 
+    def check(self) -> None:
+        """What can be checked without loading a model: a python reward imports, a reward model's
+        folder is a model folder (or its hub id is in the cache when the hub is offline)."""
+        if self.kind == "python":
+            python_reward(self)
+        elif self.kind == "reward_model":
+            check_reward_model_source(self)
+
+
+def python_reward(spec: ObjectiveSpec) -> Callable:
+    """The function ``module:function`` of a python objective. The working folder is searched
+    too (as ``python -m`` would), so a reward module beside the recipes needs no PYTHONPATH."""
+    import os
+    import sys
+
+    module_name, _, attr = spec.model.partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        searched = [p for p in sys.path if p and Path(p).is_dir() and not p.endswith((".zip", "site-packages"))][:3]
+        raise ObjectiveError(
+            f"objective {spec.name!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); put "
+            f"{module_name.replace('.', '/')}.py in the folder you run from ({cwd}) or add its folder to PYTHONPATH "
+            f"(searched first: {searched})") from None
+    except Exception as exc:  # the module itself fails on import: the user's code
+        raise ObjectiveError(f"objective {spec.name!r}: importing module {module_name!r} failed: "
+                             f"{type(exc).__name__}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ObjectiveError(f"objective {spec.name!r}: {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def check_reward_model_source(spec: ObjectiveSpec) -> None:
+    """A reward model's ``model`` names a model folder, or a hub id that can be loaded (offline:
+    one already in the hub cache)."""
+    from rmod_distill.artifacts import is_local_path
+
+    where = f"objective {spec.name!r}: reward model {spec.model}"
+    if is_local_path(spec.model):
+        path = Path(spec.model).expanduser()
+        if not path.exists():
+            raise ObjectiveError(f"{where} does not exist (expected a model folder with config.json, or a hub id "
+                                 "like org/name)")
+        if not (path / "config.json").is_file():
+            raise ObjectiveError(f"{where} is not a model folder (no config.json there)")
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(spec.model, "config.json"), str):
+        raise ObjectiveError(f"{where} is not in the hub cache and HF_HUB_OFFLINE is set; download it where the "
+                             "hub can be reached (`hf download` or a first run online), or give a local folder")
+
 
 class Objective:
     """Base class: a named reward on (conversation, response) pairs."""
@@ -277,13 +333,19 @@ class _LoadedRewardModel:
 
         self.spec = spec
         self.device = resolve_device(spec.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+        check_reward_model_source(spec)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                spec.model, trust_remote_code=spec.trust_remote_code, dtype=resolve_dtype(spec.dtype, self.device)
+            ).eval()
+        except (OSError, ValueError) as exc:  # not on the hub, no network, no weights or tokenizer in the folder
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise ObjectiveError(f"objective {spec.name!r}: reward model {spec.model} could not be loaded "
+                                 f"({type(exc).__name__}: {first[:200]})") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            spec.model, trust_remote_code=spec.trust_remote_code, dtype=resolve_dtype(spec.dtype, self.device)
-        ).eval()
         # Offloaded models wait on the CPU and visit their device only to score.
         self.model.to("cpu" if spec.offload else self.device)
         if self.model.config.pad_token_id is None:
@@ -373,14 +435,7 @@ class PythonObjective(Objective):
 
     def __init__(self, spec: ObjectiveSpec):
         super().__init__(spec.name, spec.batch_size)
-        module_name, _, attr = spec.model.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ObjectiveError(f"objective {spec.name!r}: cannot import module {module_name!r}: {exc}") from exc
-        self.fn = getattr(module, attr, None)
-        if not callable(self.fn):
-            raise ObjectiveError(f"objective {spec.name!r}: {module_name!r} has no function {attr!r}")
+        self.fn = python_reward(spec)
         self.sign = spec.sign
 
     def score_batch(self, prompts, responses):
@@ -517,6 +572,21 @@ class Normalizer:
         return cls(list(names), mean.tolist(), std.tolist(), int(rewards.shape[0]), samples,
                    list(scorers) if scorers is not None else None)
 
+    def degenerate(self) -> list[str]:
+        """The objectives whose reference samples all scored alike (their std of 1 is a stand-in): their
+        z-score only says how far an answer is from that one value, in the reward's own units."""
+        return [name for name, values in zip(self.names, self.samples or []) if values and
+                values[-1] - values[0] <= 1e-8 * max(1.0, abs(values[0]))]
+
+    def warn_degenerate(self, stage: str) -> None:
+        """Print one line naming the degenerate objectives, if any."""
+        flat = self.degenerate()
+        if flat:
+            print(f"{stage}: warning: objective{'s' if len(flat) > 1 else ''} {', '.join(map(repr, flat))} gave every "
+                  f"one of the {self.num_samples} reference samples the same score; the normalisation cannot scale "
+                  f"{'them' if len(flat) > 1 else 'it'} (std 1 stands in): check the reward function, or drop "
+                  f"{'them' if len(flat) > 1 else 'it'}")
+
     def with_scale(self, scale: str, source: str = "normalisation") -> "Normalizer":
         """The same statistics on another scale; ``quantile`` needs the samples (files written since it exists)."""
         if scale not in SCALES:
@@ -602,9 +672,15 @@ class ObjectiveSet:
         self.scorers: list[str] | None = None  # scorer_id per objective, when built from specs
 
     @classmethod
-    def from_specs(cls, specs: list[ObjectiveSpec]) -> "ObjectiveSet":
-        """Build every objective of a recipe."""
-        built = cls([build_objective(s) for s in specs])
+    def from_specs(cls, specs: list[ObjectiveSpec], load: bool = True) -> "ObjectiveSet":
+        """Build every objective of a recipe, each checked first (:meth:`ObjectiveSpec.check`);
+        ``load=False`` (``--dry-run``) loads no model: embedded scorers and reward models are
+        only checked, and the set cannot score with them (python and judge objectives, which load
+        none, are built: their rubric, key and function are checked as in a run)."""
+        for spec in specs:
+            spec.check()
+        built = cls([build_objective(s) if load or s.kind in ("python", "judge") else Objective(s.name)
+                     for s in specs])
         built.scorers = [scorer_id(s) for s in specs]
         return built
 

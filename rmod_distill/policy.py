@@ -107,6 +107,18 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def same_policy(a: str | None, b: str | None) -> bool:
+    """Whether two ``policy.model`` values name the same policy: the embedded default by any of its
+    names, a local folder however it is written (``./m``, ``m/``, an absolute path), a hub id as is."""
+    if a is None or b is None:
+        return a == b
+    if a in EMBEDDED_ALIASES or b in EMBEDDED_ALIASES:
+        return a in EMBEDDED_ALIASES and b in EMBEDDED_ALIASES
+    if is_local_path(a) or is_local_path(b):
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return a == b
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """The EOS id plus every end-of-turn token the vocabulary knows."""
     ids = set()
@@ -149,9 +161,9 @@ def prepare_tokenizer(tokenizer):
         else:
             tokenizer.add_special_tokens({"pad_token": "<|rmod_pad|>"})
     if tokenizer.chat_template is None:
-        raise ValueError(
-            f"tokenizer of {tokenizer.name_or_path!r} has no chat template: use an instruct/chat model "
-            "or set `chat_template` in its tokenizer_config.json"
+        raise UserError(
+            f"policy {tokenizer.name_or_path!r} has no chat template (its tokenizer_config.json has no "
+            "chat_template and there is no chat_template.jinja): use an instruct/chat model, or add the template"
         )
     return tokenizer
 

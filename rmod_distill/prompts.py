@@ -161,6 +161,8 @@ def _first_bad_line(path: Path, kind: str) -> str | None:
 def _read_rows(cfg: PromptsConfig) -> tuple[list[dict], str]:
     path = Path(cfg.path)
     if path.suffix in (".jsonl", ".json", ".parquet") or is_local_path(cfg.path):
+        if path.is_dir():
+            raise UserError(f"prompts.path: {path} is a folder; expected a .jsonl, .json or .parquet prompt file")
         if not path.is_file():
             raise UserError(f"prompts.path: prompt file {path} does not exist")
         if path.suffix not in (".jsonl", ".json", ".parquet"):
@@ -223,6 +225,9 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
     for i, row in enumerate(rows):
         if cfg.limit is not None and len(prompts) >= cfg.limit:
             break  # big hub datasets: stop reading once enough prompts are kept
+        if cfg.id_column is not None and (row.get(cfg.id_column) is None or str(row[cfg.id_column]).strip() == ""):
+            raise UserError(f"{source}: row {i + 1} has no {cfg.id_column!r} (missing, null or empty); every prompt "
+                            "needs a unique id (or set prompts.id_column: null to number the rows)")
         pid = str(row[cfg.id_column]) if cfg.id_column is not None else f"row-{i:06d}"
         where = f"{source}: row {i + 1} (id {pid!r})"
         if "#" in pid:
@@ -245,7 +250,10 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
             text = row.get(cfg.text_column)
             if text is None and use_messages and cfg.text_column not in row:
                 raise UserError(f"{where}: neither {cfg.messages_column!r} nor {cfg.text_column!r} is set")
-            text = text if isinstance(text, str) else ""
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"{where}: {cfg.text_column!r} must be a string, got {type(text).__name__} "
+                                f"{str(text)[:40]!r}")
+            text = text or ""
             if cfg.text_format == "plain" or not text.strip():
                 messages = [{"role": "user", "content": text}]
             else:

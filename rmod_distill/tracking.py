@@ -4,16 +4,77 @@
 entry) and offline otherwise: offline runs are written under the stage's output folder
 and can be uploaded later with ``wandb sync``. ``mode: disabled`` logs nothing: it is
 W&B's own ``wandb.init(mode="disabled")``, a run whose methods do nothing.
+
+No secret reaches W&B: it records the process's command line (``sys.argv``) in the run's
+metadata, which an offline run keeps in its ``.wandb`` file and ``wandb sync`` uploads, so every
+place that starts W&B first hides the secrets in it (:func:`hide_secrets`). W&B records no
+environment variables (``HF_TOKEN`` and a judge's API key stay in the environment).
 """
 
 from __future__ import annotations
 
 import netrc
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rmod_distill.config import HIDDEN, SECRET_FLAGS, SECRET_KEYS
 from rmod_distill.errors import UserError
+
+# A secret flag and its value inside one argument too: iterate's `--distill_args "[--hub_token, hf_x]"`.
+_SECRET_IN_TEXT = re.compile("--(?:" + "|".join(re.escape(k).replace("_", "[_-]") for k in SECRET_KEYS)
+                             + r""")(?:\s*[=,]\s*|\s+)['"]?([^\s,'"\]}]+)""")
+_secrets: set[str] = set()  # every secret value seen in this process: hidden wherever it appears later
+
+
+def _is_secret_flag(arg: str) -> bool:
+    return arg.startswith("--") and "--" + arg[2:].replace("-", "_") in SECRET_FLAGS
+
+
+def secret_values(argv: list[str]) -> set[str]:
+    """The values of the secret flags (``--hub_token X``, ``--hub-token=X``, or inside a YAML list)
+    on a command line."""
+    found = set()
+    for i, arg in enumerate(argv):
+        arg = str(arg)
+        key, eq, value = arg.partition("=")
+        if _is_secret_flag(key) and eq:
+            found.add(value)
+        elif _is_secret_flag(arg) and i + 1 < len(argv) and not str(argv[i + 1]).startswith("--"):
+            found.add(str(argv[i + 1]))
+        found.update(m.group(1) for m in _SECRET_IN_TEXT.finditer(arg))
+    return {v for v in found if v and v != HIDDEN}
+
+
+def masked_argv(argv: list[str], secrets=()) -> list[str]:
+    """``argv`` with every secret value (those of :func:`secret_values` and ``secrets``) replaced by
+    ``<hidden>``, wherever it stands: the flags stay, so the command line still says a token was given."""
+    values = secret_values(argv) | {str(s) for s in secrets if s}
+    values.discard(HIDDEN)
+    out = []
+    for arg in argv:
+        arg = str(arg)
+        for value in sorted(values, key=len, reverse=True):
+            if arg == value or len(value) >= 6:  # a substring only for a real secret's length, not "x"
+                arg = arg.replace(value, HIDDEN)
+        out.append(arg)
+    return out
+
+
+def hide_secrets(*values: str | None) -> None:
+    """Hide the secret values on this process's command line (``sys.argv`` and ``sys.orig_argv``, in
+    place) and ``values`` (secrets known otherwise, e.g. a parsed hub token) from whatever reads the
+    command line later: W&B records it in its run metadata. Call it before W&B starts; the command
+    line has been parsed by then, and the stages take their arguments as a list, not from sys.argv."""
+    for argv in (sys.argv, getattr(sys, "orig_argv", None)):
+        if argv:
+            _secrets.update(secret_values(argv))
+    _secrets.update(v for v in values if v and v != HIDDEN)
+    for argv in (sys.argv, getattr(sys, "orig_argv", None)):
+        if argv:
+            argv[:] = masked_argv(argv, _secrets)
 
 
 @dataclass
@@ -54,6 +115,46 @@ def _logged_in() -> bool:
         return False
 
 
+def scrub(text: str) -> str:
+    """``text`` with every secret this process has seen (:func:`hide_secrets`) and the hub token of the
+    environment (``HF_TOKEN``) replaced by ``<hidden>``: for a message that quotes a library's error."""
+    env = {os.environ.get(v, "") for v in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    for value in sorted((_secrets | env) - {"", HIDDEN}, key=len, reverse=True):
+        if len(value) >= 6:
+            text = text.replace(value, HIDDEN)
+    return text
+
+
+_callback = None
+
+
+def trainer_wandb() -> None:
+    """Before Trainers that report to W&B start (distill's SFT, then DPO, then GRPO, into one run):
+    the terminal noise of :func:`rmod_distill.quiet.quiet_wandb` off, and transformers' W&B callback
+    one that records each trainer's parameter count as a change of ``model/num_parameters``. W&B refuses
+    a changed config value unless told it may change, and transformers' own callback then logs
+    "A ConfigError was raised whilst setting the number of model parameters" for every trainer after
+    the first. Idempotent."""
+    global _callback
+    from transformers.integrations import WandbCallback, integration_utils
+
+    from rmod_distill.quiet import quiet_wandb
+
+    quiet_wandb()
+    if _callback is None:
+        class RunWandbCallback(WandbCallback):
+            """transformers' WandbCallback; a later trainer's ``model/num_parameters`` replaces the earlier."""
+
+            def setup(self, args, state, model, **kwargs):
+                run = self._wandb.run if self._wandb is not None else None
+                if run is not None and state.is_world_process_zero and hasattr(model, "num_parameters"):
+                    run.config.update({"model/num_parameters": model.num_parameters()}, allow_val_change=True)
+                super().setup(args, state, model, **kwargs)
+
+        _callback = RunWandbCallback
+    integration_utils.INTEGRATION_TO_CALLBACK["wandb"] = _callback
+
+
 class Tracker:
     """A W&B run; with ``mode: disabled`` W&B's no-op run, so every method is safe to call."""
 
@@ -61,7 +162,11 @@ class Tracker:
         # Imported here, not at module level: `rmod-distill --help` should not pay for W&B.
         import wandb
 
+        from rmod_distill.quiet import quiet_wandb
+
         self.mode = cfg.resolved_mode()
+        hide_secrets()  # W&B records the command line
+        quiet_wandb()
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, name=cfg.run_name or name, config=config,

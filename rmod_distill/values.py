@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import sys
@@ -33,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmod_distill.artifacts import RunFolder, read_json, read_jsonl, write_json, write_jsonl
-from rmod_distill.config import parse_config, to_dict
+from rmod_distill.artifacts import RunFolder, read_json, read_jsonl, read_run, write_json, write_jsonl
+from rmod_distill.config import stage_main, to_dict
 from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig
 from rmod_distill.engine.runs import decode_rows
 from rmod_distill.engine.setup import BackendConfig, serve_policy
@@ -88,15 +89,18 @@ class ValuesConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
         if not 0 <= self.truncate_prob <= 1 or not 0 < self.eval_fraction < 1:
             raise ValueError("truncate_prob must be in [0, 1] and eval_fraction in (0, 1)")
         if not 0 <= self.warmup_ratio < 1 or self.max_grad_norm < 0:
             raise ValueError(f"warmup_ratio must be in [0, 1) and max_grad_norm >= 0, got {self.warmup_ratio} and "
                              f"{self.max_grad_norm}")
-        if min(self.rollouts_per_prompt, self.epochs, self.train_batch_size, self.batch_size, self.checkpoint_steps,
-               self.lora_r) < 1 or self.head_hidden < 0:
-            raise ValueError("rollouts_per_prompt, epochs, train_batch_size, batch_size, checkpoint_steps and lora_r "
-                             "must be >= 1, and head_hidden >= 0")
+        for key in ("rollouts_per_prompt", "epochs", "train_batch_size", "batch_size", "checkpoint_steps", "lora_r"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.head_hidden < 0:
+            raise ValueError(f"head_hidden must be >= 0, got {self.head_hidden}")
         if self.policy.adapter:
             raise ValueError("policy.adapter: value targets are rewards of the reference policy's rollouts; "
                              "set no adapter in the values recipe")
@@ -337,6 +341,7 @@ def train(cfg: ValuesConfig, rows: list[dict], names: list[str], out: Path, trac
         seed=cfg.seed,
         remove_unused_columns=False,  # the collator reads prompt_ids, response_ids and targets
         use_cpu=resolve_device(cfg.policy.device).type == "cpu",
+        dataloader_pin_memory=resolve_device(cfg.policy.device).type != "cpu",  # on a CPU torch warns, pins nothing
         report_to="none" if tracker.mode == "disabled" else ["wandb"],  # into the Tracker's run
     )
     trainer = ValueTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
@@ -384,17 +389,26 @@ def value_report(values: LearnedValues, objectives: ObjectiveSet, rows: list[dic
     return report
 
 
-def run(cfg: ValuesConfig) -> Path:
-    """Run the values stage; returns the value model folder."""
-    folder = RunFolder(cfg.output_dir, "values", to_dict(cfg), cfg.overwrite)
+@dataclass
+class Checked:
+    """What :func:`check` read and built, handed to :func:`run`."""
 
-    # ------------------------------------------------------------------ check every input first
+    folder: RunFolder
+    objectives: ObjectiveSet
+
+
+def check(cfg: ValuesConfig, dry_run: bool = False) -> Checked:
+    """Every check before the policy loads or output_dir is touched (``--dry-run`` runs the same,
+    without building the objectives' models)."""
+    folder = RunFolder(cfg.output_dir, "values", to_dict(cfg), cfg.overwrite)
     folder.check()
+    read_run(cfg.generate_dir, "generate", "generate_dir")
     norm_path = Path(cfg.generate_dir) / "normalization.json"
-    objectives = ObjectiveSet.from_specs(cfg.objectives)
+    objectives = ObjectiveSet.from_specs(cfg.objectives, load=not dry_run)
     objectives.set_normalizer(Normalizer.load(norm_path), str(norm_path))
     prompts = load_prompts(cfg.prompts)
-    objectives.probe(prompts[0].messages)
+    if not dry_run:
+        objectives.probe(prompts[0].messages)
     for name in cfg.rollouts:
         if not Path(name).is_file():
             raise UserError(f"rollouts: {name} does not exist (expected a generate samples.jsonl or calibration.jsonl)")
@@ -407,6 +421,14 @@ def run(cfg: ValuesConfig) -> Path:
     if cfg.lr_scheduler_type not in {s.value for s in SchedulerType}:
         raise UserError(f"lr_scheduler_type {cfg.lr_scheduler_type!r} is not a transformers scheduler; expected one "
                         f"of {[s.value for s in SchedulerType]}")
+    return Checked(folder, objectives)
+
+
+def run(cfg: ValuesConfig, checked: Checked | None = None) -> Path:
+    """Run the values stage (after :func:`check`, unless ``checked`` is its result); returns the value model folder."""
+    checked = checked or check(cfg)
+    folder, objectives = checked.folder, checked.objectives
+    norm_path = Path(cfg.generate_dir) / "normalization.json"
     out = folder.begin()
     old_rollouts = folder.path / "rollouts.jsonl"
     if out != folder.path and old_rollouts.exists() and not (out / "rollouts.jsonl").exists():
@@ -447,7 +469,7 @@ def run(cfg: ValuesConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the recipe and run the stage."""
-    run(parse_config(ValuesConfig, argv))
+    stage_main(ValuesConfig, argv, check, run)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "rmod_distill"
 # Entry points: the stages, and what reaches them by name (the command line, the recipe reference).
 STAGE_MODULES = {f"rmod_distill.{name}" for name in ("generate", "distill", "eval", "values", "download", "iterate",
-                                                   "compare", "cli", "recipe_docs")}
+                                                   "compare", "init", "cli", "recipe_docs")}
 
 
 def module_name(path: Path) -> str:
@@ -176,10 +176,10 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-# The typed recipe of each stage; download and compare take arguments instead of a recipe.
+# The typed recipe of each stage; download, compare and init take arguments instead of a recipe.
 STAGE_CONFIGS = {"generate": "GenerateConfig", "distill": "DistillConfig", "eval": "EvalConfig",
                  "values": "ValuesConfig", "iterate": "IterateConfig"}
-ARGUMENT_KEYS = {"download": ["source", "--to"], "compare": ["base", "--out"]}
+ARGUMENT_KEYS = {"download": ["source", "--to"], "compare": ["base", "--out"], "init": ["name", "--policy"]}
 
 
 def recipe_keys(cls, prefix: str = "") -> list[str]:

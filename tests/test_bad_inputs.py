@@ -278,6 +278,176 @@ class Row:
     id: str
     build: Callable[[Ctx], list[str]]
     expect: str  # regex the one error line must match (after "rmod-distill <stage>: error: ")
+    dry: bool = True  # --dry-run refuses it too (False: found only by scoring, decoding or a request)
+    hidden: str | None = None  # text that must appear nowhere in the output (a secret)
+
+
+# ----------------------------------------------------------------------------- issue 43's rows
+
+
+def _foreign_run_json(c: Ctx):
+    """Another tool's folder: a run.json without `stage`, its model and notes."""
+    out = c.tmp / "theirs"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"model": "theirs", "epochs": 3}))
+    (out / "model.bin").write_bytes(b"\1" * 32)
+    (out / "NOTES.md").write_text("my notes\n")
+    c.watch.append(out)
+    return c.generate("--overwrite", out=out)
+
+
+def _user_file_in_complete_run(c: Ctx):
+    run = c.tmp / "gen"
+    shutil.copytree(c.gen, run)
+    (run / "my_notes.txt").write_text("what I saw\n")
+    (run / "plots").mkdir(exist_ok=True)
+    (run / "plots" / "compare.md").write_text("# mine\n")
+    c.watch.append(run)
+    return c.generate("--overwrite", out=run)
+
+
+def _below_a_file(stage: str):
+    def build(c: Ctx):
+        blocker = c.tmp / "afile"
+        blocker.write_text("not a folder\n")
+        c.watch.append(blocker)
+        out = blocker / "sub"
+        return c.generate(out=out) if stage == "generate" else c.distill(out=out)
+    return build
+
+
+def _recipe(text: str, stage: str = "generate"):
+    def build(c: Ctx):
+        recipe = c.tmp / "recipe.yaml"
+        recipe.write_text(text)
+        c.watch.append(recipe)
+        return c.generate("--config", str(recipe)) if stage == "generate" else [stage, "--config", str(recipe)]
+    return build
+
+
+def _reward_model(model: str, offline: bool = False, empty: bool = False):
+    def build(c: Ctx):
+        target = model.format(tmp=c.tmp)
+        if empty:
+            Path(target).mkdir(parents=True)
+        if offline:
+            c.mp.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+        return c.generate("--objectives", f"[{{name: harmlessness}}, {{name: rm, kind: reward_model, model: '{target}'}}]")
+    return build
+
+
+def _unfinished_generate_for_eval(c: Ctx):
+    run = _unfinished_copy(c.gen, c.tmp / "gen")
+    c.watch.append(run)
+    return c.evaluate(gen=run)
+
+
+def _distill_run_as_generate_dir(c: Ctx):
+    run = c.copy_gen()
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(dict(info, stage="distill")))
+    return c.distill(gen=run)
+
+
+def _prompts_folder(c: Ctx):
+    folder = c.tmp / "myprompts"
+    folder.mkdir()
+    c.watch.append(folder)
+    return c.generate(prompts=folder)
+
+
+def _judge_with(c: Ctx, **judge) -> list[str]:
+    inner = ", ".join(f"{k}: {json.dumps(v)}" for k, v in {"base_url": "http://127.0.0.1:9/v1", **judge}.items())
+    return c.evaluate("--judges", f"[{{name: quality, kind: judge, model: judge-model, judge: {{{inner}}}}}]")
+
+
+def _values(c: Ctx, *extra) -> list[str]:
+    return ["values", "--policy.model", str(c.policy), "--generate_dir", str(c.gen), "--prompts.path",
+            str(c.gen.parent / "prompts.jsonl"), "--objectives", OBJECTIVES, *SMALL, "--wandb.mode", "disabled",
+            "--output_dir", str(c.out()), *extra]
+
+
+ISSUE_43 = [
+    # 1. a folder no rmod-distill run wrote (another tool's run.json) is refused, --overwrite or not
+    Row("43.1-foreign-run-json-overwrite", _foreign_run_json,
+        r"output_dir .*theirs holds files that no rmod-distill run wrote \(run\.json is not an rmod-distill run "
+        r"marker\); choose another output_dir \(it is refused with --overwrite too\)"),
+    # 2. --overwrite over a complete run that holds a user's files: refused, naming them
+    Row("43.2-overwrite-keeps-user-files", _user_file_in_complete_run,
+        r"gen holds files the generate run did not write \(my_notes\.txt, plots/compare\.md\); --overwrite would "
+        r"delete them: move them out"),
+    # 5. a secret in a judge section: the key is named, its value is not printed
+    Row("43.5-judge-api-key-in-recipe", lambda c: _judge_with(c, rubric="x.txt", api_key="sk-PLANTEDsecret123"),
+        r"unknown key 'api_key' for JudgeConfig: put the key in an environment variable and give its name as "
+        r"api_key_env", hidden="sk-PLANTEDsecret123"),
+    Row("43.5-hub-token-of-wrong-type", lambda c: c.distill("--hub_token", "[hf_PLANTEDtoken]"),
+        r"key 'hub_token': expected .*, got a value that is not shown", hidden="PLANTED"),
+    # 6. malformed YAML in an override value
+    Row("43.6-methods-yaml", lambda c: c.generate("--methods", "[rmod, reference"),
+        r"^--methods: the value '\[rmod, reference' is not valid YAML: .*\(line 1, column \d+\)"),
+    Row("43.6-objectives-yaml", lambda c: c.generate("--objectives", "[{name: concision"),
+        r"^--objectives: the value .* is not valid YAML"),
+    Row("43.6-cd-weights-yaml", lambda c: c.generate("--decoding.cd_weights", "[1, 2"),
+        r"^--decoding\.cd_weights: the value '\[1, 2' is not valid YAML"),
+    Row("43.6-iterate-distill-args-yaml", lambda c: ["iterate", "--distill_args", "[--pairs, reference"],
+        r"^--distill_args: the value .* is not valid YAML"),
+    # 7. a reward model that is not there: one line naming the objective
+    Row("43.7-reward-model-missing-path", _reward_model("{tmp}/models/rm"),
+        r"objective 'rm': reward model .*models/rm does not exist \(expected a model folder with config\.json"),
+    Row("43.7-reward-model-empty-folder", _reward_model("{tmp}/models/rm", empty=True),
+        r"objective 'rm': reward model .*models/rm is not a model folder \(no config\.json there\)"),
+    Row("43.7-reward-model-hub-id-offline", _reward_model("nosuch-org/nosuch-reward-model", offline=True),
+        r"objective 'rm': reward model nosuch-org/nosuch-reward-model is not in the hub cache and HF_HUB_OFFLINE is "
+        r"set"),
+    # 8, 9, 10 (and 18: --dry-run refuses them too, as every row here with dry=True)
+    Row("43.8-lora-r-0", lambda c: c.distill("--model.lora_r", "0"), r"model\.lora_r must be >= 1, got 0"),
+    Row("43.8-lora-r-negative", lambda c: c.distill("--model.lora_r", "-4"), r"model\.lora_r must be >= 1, got -4"),
+    Row("43.9-learning-rate-negative", lambda c: c.distill("--learning_rate", "-1"),
+        r"learning_rate must be a finite number > 0, got -1"),
+    Row("43.9-values-learning-rate-negative", lambda c: _values(c, "--learning_rate", "-1"),
+        r"learning_rate must be a finite number > 0, got -1"),
+    Row("43.10-bootstrap-resamples-0", lambda c: c.evaluate("--bootstrap_resamples", "0"),
+        r"bootstrap_resamples must be >= 1, got 0"),
+    Row("43.10-bootstrap-resamples-negative", lambda c: c.evaluate("--bootstrap_resamples", "-5"),
+        r"bootstrap_resamples must be >= 1, got -5"),
+    # 13. an output_dir below a file
+    Row("43.13-generate-output-below-a-file", _below_a_file("generate"),
+        r"output_dir .*afile/sub cannot be made: .*afile is a file, not a folder"),
+    Row("43.13-distill-output-below-a-file", _below_a_file("distill"),
+        r"output_dir .*afile/sub cannot be made: .*afile is a file, not a folder"),
+    # 14. a prompt row without an id
+    Row("43.14-prompt-without-id",
+        lambda c: c.generate(prompts=c.prompts([{"prompt": "tell me a kind thing", "split": "train"},
+                                                {"id": "b", "prompt": "help me fix my home", "split": "train"}])),
+        r"prompts\.jsonl: row 1 has no 'id' \(missing, null or empty\)"),
+    Row("43.14-prompt-id-null",
+        lambda c: c.generate(prompts=c.prompts([{"id": "a", "prompt": "tell me a kind thing", "split": "train"},
+                                                {"id": None, "prompt": "help me fix my home", "split": "train"}])),
+        r"prompts\.jsonl: row 2 has no 'id'"),
+    # 15. a key given twice in a recipe
+    Row("43.15-recipe-key-twice", _recipe("seed: 1\ndecoding:\n  num_candidates: 4\n  num_candidates: 8\n"),
+        r"recipe\.yaml: key 'num_candidates' is given twice \(lines 3 and 4\); keep one"),
+    # 16. eval on an unfinished generate run
+    Row("43.16-eval-unfinished-generate-dir", _unfinished_generate_for_eval,
+        r"generate_dir .*gen is an unfinished generate run; rerun that `rmod-distill generate` command"),
+    # 18. --dry-run on an empty prompt file (with the dry-run pass below)
+    Row("43.18-empty-prompt-file", lambda c: c.generate(prompts=c.prompts(text="")),
+        r"prompts\.jsonl: the file is empty"),
+    # 20. unclear messages made clear
+    Row("43.20-top-level-key-of-a-section", lambda c: c.distill("--lora_r", "8"),
+        r"unknown key 'lora_r' for DistillConfig; did you mean 'model\.lora_r'\?"),
+    Row("43.20-unknown-key-in-judge", lambda c: _judge_with(c, rubrik="x.txt"),
+        r"unknown key 'rubrik' for JudgeConfig; did you mean 'rubric'\?"),
+    Row("43.20-batch-size-0", lambda c: c.generate("--batch_size", "0"), r"batch_size must be >= 1, got 0"),
+    Row("43.20-numeric-prompt", lambda c: c.generate(prompts=c.prompts([{"id": "a", "prompt": 12345,
+                                                                          "split": "train"}])),
+        r"row 1 \(id 'a'\): 'prompt' must be a string, got int '12345'"),
+    Row("43.20-prompts-path-is-a-folder", _prompts_folder,
+        r"prompts\.path: .*myprompts is a folder; expected a \.jsonl, \.json or \.parquet prompt file"),
+    Row("43.20-flag-without-value", lambda c: c.generate("--seed"), r"^--seed needs a value \(expected int\)"),
+    Row("43.20-distill-run-as-generate-dir", _distill_run_as_generate_dir,
+        r"generate_dir .*gen holds a distill run, not a generate run"),
+]
 
 
 ROWS = [
@@ -391,10 +561,26 @@ ROWS = [
 ]
 
 
+ROWS += ISSUE_43
+# Found only by scoring with the objective, reading a run being resumed or asking a judge: not --dry-run's checks.
+NOT_DRY = {"6-eval-shard-damaged-mid-file", "10-python-objective-raises", "10-python-objective-nan",
+           "10-python-objective-wrong-length", "14-judge-url-unreachable"}
+for _row in ROWS:
+    _row.dry = _row.dry and _row.id not in NOT_DRY
+RECIPE_STAGES = ("generate", "distill", "eval", "values", "iterate")
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
-def test_bad_input(row, tiny_policy_dir, tiny_generate_dir, complete_eval, tmp_path, monkeypatch, capsys):
+def test_bad_input(row, dry_run, tiny_policy_dir, tiny_generate_dir, complete_eval, tmp_path, monkeypatch, capsys):
+    """Each bad input is one line naming what is wrong, exit 2, nothing changed; ``--dry-run`` makes the
+    same checks as the run (issue 43: one check function per stage)."""
     c = Ctx(tmp_path, tiny_policy_dir, tiny_generate_dir, complete_eval, monkeypatch)
     argv = row.build(c)
+    if dry_run:
+        if not row.dry or argv[0] not in RECIPE_STAGES:
+            pytest.skip("not a check --dry-run makes (it loads no model and sends no request)")
+        argv = [*argv, "--dry-run"]
     before = snapshot(c.watch)
     capsys.readouterr()
     code = run_cli(argv)
@@ -408,6 +594,8 @@ def test_bad_input(row, tiny_policy_dir, tiny_generate_dir, complete_eval, tmp_p
     assert lines[0].startswith(prefix), lines[0]
     message = lines[0][len(prefix):]
     assert re.search(row.expect, message), f"{message!r} does not match {row.expect!r}"
+    if row.hidden:
+        assert row.hidden not in err, "a secret was printed"
     assert snapshot(c.watch) == before, "an input file or folder changed"
     for path in c.absent:
         assert not path.exists(), f"{path} was created by a refused start"

@@ -92,14 +92,17 @@ def test_every_shipped_recipe_loads(recipe, monkeypatch):
         assert (ROOT / prompts.path).is_file(), f"{recipe}: prompt file {prompts.path} is missing"
 
 
-def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys):
+def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys, tiny_policy_dir):
+    from rmod_distill import cli
+
     out = tmp_path / "run"
+    argv = ["--config", str(ROOT / "recipes/default/generate.yaml"), "--decoding.num_candidates", "8",
+            "--output_dir", str(out), "--policy.model", str(tiny_policy_dir)]
     with pytest.raises(SystemExit) as done:
-        parse_config(GenerateConfig, ["--config", str(ROOT / "recipes/default/generate.yaml"), "--dry-run",
-                                      "--decoding.num_candidates", "8", "--output_dir", str(out)])
+        cli.main(["generate", *argv[:2], "--dry-run", *argv[2:]])
     assert done.value.code == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("# GenerateConfig, resolved")
+    assert printed.startswith("# GenerateConfig, resolved and checked")
     from rmod_distill.config import yaml_load
 
     resolved = yaml_load(printed)
@@ -108,9 +111,7 @@ def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys)
     # What it prints is a recipe: it parses back into the same config.
     again = tmp_path / "resolved.yaml"
     again.write_text(printed)
-    assert parse_config(GenerateConfig, ["--config", str(again)]) == parse_config(
-        GenerateConfig, ["--config", str(ROOT / "recipes/default/generate.yaml"), "--decoding.num_candidates", "8",
-                         "--output_dir", str(out)])
+    assert parse_config(GenerateConfig, ["--config", str(again)]) == parse_config(GenerateConfig, argv)
 
 
 def test_dry_run_of_a_bad_key_fails_with_exit_2_naming_it():

@@ -723,7 +723,7 @@ def test_rejected_dir_is_checked_before_the_model_loads(tiny_policy_dir, tiny_ge
 
     monkeypatch.setattr(policy, "load_policy", lambda *a, **k: pytest.fail("the model loaded"))
     base = distill_args(tiny_policy_dir, tiny_generate_dir, tmp_path / "x", "--objective", "dpo")
-    with pytest.raises(UserError, match=r"rejected_dir .*nowhere: no generate run there"):
+    with pytest.raises(UserError, match=r"rejected_dir .*nowhere does not exist"):
         run(parse_config(DistillConfig, [*base, "--rejected_dir", str(tmp_path / "nowhere")]))
 
     def methods(info):

@@ -97,3 +97,30 @@ def test_eval_samples_per_prompt(tiny_policy_dir, tiny_generate_dir, adapter, tm
     methods = json.loads((out / "metrics.json").read_text())["methods"]
     assert methods["distilled"]["prompts"] == 4 and methods["distilled"]["answers"] == 12
     assert "3 answers each per method" in (out / "report.md").read_text()
+
+
+def test_report_says_recovery_is_undefined_without_rmod_lift(tmp_path):
+    """Issue 43 item 19: RMOD below `reference` (a lift <= 0): the report says the recovery is undefined (it printed
+    a share of two negative lifts, "200% of RMOD's lift"), and metrics.json's recovery is null with the reason."""
+    import numpy as np
+
+    from rmod_distill.eval import scale_summary, write_report
+    from rmod_distill.metrics import method_metrics, paired_comparisons
+
+    names = ["harmlessness", "concision"]
+    ref = np.array([[0.0, -2.0], [1.0, -1.0], [0.0, 0.0], [-3.0, 1.0]])
+    z = {"reference": ref, "rmod": ref - 0.5, "distilled": ref - 1.0}
+    cfg = EvalConfig(methods=list(z))
+    metrics = {m: dict(method_metrics(v, names, ref, 50), tokens_sampled_per_response=8.0,
+                       forward_tokens_per_response=8.0, seconds_per_response=1.0, finished_share=1.0)
+               for m, v in z.items()}
+    paired = paired_comparisons(z, 50)
+    scales = {"zscore": scale_summary(z, paired, cfg), "quantile": scale_summary(z, paired, cfg)}
+    report = write_report(cfg, metrics, names, [], {}, tmp_path, paired, scales)
+    assert "% of RMOD's lift" not in report and "200%" not in report
+    assert "the recovery is undefined: RMOD's lift over reference is -0.500 <= 0" in report
+    assert "recovery of RMOD's lift by the adapter, by mean: undefined (RMOD's lift over reference by mean" in report
+    assert "zscore: by mean undefined (" in report
+    saved = json.loads(json.dumps({"paired": paired, "scales": scales}, allow_nan=False))
+    assert saved["paired"]["recovery"]["mean"]["value"] is None
+    assert "<= 0" in saved["scales"]["zscore"]["recovery"]["median"]["undefined"]

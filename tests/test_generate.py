@@ -111,7 +111,7 @@ def test_resume_after_kill_equals_uninterrupted(tiny_policy_dir, prompt_file, tm
 def test_resume_refuses_a_different_recipe(tiny_policy_dir, prompt_file, tmp_path):
     out = tmp_path / "gen"
     out.mkdir()
-    (out / "run.json").write_text(json.dumps({"complete": False, "config": {"seed": 123}}))
+    (out / "run.json").write_text(json.dumps({"stage": "generate", "complete": False, "config": {"seed": 123}}))
     with pytest.raises(ValueError, match="different recipe"):
         run(parse_config(GenerateConfig, args(tiny_policy_dir, prompt_file, out)))
 
@@ -123,7 +123,7 @@ def test_resume_tolerates_a_key_added_since_at_its_off_value(tmp_path):
 
     out = tmp_path / "gen"
     out.mkdir()
-    (out / "run.json").write_text(json.dumps({"complete": False, "config": {"seed": 0}}))
+    (out / "run.json").write_text(json.dumps({"stage": "generate", "complete": False, "config": {"seed": 0}}))
     RunFolder(out, "generate", {"seed": 0, "keep_candidates": False, "normalization": None}, False).check()
     with pytest.raises(UserError, match="keys differ: \\['keep_candidates'\\]"):
         RunFolder(out, "generate", {"seed": 0, "keep_candidates": True}, False).check()

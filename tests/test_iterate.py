@@ -317,7 +317,7 @@ def test_from_adapter_must_come_from_from_generate(two_rounds, tmp_path):
         run(parse_config(IterateConfig, ["--recipe", str(recipe), "--output_dir", str(tmp_path / "b"),
                                          "--from_generate", str(out / "round-2" / "generate"),
                                          "--from_adapter", str(out / "round-1" / "distill")]))
-    with pytest.raises(UserError, match="not a complete generate run"):
+    with pytest.raises(UserError, match="holds a distill run, not a generate run"):
         run(parse_config(IterateConfig, ["--recipe", str(recipe), "--output_dir", str(tmp_path / "c"),
                                          "--from_generate", str(out / "round-1" / "distill")]))
 

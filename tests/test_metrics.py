@@ -105,3 +105,27 @@ def test_groups_resample_prompts_with_all_their_answers():
     paired = paired_comparisons({"reference": ref4, "rmod": ref4 + 1.0, "distilled": z4}, resamples=300, groups=groups)
     alone = paired_comparisons({"reference": ref, "rmod": ref + 1.0, "distilled": z}, resamples=300)
     assert paired["recovery"]["mean"]["ci"] == pytest.approx(alone["recovery"]["mean"]["ci"])
+
+
+def test_recovery_is_undefined_without_a_lift():
+    """Issue 43 item 19: RMOD at or below reference leaves nothing to recover: the share is null with the reason
+    (it was a ratio of two negative lifts, e.g. 200%, or NaN, which JSON cannot hold)."""
+    import json
+
+    ref = np.array([[0.0, -2.0], [1.0, -1.0], [0.0, 0.0], [-3.0, 1.0]])
+    for rmod_shift in (-0.5, 0.0):
+        out = paired_comparisons({"reference": ref, "rmod": ref + rmod_shift, "distilled": ref - 1.0}, resamples=100)
+        for label in ("mean", "median"):
+            entry = out["recovery"][label]
+            assert entry["value"] is None, (rmod_shift, label, entry)
+            assert f"by {label} is {rmod_shift:+.3f} <= 0" in entry["undefined"]
+        json.dumps(out, allow_nan=False)  # no bare NaN anywhere
+    from rmod_distill.metrics import format_recovery, recovery
+
+    assert recovery(0.5, 1.0) == (0.5, None)
+    for lift in (0.0, -0.25):
+        value, why = recovery(-0.5, lift, " by mean")
+        assert value is None and why.startswith(f"RMOD's lift over reference by mean is {lift:+.3f} <= 0")
+    assert format_recovery(out["recovery"]["mean"]).startswith("undefined (RMOD's lift over reference by mean is")
+    good = paired_comparisons({"reference": ref, "rmod": ref + 1.0, "distilled": ref + 0.5}, resamples=100)
+    assert "undefined" not in good["recovery"]["mean"] and format_recovery(good["recovery"]["mean"]) == "50% [50%, 50%]"

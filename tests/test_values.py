@@ -175,7 +175,7 @@ def test_overwrite_retrains_on_the_same_rollouts(tiny_policy_dir, tiny_generate_
     again = tmp_path / "again"
     shutil.copytree(value_dir, again)
     rollouts = (again / "rollouts.jsonl").read_text()
-    with pytest.raises(UserError, match="normalization.json"):  # bad input: nothing is removed
+    with pytest.raises(UserError, match="is not a generate run"):  # bad input: nothing is removed
         run(parse_config(ValuesConfig, values_args(tiny_policy_dir, tmp_path, again, "--overwrite")))
     assert (again / "value_report.json").exists() and (again / "heads.safetensors").exists()
     run(parse_config(ValuesConfig, values_args(tiny_policy_dir, tiny_generate_dir, again, "--overwrite",
