@@ -20,7 +20,9 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -56,6 +58,35 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
     return out
 
 
+def machine() -> dict:
+    """The machine a run ran on: CPU model and cores, the GPU (if torch sees one), the platform."""
+    cpu = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    except Exception:  # no torch, or a driver that cannot be asked: the record says none
+        gpu = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform()}
+
+
+def command() -> list[str]:
+    """This process's command line as a user would retype it (the program's name, its arguments),
+    with the value after a secret flag (``--hub_token``) hidden."""
+    from rmod_distill.config import to_dict  # a list is written with its secrets hidden
+
+    return to_dict([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else []
+
+
 def provenance(config: dict) -> dict:
     """What any artefact records about how it was made."""
     return {
@@ -63,6 +94,8 @@ def provenance(config: dict) -> dict:
         "git_revision": git_revision(),
         "packages": package_versions(),
         "python": platform.python_version(),
+        "command": command(),
+        "machine": machine(),
     }
 
 
@@ -224,6 +257,11 @@ def _blocking_file(path: Path) -> Path | None:
     return None
 
 
+def _now() -> str:
+    """The time now, UTC, to the second (ISO 8601)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def _a(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
 
@@ -270,6 +308,8 @@ class RunFolder:
         self.stage, self.config, self.overwrite = stage, config, overwrite
         self.staging = self.path.parent / f".{self.path.name}.overwrite"
         self.work = self.path
+        self.began = time.time()  # this session's start (begin() sets it again): run.json's elapsed_s counts from it
+        self.resumed = False
 
     def _marker(self, folder: Path) -> dict | None:
         """The folder's run marker; None without one. Another tool's ``run.json`` (not JSON, or
@@ -350,8 +390,11 @@ class RunFolder:
             # An unfinished run the user asked to replace (never the complete one: that is self.path).
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
+        self.began = time.time()
         if not same:
-            write_json(self.work / MARKER, dict(provenance(self.config), stage=self.stage, complete=False))
+            write_json(self.work / MARKER, dict(provenance(self.config), stage=self.stage, complete=False,
+                                                started_at=_now()))
+        self.resumed = same
         return self.work
 
     def finish(self, info: dict, swap: bool = True) -> Path:
@@ -359,8 +402,11 @@ class RunFolder:
         ``swap=False``, for a last step inside the new folder) swap it in for the old one;
         returns where the run now is."""
         files = [f for f in _files_under(self.work) if f != MARKER]
+        started = (self._marker(self.work) or {}).get("started_at")
+        timing = {"started_at": started, "finished_at": _now(), "elapsed_s": round(time.time() - self.began, 1),
+                  "resumed": self.resumed}
         write_json(self.work / MARKER, dict(provenance(self.config), stage=self.stage, complete=True, **info,
-                                            files=files))
+                                            **timing, files=files))
         return self.swap() if swap else self.work
 
     def swap(self) -> Path:
