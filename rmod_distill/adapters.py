@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from rmod_distill.artifacts import is_local_path
+from rmod_distill.artifacts import blocking_file, is_local_path
 from rmod_distill.config import HIDDEN
 from rmod_distill.errors import UserError
 
@@ -155,12 +155,10 @@ def _offline_run_adapter(path: Path) -> Path | None:
 def check_destination(to: Path) -> None:
     """``--to`` must be able to be a folder: refuse an existing file there, or a file where a folder above it
     would go, before anything is fetched or written."""
-    for candidate in [to, *to.parents]:
-        if candidate.exists():
-            if not candidate.is_dir():
-                where = "is a file" if candidate == to else f"is below {candidate}, a file"
-                raise UserError(f"--to {to} {where}, not a folder; give a new or empty folder")
-            return
+    blocker = blocking_file(to)
+    if blocker is not None:
+        where = "is a file" if blocker == to else f"is below {blocker}, a file"
+        raise UserError(f"--to {to} {where}, not a folder; give a new or empty folder")
 
 
 def fetch_adapter(source: str, to: str | Path | None = None) -> Path:

@@ -249,7 +249,7 @@ def _files_under(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
 
 
-def _blocking_file(path: Path) -> Path | None:
+def blocking_file(path: Path) -> Path | None:
     """The first existing ancestor of ``path`` (or ``path`` itself) that is a file, not a folder."""
     for candidate in [path, *path.parents]:
         if candidate.exists():
@@ -331,14 +331,15 @@ class RunFolder:
             written = set(info["files"])
             return [f for f in _files_under(self.path) if f != MARKER and f not in written
                     and f.split("/")[0] not in TOOL_FOLDERS]
-        # A run made before runs recorded their files: what changed after it completed is not its own.
+        # A run made before runs recorded their files: what changed after it completed is not its own (but
+        # a distill run's model card, which eval writes again with its figures).
         done = (self.path / MARKER).stat().st_mtime
-        return [f for f in _files_under(self.path) if f.split("/")[0] not in TOOL_FOLDERS
+        return [f for f in _files_under(self.path) if f.split("/")[0] not in TOOL_FOLDERS and f != "README.md"
                 and (self.path / f).stat().st_mtime > done + 1]
 
     def check(self) -> None:
         """Refuse what would lose or mix up a user's files; see the class docstring."""
-        blocker = _blocking_file(self.path)
+        blocker = blocking_file(self.path)
         if blocker is not None:
             what = "is a file, not a folder" if blocker == self.path else \
                 f"cannot be made: {blocker} is a file, not a folder"
@@ -387,8 +388,13 @@ class RunFolder:
         same = current is not None and not current.get("complete") and (
             recipe_key(current.get("config", {})) == recipe_key(self.config))
         if self.work.exists() and not same and (replacing or self.overwrite):
-            # An unfinished run the user asked to replace (never the complete one: that is self.path).
-            shutil.rmtree(self.work)
+            if replacing:  # the staging folder of an overwrite that was interrupted: the tool's own
+                shutil.rmtree(self.work)
+            else:  # an unfinished run the user asked to replace: kept aside, as a user's file may be in it
+                aside = self._aside("unfinished")
+                self.work.rename(aside)
+                print(f"{self.stage}: the unfinished run in {self.path} is kept in {aside} (--overwrite starts "
+                      "again; delete it once nothing in it is needed)")
         self.work.mkdir(parents=True, exist_ok=True)
         self.began = time.time()
         if not same:
@@ -412,14 +418,26 @@ class RunFolder:
     def swap(self) -> Path:
         """When overwriting, put the new run where the old one was; returns the run's folder."""
         if self.work != self.path:
-            old = self.path.parent / f".{self.path.name}.replaced"
-            if old.exists():
-                shutil.rmtree(old)
+            info = self._marker(self.path)
+            foreign = self._foreign(info) if info is not None and info.get("complete") else []
+            old = self._aside("replaced")
             self.path.rename(old)
             self.work.rename(self.path)
-            shutil.rmtree(old)
+            if foreign:  # written into the old run while the new one was made: never deleted
+                print(f"{self.stage}: {self.path} was replaced; the old run is kept in {old}, as it holds files "
+                      f"the run did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})")
+            else:
+                shutil.rmtree(old)
             self.work = self.path
         return self.path
+
+    def _aside(self, why: str) -> Path:
+        """A new name beside the run folder for a run set aside (``.<name>.<why>-<time>``)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        candidate, n = self.path.parent / f".{self.path.name}.{why}-{stamp}", 1
+        while candidate.exists():
+            candidate, n = self.path.parent / f".{self.path.name}.{why}-{stamp}-{n}", n + 1
+        return candidate
 
 
 BLOCK_PAIRINGS = ("blocks", "reference-all+blocks")  # distill's pairs that need generate's keep_candidates

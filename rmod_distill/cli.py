@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     from rmod_distill.errors import UserError
     from rmod_distill.quiet import install
-    from rmod_distill.tracking import hide_secrets, scrub, secret_values
+    from rmod_distill.config import hide_secrets, scrub, secret_values
 
     # The stage has its arguments in `rest`; whatever reads the process's command line later (W&B records
     # it in the run's metadata) sees <hidden> for a secret such as --hub_token.

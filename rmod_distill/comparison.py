@@ -19,6 +19,7 @@ from rmod_distill.errors import UserError
 from rmod_distill.metrics import (TAIL_Z, bootstrap_interval, format_recovery, paired_comparisons, prompt_groups,
                                   tail_share, worst_tail_mean)
 from rmod_distill.prompts import base_prompt_id
+from rmod_distill.report import signed
 
 
 def eval_rows(folder: Path) -> list[dict]:
@@ -124,21 +125,16 @@ def table_lines(table: list[dict]) -> list[str]:
              "| recovery by mean [95% CI] | recovery by median [95% CI] | tokens/resp |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
-        ci = f"{r['worst_case']:+.3f} [{_signed(r['ci'][0])}, {_signed(r['ci'][1])}]"
+        ci = f"{r['worst_case']:+.3f} [{signed(r['ci'][0])}, {signed(r['ci'][1])}]"
         if "recovery" in r:
             d = r["minus_rmod"]
-            diff = f"{_signed(d['mean'])} [{_signed(d['ci'][0])}, {_signed(d['ci'][1])}]"
+            diff = f"{signed(d['mean'])} [{signed(d['ci'][0])}, {signed(d['ci'][1])}]"
             rec = [format_recovery(v) for v in (r["recovery"]["mean"], r["recovery"]["median"])]
         else:
             diff, rec = "-", ["-", "-"]
         lines.append(f"| `{r['method']}` | {ci} | {r['median']:+.3f} | {100 * r['tail_share']:.1f}% | "
                      f"{r['worst_5pct']:+.2f} | {diff} | {rec[0]} | {rec[1]} | {r['tokens']:.0f} |")
     return lines
-
-
-def _signed(x: float | None) -> str:
-    """A signed figure; "-" where it could not be computed (None, NaN)."""
-    return "-" if x is None or x != x else f"{x:+.3f}"
 
 
 def intro(info: dict) -> str:

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import os
 import re
 import sys
 import types
@@ -295,6 +296,7 @@ def stage_main(cls: type[T], argv: list[str] | None, check: Callable[[T, bool], 
     reward model, are left out) and the resolved recipe is printed as YAML: exit 0, nothing written.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    hide_secrets(*secret_values(argv))  # whatever reads this process's command line later sees no secret  # also under `accelerate launch -m`, before run.json records the command
     dry_run = "--dry-run" in argv
     cfg = parse_config(cls, [a for a in argv if a != "--dry-run"])
     checked = check(cfg, dry_run)
@@ -345,6 +347,8 @@ def _parse(cls: type[T], argv: list[str]) -> T:
         except yaml.YAMLError as exc:
             raise ConfigError(f"--{key}: the value {value!r} is not valid YAML: {_yaml_problem(exc)}; lists are "
                               "written [a, b] and mappings {key: value}, quoted for the shell") from None
+        except ConfigError as exc:  # a key given twice inside the value
+            raise ConfigError(f"--{key}: {exc}") from None
         overrides.append((key, parsed))
     if not overrides:
         return _build(cls, data, source)
@@ -426,14 +430,81 @@ SECRET_FLAGS = tuple(f"--{k}" for k in SECRET_KEYS)  # the same keys on a comman
 HIDDEN = "<hidden>"  # what run.json shows for a secret that was set
 
 
+# A secret flag and its value inside one argument too: iterate's `--distill_args "[--hub_token, hf_x]"`.
+_SECRET_IN_TEXT = re.compile("--(?:" + "|".join(re.escape(k).replace("_", "[_-]") for k in SECRET_KEYS)
+                             + r""")(?:\s*[=,]\s*|\s+)['"]?([^\s,'"\]}]+)""")
+
+
+def _is_secret_flag(arg: str) -> bool:
+    return arg.startswith("--") and "--" + arg[2:].replace("-", "_") in SECRET_FLAGS
+
+
+def secret_values(argv: list[str]) -> set[str]:
+    """The values of the secret flags (``--hub_token X``, ``--hub-token=X``, or inside a YAML list)
+    on a command line."""
+    found = set()
+    for i, arg in enumerate(argv):
+        arg = str(arg)
+        key, eq, value = arg.partition("=")
+        if _is_secret_flag(key) and eq:
+            found.add(value)
+        elif _is_secret_flag(arg) and i + 1 < len(argv) and not str(argv[i + 1]).startswith("--"):
+            found.add(str(argv[i + 1]))
+        found.update(m.group(1) for m in _SECRET_IN_TEXT.finditer(arg))
+    return {v for v in found if v and v != HIDDEN}
+
+
+def masked_argv(argv: list[str], secrets=()) -> list[str]:
+    """``argv`` with every secret value (those of :func:`secret_values` and ``secrets``) replaced by
+    ``<hidden>``, wherever it stands: the flags stay, so the command line still says a token was given."""
+    values = secret_values(argv) | {str(s) for s in secrets if s}
+    values.discard(HIDDEN)
+    out = []
+    for arg in argv:
+        arg = str(arg)
+        for value in sorted(values, key=len, reverse=True):
+            if arg == value or len(value) >= 6:  # a substring only for a real secret's length, not "x"
+                arg = arg.replace(value, HIDDEN)
+        out.append(arg)
+    return out
+
+
+_secrets: set[str] = set()  # every secret value seen in this process: hidden wherever it appears later
+
+
+def hide_secrets(*values: str | None) -> None:
+    """Hide the secret values on this process's command line (``sys.argv`` and ``sys.orig_argv``, in
+    place) and ``values`` (secrets known otherwise, e.g. a parsed hub token) from whatever reads the
+    command line later: W&B records it in its run metadata. Call it before W&B starts; the command
+    line has been parsed by then, and the stages take their arguments as a list, not from sys.argv."""
+    for argv in (sys.argv, getattr(sys, "orig_argv", None)):
+        if argv:
+            _secrets.update(secret_values(argv))
+    _secrets.update(v for v in values if v and v != HIDDEN)
+    for argv in (sys.argv, getattr(sys, "orig_argv", None)):
+        if argv:
+            argv[:] = masked_argv(argv, _secrets)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every secret this process has seen (:func:`hide_secrets`) and the hub token of the
+    environment (``HF_TOKEN``) replaced by ``<hidden>``: for a message that quotes a library's error."""
+    env = {os.environ.get(v, "") for v in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    for value in sorted((_secrets | env) - {"", HIDDEN}, key=len, reverse=True):
+        if len(value) >= 6:
+            text = text.replace(value, HIDDEN)
+    return text
+
+
 def to_dict(config: Any) -> Any:
     """A JSON-ready copy of a config (for run.json and model cards)."""
     if dataclasses.is_dataclass(config):  # a secret (hub_token) is named, never written (run.json goes to the hub)
         return {f.name: HIDDEN if f.name in SECRET_KEYS and getattr(config, f.name) else
                 to_dict(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
-    if isinstance(config, (list, tuple)):  # a command line inside a recipe (iterate's *_args) hides its secrets too
-        return [HIDDEN if i and config[i - 1] in SECRET_FLAGS else to_dict(v)
-                for i, v in enumerate(config)]
+    if isinstance(config, (list, tuple)):
+        if config and all(isinstance(v, str) for v in config):  # a command line (iterate's *_args) hides its secrets
+            return masked_argv(list(config))
+        return [to_dict(v) for v in config]
     if isinstance(config, dict):
         return {str(k): to_dict(v) for k, v in config.items()}
     if isinstance(config, Path):

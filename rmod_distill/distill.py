@@ -24,10 +24,10 @@ from trl import ModelConfig, SFTConfig, get_peft_config
 
 from rmod_distill.adapters import (MANIFEST, PORTABLE_FILES, check_adapter_folder, hub_push_problem, hub_repo_id,
                                    publish_adapter)
-from rmod_distill.artifacts import (BLOCK_PAIRINGS, RunFolder, read_run, atomic_write_text, dpo_pairs_problem, provenance,
-                                    read_json, read_jsonl, write_json, write_jsonl)
+from rmod_distill.artifacts import (BLOCK_PAIRINGS, RunFolder, atomic_write_text, dpo_pairs_problem, provenance,
+                                    read_json, read_jsonl, read_run, write_json, write_jsonl)
 from rmod_distill.cards import adapter_card
-from rmod_distill.config import stage_main, to_dict
+from rmod_distill.config import hide_secrets, stage_main, to_dict
 from rmod_distill.engine.decoding import BlockwiseDecoder, DecodingConfig, prompt_seed
 from rmod_distill.engine.runs import process_state
 from rmod_distill.errors import UserError
@@ -174,7 +174,7 @@ class DistillConfig(SFTConfig):
                 "samples have the highest mean worst case on the held-out prompts: those that eval_fraction holds "
                 "out of generate_dir and of grpo_prompts, which no stage trains on (choose eval_fraction so that "
                 "they are not the prompts you report on). DPO's seed moves a student further than any setting "
-                "tried (docs/results.md); each restart costs one DPO run and dpo_select_samples samples of each "
+                "tried (docs/log/2026-12-06.md); each restart costs one DPO run and dpo_select_samples samples of each "
                 "held-out prompt."})
     dpo_select_samples: int = field(default=2, metadata={
         "help": "dpo_restarts > 1: plain samples of each held-out prompt that score a restart (the same seeds for "
@@ -738,12 +738,13 @@ class WorstCaseReward:
             raise UserError(f"generate_dir {gen}: no normalization.json; GRPO's reward (and dpo_restarts' score) is "
                             "on its scale: rerun generate")
 
-    def __init__(self, gen: Path, info: dict):
+    def __init__(self, gen: Path, info: dict, load: bool = True):
         from rmod_distill.config import from_dict
         from rmod_distill.objectives import Normalizer, ObjectiveSet, ObjectiveSpec
 
         where = f"{gen}/run.json objective_specs"
-        self.objectives = ObjectiveSet.from_specs([from_dict(ObjectiveSpec, s, where) for s in info["objective_specs"]])
+        specs = [from_dict(ObjectiveSpec, s, where) for s in info["objective_specs"]]
+        self.objectives = ObjectiveSet.from_specs(specs, load=load)  # load=False (--dry-run): checked, not loaded
         norm = gen / "normalization.json"
         scale = info.get("config", {}).get("scale", "zscore")
         self.objectives.set_normalizer(Normalizer.load(norm).with_scale(scale, str(norm)), str(norm))
@@ -956,7 +957,7 @@ class Checked:
 
     folder: RunFolder
     gen_info: dict
-    reward: "WorstCaseReward | None"  # GRPO's reward and the DPO restarts' score (None in --dry-run)
+    reward: "WorstCaseReward | None"  # GRPO's reward and the DPO restarts' score (checked only, in --dry-run)
     extra: list  # grpo_prompts' conversations GRPO samples besides generate_dir's
     extra_held: list  # and those held out (the DPO restarts are chosen on them)
 
@@ -971,7 +972,7 @@ def check(cfg: DistillConfig, dry_run: bool = False) -> Checked:
     check_policy(cfg, gen_info)
     # GRPO's scorers load before the policy: one that cannot (a reward model not there) fails before any training
     scored = "grpo" in cfg.objective or cfg.dpo_restarts > 1
-    reward = WorstCaseReward(Path(cfg.generate_dir), gen_info) if scored and not dry_run else None
+    reward = WorstCaseReward(Path(cfg.generate_dir), gen_info, load=not dry_run) if scored else None
     extra, extra_held = grpo_extra_prompts(cfg, gen_info, gen_prompt_ids) if cfg.grpo_prompts else ([], [])
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -1016,7 +1017,7 @@ def run(cfg: DistillConfig, checked: Checked | None = None) -> Path:
     import torch
 
     from rmod_distill import quiet
-    from rmod_distill.tracking import hide_secrets, trainer_wandb
+    from rmod_distill.tracking import trainer_wandb
 
     # The Trainers start W&B, which records the command line: its secrets (--hub_token) are hidden first.
     hide_secrets(publish[1] if publish else None)
@@ -1031,6 +1032,14 @@ def run(cfg: DistillConfig, checked: Checked | None = None) -> Path:
             os.environ.setdefault("WANDB_ENTITY", cfg.wandb.entity)
         os.environ["WANDB_MODE"] = cfg.wandb.resolved_mode()
         os.environ.setdefault("WANDB_DIR", str(out))
+        # One group a pipeline (the experiment of output_dir, or wandb.group), the stage as job type, and a name as
+        # the other stages' (the Trainer's run_name wins when given); read by wandb.init in the Trainer's callback.
+        from rmod_distill.tracking import experiment
+
+        group, _ = experiment(folder.path)
+        os.environ["WANDB_RUN_GROUP"] = cfg.wandb.group or group
+        os.environ["WANDB_JOB_TYPE"] = "distill"
+        os.environ["WANDB_NAME"] = cfg.wandb.run_name or f"distill-{folder.path.parent.name}"
 
     # ------------------------------------------------------------------ model and data
     device = "cpu" if cfg.use_cpu else "auto"
@@ -1163,15 +1172,30 @@ def _log_to_wandb(cfg: DistillConfig, out: Path, samples: list[dict], metrics: d
             columns=["prompt_id", "prompt", "teacher (RMOD)", "distilled"],
             data=[[s["prompt_id"], s["prompt"], s["teacher"], s["distilled"]] for s in samples])})
     run.summary.update(metrics)
+    # Lineage: the dataset trained on (use_artifact online; names and digests in the config either way)
+    from rmod_distill.tracking import (adapter_files, adapter_reference, dataset_reference, declare_upstream,
+                                       digest_alias, experiment, files_digest, run_output_dir)
+
+    _, round_ = experiment(run_output_dir(out))  # the recipe's output_dir (run.json's), not a staging folder
+    if round_ is not None:
+        run.config.update({"round": round_}, allow_val_change=True)
+    upstream = {"dataset": dataset_reference(cfg.generate_dir)}
+    if cfg.rejected_dir:
+        upstream["rejected_dataset"] = dataset_reference(cfg.rejected_dir)
+    if cfg.init_adapter and adapter_files(cfg.init_adapter):
+        upstream["init_model"] = adapter_reference(cfg.init_adapter)
+    declare_upstream(run, upstream, run.settings.mode)
     files = [name for name in PORTABLE_FILES if name != MANIFEST]
-    art = wandb.Artifact(f"adapter-{name}", type="model", metadata=metrics)
+    digest = files_digest(adapter_files(out))
+    art = wandb.Artifact(f"adapter-{name}", type="model", metadata=dict(metrics, sha256=digest))
     for name in files:
         if (out / name).exists():
             art.add_file(str(out / name), name=name)
-    run.log_artifact(art)
+    run.log_artifact(art, aliases=["latest", digest_alias(digest)])
     # Offline runs cannot be downloaded through the server: keep a hashed copy in the run's files.
     stage_adapter_copy(out, Path(run.dir) / "adapter", files)
     run.finish()
+    wandb.teardown()  # a later distill in this process (iterate's next round) reads its own WANDB_* (group, name)
 
 
 

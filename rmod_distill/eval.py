@@ -34,7 +34,7 @@ from rmod_distill.adapters import MANIFEST, fetch_adapter
 from rmod_distill.artifacts import MARKER, RunFolder, atomic_write_text, provenance, read_json, read_run, write_json, write_jsonl
 from rmod_distill.cards import adapter_card
 from rmod_distill.config import stage_main, to_dict
-from rmod_distill.engine.decoding import DecodingConfig
+from rmod_distill.engine.decoding import REFERENCE_DECODING, DecodingConfig
 from rmod_distill.engine.runs import decode_methods, merged_rows, process_state
 from rmod_distill.engine.setup import BackendConfig, build_decoder, check_decoding_inputs, serve_policy
 from rmod_distill.errors import UserError
@@ -44,7 +44,8 @@ from rmod_distill.objectives import (SCALES, Normalizer, ObjectiveSet, Objective
                                      scorer_id)
 from rmod_distill.policy import PolicyConfig
 from rmod_distill.prompts import PromptsConfig, load_prompts, with_samples
-from rmod_distill.tracking import Tracker, WandbConfig
+from rmod_distill.report import method_table, order_key, paired_lines, pct, signed
+from rmod_distill.tracking import Tracker, WandbConfig, adapter_reference, dataset_reference
 
 DEFAULT_METHODS = ["distilled", "rmod", "cd", "best-of-n", "best-of-n-maxmin", "reference"]
 
@@ -155,38 +156,16 @@ def score_matrix(rows: list[dict], key: str, names: list[str], method: str) -> n
                      if r["method"] == method], dtype=np.float64).reshape(-1, len(names))
 
 
-def _table(metrics: dict, names: list[str]) -> str:
-    head = ["method", "worst-case reward [95% CI]", "median worst case", "below z=-3", "worst 5% (mean)",
-            "worst objective", *names, "WCWR (paper) vs reference",
-            "min-objective win rate", "tokens/resp", "s/resp"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, m in sorted(metrics.items(), key=lambda kv: _order(kv[1]["worst_case_reward"])):
-        lo, hi = m["worst_case_reward_ci"]
-        wcwr = "-" if method == "reference" else _pct(m["worst_case_win_rate"])
-        minwr = "-" if method == "reference" else _pct(m["min_objective_win_rate"])
-        lines.append("| " + " | ".join([
-            f"`{method}`", f"{m['worst_case_reward']:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{m['median_worst_case']:+.3f}",
-            _pct(m["tail_share"]), f"{m['worst_5pct']:+.2f}", f"{m['worst_objective']:+.3f}",
-            *[f"{m['objective_means'][g]:+.3f}" for g in names], wcwr, minwr,
-            f"{m['tokens_sampled_per_response']:.0f}", f"{m['seconds_per_response']:.2f}",
-        ]) + " |")
-    return "\n".join(lines)
-
-
-def _order(value: float) -> float:
-    """Sort key: best first, a metric that could not be computed (NaN) last."""
-    return float("inf") if np.isnan(value) else -value
-
-
 def make_plots(metrics: dict, names: list[str], rows: list[dict], out: Path) -> dict[str, Path]:
-    """Per-objective means, worst case against cost, and RMOD's chosen weights."""
+    """Per-objective means, worst case against cost, worst case against the objectives' average, and RMOD's
+    chosen weights."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    order = sorted(metrics, key=lambda m: _order(metrics[m]["worst_case_reward"]))
+    order = sorted(metrics, key=lambda m: order_key(metrics[m]["worst_case_reward"]))
     paths = {}
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -227,6 +206,25 @@ def make_plots(metrics: dict, names: list[str], rows: list[dict], out: Path) -> 
     fig.savefig(paths["worst_case_vs_cost"], dpi=120)
     plt.close(fig)
 
+    # The trade-off RMOD exists for: worst case (y) against the objectives' average (x), both with 95% intervals
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method in order:
+        m = metrics[method]
+        x_mean, y_mean = m["average"], m["worst_case_reward"]
+        if not (np.isfinite(x_mean) and np.isfinite(y_mean)):
+            continue
+        (xlo, xhi), (ylo, yhi) = m.get("average_ci", (x_mean, x_mean)), m["worst_case_reward_ci"]
+        ax.errorbar(x_mean, y_mean, xerr=[[max(0.0, x_mean - xlo)], [max(0.0, xhi - x_mean)]],
+                    yerr=[[max(0.0, y_mean - ylo)], [max(0.0, yhi - y_mean)]], fmt="o", capsize=3, label=method)
+        ax.annotate(method, (x_mean, y_mean), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("mean of the objectives' average (95% CI)")
+    ax.set_ylabel("mean worst-case reward (95% CI)")
+    ax.set_title("Worst case against average")
+    fig.tight_layout()
+    paths["worst_case_vs_average"] = out / "worst_case_vs_average.png"
+    fig.savefig(paths["worst_case_vs_average"], dpi=120)
+    plt.close(fig)
+
     weights = np.array([w for r in rows if r["method"] == "rmod" for w in r["block_weights"]])
     if weights.size:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -234,28 +232,15 @@ def make_plots(metrics: dict, names: list[str], rows: list[dict], out: Path) -> 
         ax.set_xticks(range(1, len(names) + 1), names)
         ax.set_ylabel("weight w*_g at a block")
         share = (weights.argmax(1)[:, None] == np.arange(len(names))).mean(0)
-        ax.set_title("RMOD's worst-case weights (" + ", ".join(f"{g} top {s:.0%}" for g, s in zip(names, share)) + ")",
-                     fontsize=8)
+        # the share of blocks where each objective has the largest weight goes under its name: the title stays short
+        ax.set_xticks(range(1, len(names) + 1), [f"{g}\n(top {s:.0%})" for g, s in zip(names, share)], fontsize=8)
+        ax.set_xlabel("objective (share of blocks where its weight is the largest)", fontsize=8)
+        ax.set_title("RMOD's worst-case weights per block")
         fig.tight_layout()
         paths["rmod_weights"] = out / "rmod_weights.png"
         fig.savefig(paths["rmod_weights"], dpi=120)
         plt.close(fig)
     return paths
-
-
-def _paired_lines(paired: dict) -> list[str]:
-    lines = ["Paired comparisons (the same bootstrap-resampled prompts on both sides; 95% intervals):", ""]
-    for label, d in paired["differences"].items():
-        lo, hi = d["ci"]
-        lines.append(f"- worst-case reward, `{label}`: {_signed(d['mean'])} [{_signed(lo)}, {_signed(hi)}]")
-    for label, r in paired.get("recovery", {}).items():
-        lines.append(f"- recovery of RMOD's lift by the adapter, by {label}: {format_recovery(r)}")
-    return lines + [""]
-
-
-def _signed(x: float | None, digits: int = 3) -> str:
-    """A signed figure for the report; "-" where it could not be computed (None or NaN)."""
-    return "-" if x is None or np.isnan(x) else f"{x:+.{digits}f}"
 
 
 def scale_summary(z: dict[str, np.ndarray], paired: dict, cfg: EvalConfig, groups: np.ndarray | None = None) -> dict:
@@ -289,8 +274,8 @@ def _scales_lines(scales: dict) -> list[str]:
             lo, hi = m["worst_case_reward_ci"]
             wcwr = "-" if method == "reference" or m["worst_case_win_rate"] is None else \
                 f"{100 * m['worst_case_win_rate']:.1f}%"
-            cells += [f"{_signed(m['worst_case_reward'])} [{_signed(lo)}, {_signed(hi)}]",
-                      _signed(m["median_worst_case"]), wcwr]
+            cells += [f"{signed(m['worst_case_reward'])} [{signed(lo)}, {signed(hi)}]",
+                      signed(m["median_worst_case"]), wcwr]
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
     rec = [f"{name}: by mean {format_recovery(s['recovery']['mean'], interval=False)}, by median "
            f"{format_recovery(s['recovery']['median'], interval=False)}" for name, s in scales.items()
@@ -346,10 +331,6 @@ def judge_metrics(cfg: EvalConfig, rows: list[dict], names: list[str], usage: di
             "max_missing": cfg.judge_max_missing, "methods": out}
 
 
-def _pct(x: float) -> str:
-    return "-" if np.isnan(x) else f"{100 * x:.1f}%"
-
-
 def _num(x: float) -> str:
     """A judge score for the report; "-" where no prompt had the scores to compute it."""
     return "-" if np.isnan(x) else f"{x:.2f}"
@@ -369,13 +350,13 @@ def _judge_lines(judge: dict, metrics: dict) -> list[str]:
              "Side by side (reward models | judge):", "",
              "| method | worst-case reward (RM) | WCWR (paper, RM) | worst-case judge score | WCWR (paper, judge) "
              "[95% CI] | missing judge scores |", "|---|---|---|---|---|---|"]
-    order = sorted(jm, key=lambda m: _order(jm[m]["worst_case_reward"]))
+    order = sorted(jm, key=lambda m: order_key(jm[m]["worst_case_reward"]))
     for method in order:
         j, r = jm[method], metrics[method]
         ref = method == "reference"
         lo, hi = j.get("worst_case_win_rate_ci", (np.nan, np.nan))
-        rm_wcwr = "-" if ref else _pct(r["worst_case_win_rate"])
-        judge_wcwr = "-" if ref else f"{_pct(j['worst_case_win_rate'])} [{_pct(lo)}, {_pct(hi)}]"
+        rm_wcwr = "-" if ref else pct(r["worst_case_win_rate"])
+        judge_wcwr = "-" if ref else f"{pct(j['worst_case_win_rate'])} [{pct(lo)}, {pct(hi)}]"
         lines.append(f"| `{method}` | {r['worst_case_reward']:+.3f} | {rm_wcwr} | {_num(j['worst_case_reward'])} | "
                      f"{judge_wcwr} | {sum(j['missing'].values())} |")
     head = ["method", *[f"{g}: mean [95% CI]" for g in names], *[f"{g}: win rate [95% CI]" for g in names],
@@ -390,9 +371,9 @@ def _judge_lines(judge: dict, metrics: dict) -> list[str]:
             lo, hi = j["objective_means_ci"][g]
             cells.append(f"{_num(j['objective_means'][g])} [{_num(lo)}, {_num(hi)}]")
         for g in names:
-            cells.append("-" if ref else f"{_pct(j['win_rates'][g])} [{_pct(j['win_rates_ci'][g][0])}, "
-                                         f"{_pct(j['win_rates_ci'][g][1])}]")
-        cells.append("-" if ref else _pct(j["min_objective_win_rate"]))
+            cells.append("-" if ref else f"{pct(j['win_rates'][g])} [{pct(j['win_rates_ci'][g][0])}, "
+                                         f"{pct(j['win_rates_ci'][g][1])}]")
+        cells.append("-" if ref else pct(j["min_objective_win_rate"]))
         cells += [f"{j['missing'][g]}/{j['answers']}" for g in names]
         cells += [str(j["requests"]), str(j["cache_hits"]), str(j["tokens"]),
                   f"**too many missing** ({', '.join(j['flagged_objectives'])})" if j["flagged"] else ""]
@@ -419,10 +400,10 @@ def write_report(cfg: EvalConfig, metrics: dict, names: list[str], rows: list[di
         "objective, ties counting half (the paper's definition); min-objective win rate is the lowest of the "
         "per-objective win rates against `reference`. The tail: the share of answers whose lowest objective is "
         f"below z = {TAIL_Z:g}, and the mean of the worst 5% of answers' worst case.", "",
-        _table(metrics, names), "",
+        method_table(metrics, names), "",
     ]
     if paired:
-        lines += _paired_lines(paired)
+        lines += paired_lines(paired)
     if scales and len(scales) > 1:
         lines += _scales_lines(scales)
     if cfg.decoding.solver == "reference":
@@ -436,13 +417,17 @@ def write_report(cfg: EvalConfig, metrics: dict, names: list[str], rows: list[di
         kept = f"{share:.0%} of RMOD's lift" if why is None else f"the recovery is undefined: {why}"
         cost = d["seconds_per_response"] / rmod["seconds_per_response"]
         lines += [
-            f"**Distillation:** RMOD lifts worst-case reward by {_signed(lift)} over `reference`; the distilled "
-            f"adapter lifts it by {_signed(got)} ({kept}) at {cost:.0%} of RMOD's time per response "
+            f"**Distillation:** RMOD lifts worst-case reward by {signed(lift)} over `reference`; the distilled "
+            f"adapter lifts it by {signed(got)} ({kept}) at {cost:.0%} of RMOD's time per response "
             f"({d['tokens_sampled_per_response']:.0f} vs {rmod['tokens_sampled_per_response']:.0f} tokens sampled).", "",
         ]
     if judge:
         lines += _judge_lines(judge, metrics)
     for key, path in plots.items():
+        if key == "worst_case_vs_average":
+            lines += ["Worst case against average: each method's mean worst-case reward (y) against its mean over "
+                      "answers of the objectives' average normalised reward (x), with 95% bootstrap intervals on "
+                      "both; up is robustness, right is the plain multi-objective score.", ""]
         lines += [f"![{key}](plots/{path.name})", ""]
     by = {}
     for r in rows:
@@ -481,29 +466,24 @@ def update_model_card(adapter_dir: Path, metrics: dict, report: Path, prompts: s
     return True
 
 
-def check_objectives(cfg: EvalConfig, norm_path: Path) -> Normalizer:
-    """The recipe's objectives must be the generate run's, spec for spec, and match its normalisation."""
+def check_objectives(cfg: EvalConfig, norm_path: Path, gen_info: dict) -> Normalizer:
+    """The recipe's objectives must be the generate run's (``gen_info``: its run.json), spec for spec, and
+    match its normalisation."""
     normalizer = Normalizer.load(norm_path)
     normalizer.check_names([o.name for o in cfg.objectives], str(norm_path),
                            [scorer_id(o) for o in cfg.objectives])
-    gen_json = Path(cfg.generate_dir) / "run.json"
-    if gen_json.exists():
-        made = read_json(gen_json, "generate run marker").get("objective_specs")
-        mine = to_dict(cfg.objectives)
-        if made is not None:  # keys added to ObjectiveSpec since that run (judge) count only when set
-            mine = [{k: v for k, v in m.items() if k in g or v is not None} for m, g in zip(mine, made)] + \
-                mine[len(made):]
-        if made is not None and made != mine:
-            diff = next((m, g) for m, g in zip(mine, made) if m != g)
-            keys = sorted(k for k in set(diff[0]) | set(diff[1]) if diff[0].get(k) != diff[1].get(k))
-            raise UserError(
-                f"objective {diff[0]['name']!r}: the recipe's spec differs from the one {cfg.generate_dir} was "
-                f"normalised with (keys {keys}); scores would be read against another objective's statistics"
-            )
+    made = gen_info.get("objective_specs")
+    mine = to_dict(cfg.objectives)
+    if made is not None:  # keys added to ObjectiveSpec since that run (judge) count only when set
+        mine = [{k: v for k, v in m.items() if k in g or v is not None} for m, g in zip(mine, made)] + mine[len(made):]
+    if made is not None and made != mine:
+        diff = next((m, g) for m, g in zip(mine, made) if m != g)
+        keys = sorted(k for k in set(diff[0]) | set(diff[1]) if diff[0].get(k) != diff[1].get(k))
+        raise UserError(
+            f"objective {diff[0]['name']!r}: the recipe's spec differs from the one {cfg.generate_dir} was "
+            f"normalised with (keys {keys}); scores would be read against another objective's statistics"
+        )
     return normalizer
-
-
-REFERENCE_DECODING = ("max_new_tokens", "temperature", "top_p", "top_k")  # what shapes a reference answer
 
 
 def check_decoding_matches(cfg: EvalConfig, gen_info: dict) -> None:
@@ -536,9 +516,10 @@ def check(cfg: EvalConfig, dry_run: bool = False) -> Checked:
     without building the objectives' and judges' models or asking a judge)."""
     folder = RunFolder(cfg.output_dir, "eval", to_dict(cfg), cfg.overwrite)
     folder.check()
-    check_decoding_matches(cfg, read_run(cfg.generate_dir, "generate", "generate_dir"))
+    gen_info = read_run(cfg.generate_dir, "generate", "generate_dir")
+    check_decoding_matches(cfg, gen_info)
     norm_path = Path(cfg.generate_dir) / "normalization.json"
-    normalizer = check_objectives(cfg, norm_path)
+    normalizer = check_objectives(cfg, norm_path, gen_info)
     normalizer.warn_degenerate("eval")
     base_prompts = load_prompts(cfg.prompts)
     prompts = with_samples(base_prompts, cfg.samples_per_prompt)
@@ -623,7 +604,14 @@ def run(cfg: EvalConfig, checked: Checked | None = None) -> Path:
     report = write_report(cfg, metrics, names, rows, plots, out, paired, scales, judge)
     write_json(out / "metrics.json", dict(provenance(to_dict(cfg)), objectives=names, methods=metrics,
                                           paired=paired, scales=scales, **({"judge": judge} if judge else {})))
-    tracker = Tracker(cfg.wandb, f"eval-{folder.path.parent.name}", to_dict(cfg), out, "eval")
+    # Lineage: the generate run's dataset and the adapter scored (use_artifact online; in the config either way)
+    upstream = {}
+    if cfg.wandb.resolved_mode() != "disabled":
+        upstream["dataset"] = dataset_reference(cfg.generate_dir)
+        if adapter is not None:
+            upstream["model"] = adapter_reference(adapter)
+    tracker = Tracker(cfg.wandb, f"eval-{folder.path.parent.name}", to_dict(cfg), out, "eval", cfg.output_dir,
+                      upstream)
     columns = ["method", "worst_case_reward", "worst_objective", "worst_case_win_rate", "seconds_per_response",
                "tokens_sampled_per_response", *[f"mean/{g}" for g in names]]
     tracker.table("eval/summary", columns, [
@@ -632,7 +620,7 @@ def run(cfg: EvalConfig, checked: Checked | None = None) -> Path:
     tracker.images({f"eval/{k}": p for k, p in plots.items()})
     tracker.table("eval/samples", ["prompt_id", "method", "prompt", "completion", "worst_case"],
                   [[r["prompt_id"], r["method"], r["prompt"], r["completion"], r["worst_case"]] for r in rows])
-    tracker.summary({f"{m}/worst_case_reward": v["worst_case_reward"] for m, v in metrics.items()})
+    tracker.summary({f"{m}/{k}": v[k] for m, v in metrics.items() for k in ("worst_case_reward", "average")})
     tracker.finish()
     info = {"objectives": names, "methods": {m: v["worst_case_reward"] for m, v in metrics.items()}}
     if judge:

@@ -31,7 +31,7 @@ from rmod_distill.metrics import method_metrics, prompt_groups
 from rmod_distill.objectives import Normalizer, check_scale, ObjectiveSet, ObjectiveSpec, default_objectives
 from rmod_distill.policy import PolicyConfig, policy_fingerprint
 from rmod_distill.prompts import Prompt, PromptsConfig, base_prompt_id, load_prompts, with_samples
-from rmod_distill.tracking import Tracker, WandbConfig
+from rmod_distill.tracking import Tracker, WandbConfig, dataset_files, dataset_name
 
 
 @dataclass
@@ -283,7 +283,13 @@ def finalize(cfg: GenerateConfig, folder: RunFolder, out: Path, prompts: list[Pr
             objectives.names, raw, [base_prompt_id(r["prompt_id"]) for r in calib]
         )
     path = folder.finish(info)
-    tracker = Tracker(cfg.wandb, f"generate-{path.parent.name}", to_dict(cfg), path, "generate")
+    tracker = Tracker(cfg.wandb, f"generate-{path.parent.name}", to_dict(cfg), path, "generate", cfg.output_dir)
+    # The dataset as a W&B artifact (distill and eval name it as their upstream: rmod_distill/tracking.py)
+    files = dataset_files(path)
+    tracker.files_artifact(dict(files, **{"normalization.json": norm_path}), dataset_name(path), "dataset",
+                           {"rows": len(ordered), "methods": cfg.methods, "objectives": objectives.names,
+                            "sha256_of": "samples.jsonl, normalization.json (in the run folder), dataset/"},
+                           digest_of=files)
     tracker.summary({f"{m}/{k}": v for m, s in summary.items() for k, v in s.items() if isinstance(v, (int, float))})
     tracker.table(
         "samples", ["prompt_id", "method", "prompt", "completion", "worst_case"],

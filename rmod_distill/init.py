@@ -25,10 +25,10 @@ from pathlib import Path
 import yaml
 
 from rmod_distill.config import ConfigError, load_yaml, parse_config, to_dict, yaml_load
+from rmod_distill.engine.decoding import REFERENCE_DECODING
 from rmod_distill.errors import UserError
 
 STAGES = ("generate", "distill", "eval")
-REFERENCE_DECODING = ("max_new_tokens", "temperature", "top_p", "top_k")  # eval takes these from generate
 
 
 def experiment_recipes(name: str, policy: str, template: dict[str, dict], prompts: str | None = None,

@@ -24,13 +24,13 @@ student's own plain sample, so each pair is RMOD's answer over what the student 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from rmod_distill.artifacts import (NOT_RECIPE, RunFolder, read_run, dpo_pairs_problem, provenance, read_json, recipe_key,
-                                    write_json)
+from rmod_distill.artifacts import (NOT_RECIPE, RunFolder, dpo_pairs_problem, provenance, read_json, read_run,
+                                    recipe_key, write_json)
 from rmod_distill.config import ConfigError, load_yaml, parse_config, stage_main, to_dict
 from rmod_distill.errors import UserError
 from rmod_distill.objectives import Normalizer, scorer_id
@@ -288,6 +288,11 @@ def check(cfg: IterateConfig, dry_run: bool = False) -> None:
                                     candidates)
         if problem:
             raise UserError(f"{keys}: round {r}'s generate ({where}): {problem}")
+    # The first stage that will run makes every check of its own now (its prompts, policy, chat template,
+    # objectives): the later rounds' inputs are the earlier rounds' outputs.
+    if not cfg.from_generate and _kept(cfg, 1, "generate", out) is None:
+        first_generate = dataclasses.replace(parsed[1, "generate"], overwrite=cfg.overwrite)  # as run() runs it
+        importlib.import_module("rmod_distill.generate").check(first_generate, dry_run=True)
 
 
 def round_table(out: Path, rounds: int, resamples: int, final_dpo: bool = False) -> tuple[list[dict], dict]:

@@ -172,6 +172,7 @@ def method_metrics(
         "objective_means": dict(zip(names, map(float, objective_means(z)))),
         "objective_means_ci": {g: ci(lambda i, j=j: _nanmean(z[i, j])) for j, g in enumerate(names)},
         "average": float(np.nanmean(z)) if (~np.isnan(z)).any() else float("nan"),
+        "average_ci": ci(lambda i: _nanmean(z[i].ravel())),  # the objectives' average, as "average" is computed
         "missing": dict(zip(names, map(int, np.isnan(z).sum(0)))),
         "complete_prompts": int(complete(z).sum()),
     }

@@ -18,10 +18,12 @@ Four kinds, chosen per objective by ``kind`` in a recipe:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
+import os
 import re
-import dataclasses
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -117,9 +119,6 @@ class ObjectiveSpec:
 def python_reward(spec: ObjectiveSpec) -> Callable:
     """The function ``module:function`` of a python objective. The working folder is searched
     too (as ``python -m`` would), so a reward module beside the recipes needs no PYTHONPATH."""
-    import os
-    import sys
-
     module_name, _, attr = spec.model.partition(":")
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:

@@ -172,7 +172,12 @@ def load_tokenizer(name_or_path: str):
     """Load and prepare the tokenizer of a policy (see :func:`prepare_tokenizer`)."""
     from transformers import AutoTokenizer
 
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model_path(name_or_path)))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    except (OSError, ValueError) as exc:  # no tokenizer files, not on the hub, offline
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UserError(f"policy {name_or_path!r}: its tokenizer could not be loaded ({first[:200]})") from None
+    return prepare_tokenizer(tokenizer)
 
 
 def load_policy(

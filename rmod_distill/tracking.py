@@ -13,69 +13,16 @@ environment variables (``HF_TOKEN`` and a judge's API key stay in the environmen
 
 from __future__ import annotations
 
+import hashlib
+import json
 import netrc
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rmod_distill.config import HIDDEN, SECRET_FLAGS, SECRET_KEYS
+from rmod_distill.config import hide_secrets
 from rmod_distill.errors import UserError
-
-# A secret flag and its value inside one argument too: iterate's `--distill_args "[--hub_token, hf_x]"`.
-_SECRET_IN_TEXT = re.compile("--(?:" + "|".join(re.escape(k).replace("_", "[_-]") for k in SECRET_KEYS)
-                             + r""")(?:\s*[=,]\s*|\s+)['"]?([^\s,'"\]}]+)""")
-_secrets: set[str] = set()  # every secret value seen in this process: hidden wherever it appears later
-
-
-def _is_secret_flag(arg: str) -> bool:
-    return arg.startswith("--") and "--" + arg[2:].replace("-", "_") in SECRET_FLAGS
-
-
-def secret_values(argv: list[str]) -> set[str]:
-    """The values of the secret flags (``--hub_token X``, ``--hub-token=X``, or inside a YAML list)
-    on a command line."""
-    found = set()
-    for i, arg in enumerate(argv):
-        arg = str(arg)
-        key, eq, value = arg.partition("=")
-        if _is_secret_flag(key) and eq:
-            found.add(value)
-        elif _is_secret_flag(arg) and i + 1 < len(argv) and not str(argv[i + 1]).startswith("--"):
-            found.add(str(argv[i + 1]))
-        found.update(m.group(1) for m in _SECRET_IN_TEXT.finditer(arg))
-    return {v for v in found if v and v != HIDDEN}
-
-
-def masked_argv(argv: list[str], secrets=()) -> list[str]:
-    """``argv`` with every secret value (those of :func:`secret_values` and ``secrets``) replaced by
-    ``<hidden>``, wherever it stands: the flags stay, so the command line still says a token was given."""
-    values = secret_values(argv) | {str(s) for s in secrets if s}
-    values.discard(HIDDEN)
-    out = []
-    for arg in argv:
-        arg = str(arg)
-        for value in sorted(values, key=len, reverse=True):
-            if arg == value or len(value) >= 6:  # a substring only for a real secret's length, not "x"
-                arg = arg.replace(value, HIDDEN)
-        out.append(arg)
-    return out
-
-
-def hide_secrets(*values: str | None) -> None:
-    """Hide the secret values on this process's command line (``sys.argv`` and ``sys.orig_argv``, in
-    place) and ``values`` (secrets known otherwise, e.g. a parsed hub token) from whatever reads the
-    command line later: W&B records it in its run metadata. Call it before W&B starts; the command
-    line has been parsed by then, and the stages take their arguments as a list, not from sys.argv."""
-    for argv in (sys.argv, getattr(sys, "orig_argv", None)):
-        if argv:
-            _secrets.update(secret_values(argv))
-    _secrets.update(v for v in values if v and v != HIDDEN)
-    for argv in (sys.argv, getattr(sys, "orig_argv", None)):
-        if argv:
-            argv[:] = masked_argv(argv, _secrets)
-
 
 @dataclass
 class WandbConfig:
@@ -85,6 +32,9 @@ class WandbConfig:
     project: str = field(default="rmod-distill", metadata={"help": "W&B project."})
     entity: str | None = field(default=None, metadata={"help": "W&B entity (user or team); null: your default."})
     run_name: str | None = field(default=None, metadata={"help": "Run name (null: the stage and output folder)."})
+    group: str | None = field(default=None, metadata={
+        "help": "W&B group (null: the experiment, the folder above the stage's output_dir: runs/default/generate "
+                "-> default; an iterate run's rounds -> its folder, e.g. default-iterate). The job type is the stage."})
 
     def __post_init__(self):
         if self.mode not in ("auto", "online", "offline", "disabled"):
@@ -113,16 +63,6 @@ def _logged_in() -> bool:
         return bool(netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai"))
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
-
-
-def scrub(text: str) -> str:
-    """``text`` with every secret this process has seen (:func:`hide_secrets`) and the hub token of the
-    environment (``HF_TOKEN``) replaced by ``<hidden>``: for a message that quotes a library's error."""
-    env = {os.environ.get(v, "") for v in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    for value in sorted((_secrets | env) - {"", HIDDEN}, key=len, reverse=True):
-        if len(value) >= 6:
-            text = text.replace(value, HIDDEN)
-    return text
 
 
 _callback = None
@@ -155,10 +95,130 @@ def trainer_wandb() -> None:
     integration_utils.INTEGRATION_TO_CALLBACK["wandb"] = _callback
 
 
-class Tracker:
-    """A W&B run; with ``mode: disabled`` W&B's no-op run, so every method is safe to call."""
+# ---------------------------------------------------------------------- a pipeline's group and lineage
+_ROUND = re.compile(r"round-(\d+)")
+_ITERATE_PARTS = ("dpo",)  # iterate's final DPO and its eval: <out>/dpo/<stage>
 
-    def __init__(self, cfg: WandbConfig, name: str, config: dict, directory: str | Path, job_type: str):
+
+def experiment(output_dir: str | Path) -> tuple[str, int | str | None]:
+    """The experiment a stage's ``output_dir`` belongs to and its iterate round (None outside iterate):
+    ``runs/default/generate`` -> ``("default", None)``; iterate's ``runs/default/iterate/round-2/generate`` ->
+    ``("default-iterate", 2)`` and its final DPO ``runs/default/iterate/dpo/distill`` -> ``("default-iterate",
+    "dpo")``. Every stage of one pipeline (one recipe folder's ``make demo``, or one iterate run) gives the same
+    experiment: W&B's default group."""
+    parts = [p for p in Path(output_dir).parts if p not in ("", ".")]
+    above = parts[:-1]  # the folder holding the stage's folder
+    round_: int | str | None = None
+    if above and (_ROUND.fullmatch(above[-1]) or above[-1] in _ITERATE_PARTS):
+        m = _ROUND.fullmatch(above[-1])
+        round_ = int(m.group(1)) if m else above[-1]
+        root = above[:-1]
+        name = "-".join(root[-2:]) if len(root) >= 2 and root[-2] not in ("/", "runs") else (root[-1] if root else "")
+    else:
+        name = above[-1] if above else ""
+    return (safe_name(name.strip("/")) or "rmod-distill"), round_
+
+
+def safe_name(text: str) -> str:
+    """``text`` as a W&B artifact (or group) name: letters, digits, ``-``, ``_`` and ``.`` only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def run_output_dir(folder: str | Path) -> str:
+    """The ``output_dir`` a finished run folder was made for (its run.json), else the folder itself: a folder
+    moved after it ran keeps the names it was logged under."""
+    try:
+        return str(json.loads((Path(folder) / "run.json").read_text())["config"]["output_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(folder)
+
+
+def files_digest(files: dict[str, Path]) -> str:
+    """sha256 over ``files`` (name in the artifact -> local file), by name: the same on the side that logs an
+    artifact and on the side that reads the folder it was logged from."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0")
+        with open(files[name], "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def dataset_files(generate_dir: str | Path) -> dict[str, Path]:
+    """What generate logs as its ``dataset`` artifact: samples.jsonl, normalization.json (when in the folder) and
+    the TRL dataset folder, by name in the artifact."""
+    root = Path(generate_dir)
+    files = {n: root / n for n in ("samples.jsonl", "normalization.json") if (root / n).is_file()}
+    if (root / "dataset").is_dir():
+        files.update({f"dataset/{p.relative_to(root / 'dataset').as_posix()}": p
+                      for p in sorted((root / "dataset").rglob("*")) if p.is_file()})
+    return files
+
+
+ADAPTER_WEIGHTS = ("adapter_config.json", "adapter_model.safetensors")  # what identifies an adapter (its card changes)
+
+
+def adapter_files(adapter_dir: str | Path) -> dict[str, Path]:
+    """The files that identify an adapter (config and weights; its README and run.json change after eval)."""
+    return {n: Path(adapter_dir) / n for n in ADAPTER_WEIGHTS if (Path(adapter_dir) / n).is_file()}
+
+
+def digest_alias(digest: str) -> str:
+    """The W&B alias an artifact carries for its sha256 (:func:`files_digest`): ``sha256-<16 hex>``."""
+    return f"sha256-{digest[:16]}"
+
+
+def dataset_name(generate_dir: str | Path) -> str:
+    """The ``dataset`` artifact of a generate run: ``dataset-<experiment>[-round-<r>]``."""
+    name, round_ = experiment(run_output_dir(generate_dir))
+    return safe_name(f"dataset-{name}" + (f"-round-{round_}" if round_ is not None else ""))
+
+
+def adapter_name(adapter_dir: str | Path) -> str:
+    """The ``model`` artifact of a distill run: ``adapter-<its output folder's name>`` (as distill has always
+    named it)."""
+    return safe_name(f"adapter-{Path(run_output_dir(adapter_dir)).name}")
+
+
+def dataset_reference(generate_dir: str | Path) -> str:
+    """``dataset-<experiment>:sha256-<digest>``: the dataset artifact a generate run logs (a W&B reference online;
+    in an offline run's config, the lineage to read after ``wandb sync``)."""
+    return f"{dataset_name(generate_dir)}:{digest_alias(files_digest(dataset_files(generate_dir)))}"
+
+
+def adapter_reference(adapter_dir: str | Path) -> str:
+    """``adapter-<name>:sha256-<digest>``: the model artifact a distill run logs."""
+    return f"{adapter_name(adapter_dir)}:{digest_alias(files_digest(adapter_files(adapter_dir)))}"
+
+
+def declare_upstream(run, upstream: dict[str, str], mode: str) -> None:
+    """Record ``upstream`` (kind -> artifact reference) in ``run``'s config and, online, declare each with
+    ``use_artifact`` so W&B draws the lineage. Offline W&B has no artifacts to use: the config keeps the names and
+    digests, which read the same after ``wandb sync``. An upstream run never synced is only noted."""
+    if run is None or not upstream:
+        return
+    run.config.update({"upstream": dict(upstream)}, allow_val_change=True)
+    if mode != "online":
+        return
+    for kind, ref in upstream.items():
+        try:
+            run.use_artifact(ref)
+        except Exception as exc:  # not logged (an offline upstream run not synced), no network: several types
+            print(f"wandb: upstream {kind} {ref} is not on the server ({type(exc).__name__}); its name and digest are "
+                  "in this run's config (upstream)")
+
+
+class Tracker:
+    """A W&B run; with ``mode: disabled`` W&B's no-op run, so every method is safe to call.
+
+    ``output_dir`` (the stage's, as the recipe gives it): the run's default group (:func:`experiment`, unless
+    ``wandb.group`` is set) and iterate round (config ``round``). ``upstream``: the artifacts the stage read
+    (kind -> reference, :func:`declare_upstream`)."""
+
+    def __init__(self, cfg: WandbConfig, name: str, config: dict, directory: str | Path, job_type: str,
+                 output_dir: str | Path | None = None, upstream: dict[str, str] | None = None):
         # Imported here, not at module level: `rmod-distill --help` should not pay for W&B.
         import wandb
 
@@ -168,10 +228,17 @@ class Tracker:
         hide_secrets()  # W&B records the command line
         quiet_wandb()
         Path(directory).mkdir(parents=True, exist_ok=True)
+        group, round_ = experiment(output_dir if output_dir is not None else directory)
+        config = dict(config)
+        if round_ is not None:
+            config["round"] = round_
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, name=cfg.run_name or name, config=config,
-            dir=str(directory), mode=self.mode, job_type=job_type, reinit="finish_previous",
+            dir=str(directory), mode=self.mode, job_type=job_type, group=cfg.group or group,
+            reinit="finish_previous",
         )
+        if upstream and not self.run.disabled:
+            declare_upstream(self.run, upstream, self.mode)
 
     @property
     def run_dir(self) -> Path | None:
@@ -205,6 +272,21 @@ class Tracker:
         art = wandb.Artifact(name, type=kind, metadata=metadata or {})
         art.add_dir(str(path))
         self.run.log_artifact(art)
+
+    def files_artifact(self, files: dict[str, Path], name: str, kind: str, metadata: dict | None = None,
+                       digest_of: dict[str, Path] | None = None) -> str:
+        """Log ``files`` (name in the artifact -> local file) as an artifact aliased by the sha256 of ``digest_of``
+        (default: ``files``; :func:`digest_alias`); returns its reference ``name:sha256-<digest>``."""
+        import wandb
+
+        if self.run.disabled:
+            return name  # nothing logged: nothing hashed
+        digest = files_digest(files if digest_of is None else digest_of)
+        art = wandb.Artifact(name, type=kind, metadata=dict(metadata or {}, sha256=digest))
+        for key, path in sorted(files.items()):
+            art.add_file(str(path), name=key)
+        self.run.log_artifact(art, aliases=["latest", digest_alias(digest)])
+        return f"{name}:{digest_alias(digest)}"
 
     def finish(self) -> None:
         """Close the run and end W&B's session in this process.

@@ -441,7 +441,7 @@ def run(cfg: ValuesConfig, checked: Checked | None = None) -> Path:
     rows = sample_rollouts(cfg, objectives, out)
 
     # ------------------------------------------------------------------ train
-    tracker = Tracker(cfg.wandb, f"values-{folder.path.parent.name}", to_dict(cfg), out, "values")
+    tracker = Tracker(cfg.wandb, f"values-{folder.path.parent.name}", to_dict(cfg), out, "values", cfg.output_dir)
     model, tokenizer, backbone_name, history, val_rows = train(cfg, rows, objectives.names, out, tracker)
 
     # ------------------------------------------------------------------ save and report
@@ -468,7 +468,7 @@ def run(cfg: ValuesConfig, checked: Checked | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the recipe and run the stage."""
+    """Parse the recipe, check it, and run the stage (``--dry-run``: check only)."""
     stage_main(ValuesConfig, argv, check, run)
 
 

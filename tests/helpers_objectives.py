@@ -25,3 +25,8 @@ def broken_shape(prompts, responses):
 def broken_raise(prompts, responses):
     """Raises, as a user's function with a bug does."""
     raise KeyError("score")
+
+
+def constant(prompts, responses):
+    """The same score for every answer: an objective that cannot be normalised."""
+    return [0.0] * len(responses)

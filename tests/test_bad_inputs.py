@@ -445,6 +445,13 @@ ISSUE_43 = [
     Row("43.20-prompts-path-is-a-folder", _prompts_folder,
         r"prompts\.path: .*myprompts is a folder; expected a \.jsonl, \.json or \.parquet prompt file"),
     Row("43.20-flag-without-value", lambda c: c.generate("--seed"), r"^--seed needs a value \(expected int\)"),
+    Row("43.18-iterate-checks-round-one", lambda c: ["iterate", "--generate_args",
+                                                    f"[--policy.model, {c.tmp / 'nowhere'}]", "--output_dir",
+                                                    str(c.out())],
+        r"policy\.model: folder .*nowhere does not exist"),
+    Row("44.2-eval-decodes-otherwise-than-generate", lambda c: c.evaluate("--decoding.max_new_tokens", "16"),
+        r"decoding\.max_new_tokens is 16 here but 8 in generate_dir .*leave decoding\.max_new_tokens out of the eval "
+        r"recipe"),
     Row("43.20-distill-run-as-generate-dir", _distill_run_as_generate_dir,
         r"generate_dir .*gen holds a distill run, not a generate run"),
 ]
@@ -650,3 +657,42 @@ def test_help_shows_real_defaults(stage, capsys):
         assert "--model.lora_target_modules  (a list of str, default ['q_proj', 'k_proj', 'v_proj', 'o_proj'])" in out
     if stage == "generate":
         assert "--methods  (a list of str, default ['rmod'])" in out
+
+
+def test_overwrite_sets_an_unfinished_run_aside_with_what_a_user_put_in_it(tmp_path):
+    """Issue 43, items 1-2: --overwrite over an unfinished run (another recipe) never deletes it."""
+    from rmod_distill.artifacts import RunFolder
+
+    out = tmp_path / "run"
+    RunFolder(out, "generate", {"seed": 1}, False).begin()
+    (out / "notes.txt").write_text("mine\n")
+    again = RunFolder(out, "generate", {"seed": 2}, True)
+    again.check()
+    again.begin()
+    again.finish({})
+    (aside,) = tmp_path.glob(".run.unfinished-*")
+    assert (aside / "notes.txt").read_text() == "mine\n"
+    assert json.loads((out / "run.json").read_text())["complete"] is True
+
+
+def test_a_file_written_into_a_run_while_it_is_overwritten_is_kept(tmp_path):
+    from rmod_distill.artifacts import RunFolder
+
+    out = tmp_path / "run"
+    first = RunFolder(out, "generate", {"seed": 1}, False)
+    (first.begin() / "samples.jsonl").write_text("old\n")
+    first.finish({})
+    again = RunFolder(out, "generate", {"seed": 1}, True)
+    again.check()
+    (again.begin() / "samples.jsonl").write_text("new\n")
+    (out / "mine.txt").write_text("written while the new run ran\n")
+    again.finish({})
+    assert (out / "samples.jsonl").read_text() == "new\n" and not (out / "mine.txt").exists()
+    (kept,) = tmp_path.glob(".run.replaced-*")
+    assert (kept / "mine.txt").read_text() == "written while the new run ran\n"
+    # Without a file of the user's, the old run is removed as before.
+    third = RunFolder(out, "generate", {"seed": 1}, True)
+    third.check()
+    third.begin()
+    third.finish({})
+    assert len(list(tmp_path.glob(".run.replaced-*"))) == 1

@@ -124,3 +124,13 @@ def test_dry_run_of_a_bad_key_fails_with_exit_2_naming_it():
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "unknown key 'num_candidatez' for DecodingConfig; did you mean 'num_candidates'?" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_a_command_line_in_a_recipe_hides_every_spelling_of_a_secret():
+    """Issue 43, item 4: iterate's *_args and run.json's `command` hide a token however it is written."""
+    from rmod_distill.config import to_dict
+
+    written = to_dict(["--hub_token=hf_PLANTEDaaaa1", "--hub-token", "hf_PLANTEDbbbb2", "--distill_args",
+                       "[--hub_token, hf_PLANTEDcccc3]", "--seed", "3"])
+    assert "PLANTED" not in str(written), written
+    assert written[-2:] == ["--seed", "3"] and written[0] == "--hub_token=<hidden>"

@@ -62,7 +62,10 @@ def test_eval_writes_metrics_report_and_plots(tiny_policy_dir, tiny_generate_dir
     assert recovery["value"] == pytest.approx(got / lift)
     assert set(metrics["scales"]) == {"zscore", "quantile"} and "quantile: worst case" in report
     assert metrics["scales"]["zscore"]["methods"]["rmod"]["worst_case_reward"] == methods["rmod"]["worst_case_reward"]
-    for name in ("objective_means", "worst_case_vs_cost", "rmod_weights"):
+    for m in methods.values():  # the objectives' average, with its interval (the new plot's x)
+        lo, hi = m["average_ci"]
+        assert lo <= m["average"] <= hi
+    for name in ("objective_means", "worst_case_vs_cost", "worst_case_vs_average", "rmod_weights"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
         assert f"plots/{name}.png" in report
     card = (adapter / "README.md").read_text()
@@ -124,3 +127,51 @@ def test_report_says_recovery_is_undefined_without_rmod_lift(tmp_path):
     saved = json.loads(json.dumps({"paired": paired, "scales": scales}, allow_nan=False))
     assert saved["paired"]["recovery"]["mean"]["value"] is None
     assert "<= 0" in saved["scales"]["zscore"]["recovery"]["median"]["undefined"]
+
+
+def test_worst_case_against_average_plot(tmp_path):
+    """Issue 47: each method's mean worst case (y) against its mean of the objectives' average (x), with both
+    intervals, is a PNG in the report beside the earlier plots (whose keys and files stay); every title fits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from rmod_distill.eval import make_plots, write_report
+    from rmod_distill.metrics import method_metrics
+
+    names = ["harmlessness", "warmth", "objectivity", "relevance", "concision"]
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(8, 5))
+    z = {"reference": ref, "rmod": ref + 0.3, "distilled": ref + 0.2}
+    metrics = {m: dict(method_metrics(v, names, ref, 50), tokens_sampled_per_response=8.0,
+                       forward_tokens_per_response=8.0, seconds_per_response=1.0 + i, finished_share=1.0)
+               for i, (m, v) in enumerate(z.items())}
+    for m, v in metrics.items():
+        assert v["average"] == pytest.approx(z[m].mean(1).mean())  # the mean over answers of the objectives' mean
+        assert v["average_ci"][0] <= v["average"] <= v["average_ci"][1]
+    rows = [{"method": "rmod", "block_weights": [list(rng.dirichlet(np.ones(5))) for _ in range(3)]} for _ in range(4)]
+    titles = []
+    save = plt.Figure.savefig
+
+    def check_titles(fig, *args, **kwargs):  # every title inside its image, after tight_layout
+        fig.canvas.draw()
+        box = fig.bbox
+        for ax in fig.axes:
+            extent = ax.title.get_window_extent()
+            titles.append(ax.get_title())
+            assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and extent.y1 <= box.y1, ax.get_title()
+        return save(fig, *args, **kwargs)
+
+    plt.Figure.savefig = check_titles
+    try:
+        plots = make_plots(metrics, names, rows, tmp_path / "plots")
+    finally:
+        plt.Figure.savefig = save
+    assert list(plots) == ["objective_means", "worst_case_vs_cost", "worst_case_vs_average", "rmod_weights"]
+    assert "Worst case against average" in titles
+    png = plots["worst_case_vs_average"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    report = write_report(EvalConfig(methods=list(z)), metrics, names, [], plots, tmp_path)
+    assert "![worst_case_vs_average](plots/worst_case_vs_average.png)" in report

@@ -153,3 +153,18 @@ def test_two_processes_equal_one(tiny_policy_dir, prompt_file, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "two" / "shards").glob("*.jsonl"))) == 2
     assert strip(read_jsonl(tmp_path / "two" / "samples.jsonl")) == strip(read_jsonl(single / "samples.jsonl"))
+
+
+def test_an_objective_that_never_varies_is_named(tiny_policy_dir, prompt_file, tmp_path, capsys):
+    """Issue 44, item 3: a reward that scores every reference sample alike is warned about by name and
+    listed in run.json; the run's JSON files hold no bare NaN (the correlations are null)."""
+    out = tmp_path / "gen"
+    run(parse_config(GenerateConfig, args(tiny_policy_dir, prompt_file, out, "--objectives",
+                                          "[{name: harmlessness}, {name: flat, kind: python, "
+                                          "model: 'helpers_objectives:constant'}]", "--methods",
+                                          "[reference, rmod]")))
+    printed = capsys.readouterr().out
+    assert "generate: warning: objective 'flat' gave every one of the" in printed
+    info = json.loads((out / "run.json").read_text(), parse_constant=lambda t: pytest.fail(f"bare {t}"))
+    assert info["degenerate_objectives"] == ["flat"]
+    assert info["objective_correlations"]["pooled"]["flat"]["harmlessness"] is None

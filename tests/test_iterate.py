@@ -377,7 +377,7 @@ def test_stale_round_one_statistics_are_refused_before_any_round_runs(two_rounds
 
 
 def test_iterate_best_runs_the_validation_splits_best_chain(tmp_path, monkeypatch):
-    """recipes/default/iterate-best.yaml is student GE15 of docs/results.md: two answers of each of rmod
+    """recipes/default/iterate-best.yaml is student GE15 of docs/log/2026-12-06.md: two answers of each of rmod
     and reference, SFT then one DPO epoch at lr 2e-3 and beta 0.02 on every RMOD answer over every
     reference answer of its prompt (E15), then one GRPO pass at lr 5e-4, scored on the eval split."""
     from rmod_distill.distill import DistillConfig

@@ -38,7 +38,7 @@ def write(path: Path, rows) -> Path:
 
 
 def test_shipped_extra_train_prompts_are_new_train_prompts():
-    """data/prompts/extra-train.jsonl: 300 more train prompts of the six categories (docs/results.md, E3),
+    """data/prompts/extra-train.jsonl: 300 more train prompts of the six categories (docs/log/2026-12-06.md, E3),
     none an id or a text of the default set, so none can leak into its validation or eval split."""
     extra = load_prompts(PromptsConfig(path=str(SHIPPED.parent / "extra-train.jsonl"), split=None))
     default = load_prompts(PromptsConfig(path=str(SHIPPED), split=None))

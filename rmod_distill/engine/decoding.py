@@ -24,6 +24,11 @@ from rmod_distill.engine.selection import Method, parse_method, rank_missing, se
 from rmod_distill.weights import SOLVERS
 
 
+# The decoding keys that shape a reference answer: a normalisation measured on reference answers holds only
+# for answers decoded with the same values (eval takes them from its generate run; init leaves them to it).
+REFERENCE_DECODING = ("max_new_tokens", "temperature", "top_p", "top_k")
+
+
 @dataclass
 class DecodingConfig:
     """Blockwise decoding settings shared by every method."""
