@@ -83,6 +83,38 @@ def tiny_policy(tiny_policy_dir):
     return load_policy(str(tiny_policy_dir), device="cpu")
 
 
+def run_cli(argv: list[str]) -> int:
+    """``rmod-distill ARGV`` in this process; its exit status."""
+    from rmod_distill import cli
+
+    try:
+        cli.main(argv)
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch) -> Path:
+    """W&B offline without a login, every folder it writes (and the temporary folder) under
+    ``tmp_path/home``, the W&B variables distill sets for its Trainers unset after the test."""
+    import tempfile
+
+    home = tmp_path / "home"
+    for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_CONFIG_DIR", "config"),
+                     ("WANDB_ARTIFACT_DIR", "artifacts"), ("TMPDIR", "tmp")):
+        (home / sub).mkdir(parents=True)
+        monkeypatch.setenv(var, str(home / sub))
+    monkeypatch.setattr(tempfile, "tempdir", str(home / "tmp"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # W&B is disabled for the other tests; these runs are offline
+    for var in ("WANDB_DIR", "WANDB_PROJECT"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    return home
+
+
 def write_prompts(path: Path, n_train: int = 6, n_eval: int = 3) -> Path:
     """A small prompt file in the shipped format."""
     texts = [

@@ -18,19 +18,13 @@ from typing import Callable
 
 import pytest
 
-from rmod_distill import cli
+from conftest import run_cli
+
 
 OBJECTIVES = "[{name: harmlessness}, {name: concision}]"
 SMALL = ["--decoding.num_candidates", "2", "--decoding.block_size", "4", "--decoding.max_new_tokens", "8"]
 
 
-def run_cli(argv: list[str]) -> int:
-    """``rmod-distill`` in-process; its exit status."""
-    try:
-        cli.main(argv)
-    except SystemExit as exc:
-        return exc.code
-    return 0
 
 
 def snapshot(paths: list[Path]) -> dict[str, str]:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_cli
+
 from rmod_distill.cli import main as cli
 from rmod_distill.comparison import compare_students, intro
 from rmod_distill.errors import UserError
@@ -100,13 +102,6 @@ def test_the_command_writes_the_table(tmp_path, capsys):
 # ----------------------------------------------------------------------------- issue 43: compare's output and inputs
 
 
-def run_cli(argv: list[str]) -> int:
-    """``rmod-distill`` in-process; its exit status."""
-    try:
-        cli(argv)
-    except SystemExit as exc:
-        return exc.code
-    return 0
 
 
 def snapshot(root: Path) -> dict[str, str]:

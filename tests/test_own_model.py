@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from rmod_distill import cli
+from conftest import run_cli
+
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -35,12 +36,6 @@ def fenced(text: str, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", text, re.M | re.S)
 
 
-def run_cli(argv: list[str]) -> int:
-    try:
-        cli.main(argv)
-    except SystemExit as exc:
-        return exc.code
-    return 0
 
 
 def strict_json(path: Path):

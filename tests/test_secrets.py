@@ -12,12 +12,11 @@ one a user types, not pytest's.
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from rmod_distill import cli
+from conftest import run_cli
 
 HUB_TOKEN = "hf_PLANTEDtoken0123456789"
 ENV_TOKEN = "hf_PLANTEDenvtoken9876543210"
@@ -37,33 +36,17 @@ def files_holding(secret: str, *roots: Path) -> list[str]:
 
 
 @pytest.fixture
-def sandbox(tmp_path, monkeypatch):
-    """W&B offline with every folder it writes under ``tmp_path/home``; the temporary folder too."""
-    home = tmp_path / "home"
-    for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_CONFIG_DIR", "config"),
-                     ("WANDB_ARTIFACT_DIR", "artifacts"), ("TMPDIR", "tmp")):
-        (home / sub).mkdir(parents=True)
-        monkeypatch.setenv(var, str(home / sub))
-    monkeypatch.setattr(tempfile, "tempdir", str(home / "tmp"))
-    monkeypatch.delenv("WANDB_MODE", raising=False)  # conftest disables W&B; these runs are offline
-    for var in ("WANDB_DIR", "WANDB_PROJECT"):  # distill sets them for its Trainers: unset again after the test
-        monkeypatch.setenv(var, "")
-        monkeypatch.delenv(var)
-    monkeypatch.setenv("WANDB_API_KEY", "")
-    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)  # a login in the environment: W&B must not record it either
-    return home
+def sandbox(offline_wandb, monkeypatch):
+    """W&B offline (conftest's ``offline_wandb``) with a hub login in the environment: W&B must not record it."""
+    monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)
+    return offline_wandb
 
 
 def run_as_typed(monkeypatch, argv: list[str]) -> int:
     """``rmod-distill <argv>`` in-process, with ``sys.argv`` what the console script would see."""
     monkeypatch.setattr(sys, "argv", ["rmod-distill", *argv])
     monkeypatch.setattr(sys, "orig_argv", [sys.executable, "/usr/bin/rmod-distill", *argv])
-    try:
-        cli.main(argv)
-    except SystemExit as exc:
-        return exc.code
-    return 0
+    return run_cli(argv)
 
 
 def test_a_hub_token_on_the_command_line_reaches_no_file(tiny_policy_dir, tiny_generate_dir, tmp_path, sandbox,

@@ -59,6 +59,9 @@ def setup(tmp_path):
     gen = tmp_path / "gen"
     gen.mkdir()
     Normalizer(["concision"], [-1.5], [0.5]).save(gen / "normalization.json")
+    # A complete generate run's marker: eval reads its decoding (the reference answers' settings must match).
+    decoding = {"max_new_tokens": 16, "temperature": 0.7, "top_p": 0.9, "top_k": 0}
+    (gen / "run.json").write_text(json.dumps({"stage": "generate", "complete": True, "config": {"decoding": decoding}}))
     return prompts, gen
 
 

@@ -13,13 +13,12 @@ import logging
 import re
 import subprocess
 import sys
-import tempfile
 import warnings
 
 import pytest
 
-from conftest import write_prompts
-from rmod_distill import cli, quiet
+from conftest import run_cli, write_prompts
+from rmod_distill import quiet
 
 OBJECTIVES = "[{name: harmlessness}, {name: concision}]"
 SMALL = ["--decoding.num_candidates", "2", "--decoding.block_size", "4", "--decoding.max_new_tokens", "8"]
@@ -32,26 +31,9 @@ ALLOWED = [
 ]
 
 
-def run_cli(argv: list[str]) -> int:
-    try:
-        cli.main(argv)
-    except SystemExit as exc:
-        return exc.code
-    return 0
 
 
-def test_the_stages_print_no_warning_a_user_cannot_act_on(tiny_policy_dir, tmp_path, monkeypatch, capfd, caplog):
-    for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_CONFIG_DIR", "config"),
-                     ("TMPDIR", "tmp")):
-        (tmp_path / sub).mkdir()
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    monkeypatch.delenv("WANDB_MODE", raising=False)  # conftest disables W&B; these runs are offline
-    for var in ("WANDB_DIR", "WANDB_PROJECT"):  # distill sets them for its Trainers: unset again after the test
-        monkeypatch.setenv(var, "")
-        monkeypatch.delenv(var)
-    monkeypatch.setenv("WANDB_API_KEY", "")
-    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+def test_the_stages_print_no_warning_a_user_cannot_act_on(tiny_policy_dir, tmp_path, offline_wandb, capfd, caplog):
     prompts = write_prompts(tmp_path / "prompts.jsonl", n_train=12, n_eval=4)
     gen, adapter = tmp_path / "generate", tmp_path / "adapter"
     stages = [
